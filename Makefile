@@ -1,0 +1,46 @@
+# sftray: `make help` lists every target. The first use of any target that needs Python creates .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv prep preview config test test-fast lint clean
+
+help: ## show this help
+	@echo "usage: make TARGET [ARGS='hydra overrides'] [TORCH_SPEC='torch==X']"
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create/refresh .venv (torch from TORCH_SPEC, then sftray with its dev extra)
+
+prep: $(STAMP) ## run the data pipeline: Parquet rows + data report (ARGS='data=files ...')
+	$(VENV)/bin/sftray prep $(ARGS)
+
+preview: $(STAMP) ## print the first examples with trained tokens marked (ARGS='n=3 ...')
+	$(VENV)/bin/sftray preview $(ARGS)
+
+config: $(STAMP) ## print the composed configuration (ARGS='overrides')
+	$(VENV)/bin/sftray config $(ARGS)
+
+test: $(STAMP) ## every test, end-to-end included (~minutes on 2 CPUs)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP) ## unit tests only: no Ray, no end-to-end runs (inner loop)
+	$(PY) -m pytest -m "not ray and not slow" $(ARGS)
+
+lint: $(STAMP) ## ruff check + format check
+	$(VENV)/bin/ruff check sftray tests
+	$(VENV)/bin/ruff format --check sftray tests
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,153 @@
+"""Command line: the only module that sees Hydra. ``sftray <command> [key=value ...]``.
+
+Hydra's compose API turns conf/ + overrides into the typed ``Config``; a misspelled key fails here with the
+valid keys listed. Everything below receives dataclasses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from sftray.config import Config, register_configs, schema_keys
+
+USAGE = """usage: sftray COMMAND [key=value ...] [flags]
+
+commands:
+  prep      run the Ray Data pipeline: Parquet rows + data report      [--force: rebuild even if up to date]
+  preview   print the first examples with trained tokens marked          [n=5: how many]
+  config    print the composed configuration
+
+overrides use Hydra syntax, e.g.  sftray prep data.max_seq_len=512 mix.ratio=0.05 data=files
+"""
+
+log = logging.getLogger("sftray")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be composed or fails validation."""
+
+
+def config_dir() -> Path:
+    """conf/ beside the package (a source checkout), or $SFTRAY_CONF."""
+    env = os.environ.get("SFTRAY_CONF")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {path}; set SFTRAY_CONF to the folder holding sftray's conf/")
+    return path
+
+
+def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path | None = None) -> Config:
+    """conf/ + Hydra overrides -> a validated ``Config`` with absolute paths (relative to ``base`` or cwd)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf or config_dir()), version_base="1.3"):
+            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    except Exception as exc:  # Hydra/OmegaConf raise several types; all become one readable message
+        raise ConfigError(explain_config_error(exc)) from exc
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"conf/config.yaml did not compose to a Config (got {type(cfg).__name__})")
+    return cfg.resolved_paths(base or Path.cwd())
+
+
+def explain_config_error(exc: BaseException) -> str:
+    """The deepest useful message of a config error, with the valid keys when a key is unknown."""
+    chain, e = [], exc
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    message = str(exc).strip()
+    if len(chain) > 1 and str(chain[-1]).strip() not in message:
+        message = f"{message}\n  cause: {str(chain[-1]).strip()}"
+    for err in chain:
+        full_key = getattr(err, "full_key", None)
+        if full_key and "missing mandatory value" in str(err):
+            return (
+                f"config value '{full_key}' is required but not set (??? in conf/); pass {full_key.split('[')[0]}=..."
+            )
+        if full_key and ("not in struct" in str(err) or "Key '" in str(err)):
+            parent = re.sub(r"\[\d+\]", "", full_key).rpartition(".")[0]
+            valid = schema_keys(parent)
+            if valid is not None:
+                where = parent or "the root"
+                return f"unknown config key '{full_key}'. Valid keys of {where}: {', '.join(valid)}"
+    if isinstance(chain[-1], ValueError) and len(chain) > 1:
+        return f"invalid configuration: {chain[-1]}"
+    return message
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    flags = {a for a in rest if a.startswith("--")}
+    overrides = [a for a in rest if not a.startswith("--")]
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        match command:
+            case "prep":
+                _check_flags(flags, {"--force"})
+                return _prep(compose_config(overrides), force="--force" in flags)
+            case "preview":
+                _check_flags(flags, set())
+                n = 5
+                for a in [a for a in overrides if re.fullmatch(r"n=\d+", a)]:
+                    n = int(a[2:])
+                    overrides.remove(a)
+                from sftray.preview import preview
+
+                preview(compose_config(overrides), n=n, out=sys.stdout)
+                return 0
+            case "config":
+                from omegaconf import OmegaConf
+
+                print(OmegaConf.to_yaml(OmegaConf.structured(compose_config(overrides))))
+                return 0
+            case _:
+                print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+                return 2
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def init_ray() -> None:
+    """Joins $RAY_ADDRESS if set, else starts a local Ray (dashboard on: Train V2 needs it)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def _prep(cfg: Config, *, force: bool) -> int:
+    from sftray.data.pipeline import prepare
+    from sftray.data.report import summary
+
+    init_ray()
+    prepared = prepare(cfg, force=force)
+    print(summary(prepared.report))
+    return 0
+
+
+def _check_flags(flags: set[str], valid: set[str]) -> None:
+    unknown = flags - valid
+    if unknown:
+        raise ConfigError(f"unknown flag(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid)) or 'none'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Typed configuration: the dataclass schemas behind conf/, registered in Hydra's ConfigStore, checked on creation.
+
+Library code below the CLI takes these dataclasses (they pickle to Ray workers); only ``sftray.cli`` sees Hydra.
+Each field's docstring is its documentation; conf/*.yaml repeat it as trailing comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+TRAIN_ON = ("all_assistant", "last_assistant", "all")
+ON_ERROR = ("raise", "drop")
+OVERLENGTH = ("drop", "truncate")
+
+
+def _one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One input: a local file / glob / folder, a Hugging Face dataset id, or ``builtin:NAME``."""
+
+    path: str = "???"
+    """File (.jsonl .json .parquet .txt), glob, folder, hub dataset id, or builtin:demo / builtin:pydoc_topics."""
+    format: str = "auto"
+    """auto | messages | sharegpt | alpaca | prompt_completion | text; auto detects per source from the first row."""
+    split: str = "train"
+    """Hub datasets only: the split to load."""
+    subset: str | None = None
+    """Hub datasets only: the configuration name (``load_dataset(path, subset)``)."""
+    text_field: str = "text"
+    """Pretraining sources in JSONL/Parquet: the column that holds the text."""
+
+    def __post_init__(self) -> None:
+        _one_of("format", self.format, FORMATS)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The base model and its tokenizer."""
+
+    name_or_path: str = "builtin:tiny-llama"
+    """Hub id or local folder for from_pretrained; builtin:tiny-llama is built offline on first use."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless you trust its author."""
+    chat_template: str | None = None
+    """Override the tokenizer's chat template: a Jinja string or a path to a .jinja file."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """SFT conversations: sources, splits, rendering, masking and packing."""
+
+    name: str = "demo"
+    """Short name used in output folders and reports."""
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(path="builtin:demo")])
+    """Training conversations."""
+    val_sources: list[SourceConfig] = field(default_factory=list)
+    """Validation conversations; when empty, val_fraction of the training rows is held out instead."""
+    val_fraction: float = 0.05
+    """Share of training rows held out for validation (hash of source+row: stable across runs)."""
+    system_prompt: str | None = None
+    """System prompt added to conversations that have none (None: leave them as they are)."""
+    max_seq_len: int = 512
+    """Tokens per training row."""
+    packing: bool = True
+    """Pack several examples per row (isolated by position_ids); false: one example per padded row."""
+    train_on: str = "all_assistant"
+    """all_assistant | last_assistant | all (no masking, e.g. for conversation simulators)."""
+    on_error: str = "raise"
+    """raise: the first malformed row stops prep with file and line; drop: skip it, counted by reason."""
+    overlength: str = "drop"
+    """Examples longer than max_seq_len: drop (counted) or truncate (cut turns untrained, counted)."""
+    pack_group_size: int = 2048
+    """Examples packed together per best-fit-decreasing group; larger packs tighter, costs memory."""
+    num_actors: int = 1
+    """Tokenizer actors (each loads the tokenizer once)."""
+    cpus_per_actor: float = 0.5
+    """CPUs reserved per tokenizer actor; keep actors x this below the cluster's free CPUs."""
+
+    def __post_init__(self) -> None:
+        _one_of("data.train_on", self.train_on, TRAIN_ON)
+        _one_of("data.on_error", self.on_error, ON_ERROR)
+        _one_of("data.overlength", self.overlength, OVERLENGTH)
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.max_seq_len < 8:
+            raise ValueError(f"data.max_seq_len={self.max_seq_len} is too small (minimum 8)")
+        if not self.sources:
+            raise ValueError("data.sources is empty: give at least one source")
+        if self.num_actors < 1 or self.cpus_per_actor <= 0:
+            raise ValueError("data.num_actors must be >= 1 and data.cpus_per_actor > 0")
+
+
+@dataclass(kw_only=True)
+class MixConfig:
+    """Plain pretraining text mixed into training rows, and its held-out slice for measuring forgetting."""
+
+    ratio: float = 0.1
+    """Share of training tokens (non-pad) that come from the pretraining corpus; 0 disables mixing."""
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(path="builtin:pydoc_topics")])
+    """Pretraining text: .txt files (one document per file) or a text column."""
+    window_len: int | None = None
+    """Tokens per pretraining window; None: data.max_seq_len."""
+    heldout_fraction: float = 0.05
+    """Share of pretraining windows held out to measure forgetting (never trained on)."""
+    max_heldout_windows: int = 256
+    """Cap on held-out windows, so forgetting eval stays cheap."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"mix.ratio={self.ratio} must be in [0, 1)")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"mix.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        if self.window_len is not None and self.window_len < 8:
+            raise ValueError(f"mix.window_len={self.window_len} is too small (minimum 8)")
+
+
+@dataclass(kw_only=True)
+class PathsConfig:
+    """Where things go. Relative paths are resolved against the launch directory by the CLI."""
+
+    output_dir: str = "outputs"
+    """Prepared data, runs and the MLflow store."""
+    cache_dir: str = "~/.cache/sftray"
+    """Built offline assets (tiny tokenizer/model, builtin data)."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Root configuration composed from conf/config.yaml."""
+
+    seed: int = 0
+    """Seed of every shuffle and split."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    @property
+    def window_len(self) -> int:
+        return self.mix.window_len or self.data.max_seq_len
+
+    def resolved_paths(self, base: Path) -> Config:
+        """A copy whose paths are absolute (Ray workers and Tune trials run in other directories)."""
+        out = Path(self.paths.output_dir).expanduser()
+        cache = Path(self.paths.cache_dir).expanduser()
+        paths = PathsConfig(
+            output_dir=str(out if out.is_absolute() else base / out),
+            cache_dir=str(cache if cache.is_absolute() else base / cache),
+        )
+        return dataclasses.replace(self, paths=paths)
+
+
+def register_configs() -> None:
+    """Registers the schemas so conf/*.yaml are validated against them (unknown keys fail)."""
+    from hydra.core.config_store import ConfigStore
+
+    # The root schema types every group below it, so group YAMLs are validated without schemas of their own.
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def schema_keys(path: str) -> list[str] | None:
+    """Valid keys at a dotted config path (``"data"`` -> DataConfig's fields), or None if there is none."""
+    node: Any = Config
+    for part in [p for p in path.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return None
+        node = _field_type(node, part)
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
+
+
+def _field_type(cls: Any, name: str) -> Any:
+    import typing
+
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list and args:
+        return args[0]
+    return hint

@@ -1,0 +1,320 @@
+"""Builtin offline data: pydoc prose and synthetic demo conversations behind `builtin:` URIs.
+
+Everything here is generated from the standard library or from a seeded RNG, so
+experiments and tests never need a network or a dataset hub.
+
+Held-out split (how `generate_demo_heldout` is kept disjoint from training):
+every demo exchange is an *instance* of a task (e.g. ``add`` with operands
+{17, 42}); its canonical key (task + order-free operands) is hashed with
+SHA-256 and instances whose hash falls in bucket 0 of `_HELDOUT_BUCKETS` are
+reserved for held-out probes. `generate_demo_conversations` rejects those
+instances in every turn and `generate_demo_heldout` accepts only them. Because
+every prompt template embeds all operands, a prompt determines its instance, so
+no held-out prompt can be a training user turn — for any seed, not only the
+defaults. The split is by instance, not by wording, so probes measure
+generalisation to unseen operands rather than to an unseen phrasing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = [
+    "BUILTIN_NAMES",
+    "generate_demo_conversations",
+    "generate_demo_heldout",
+    "pydoc_topics_text",
+    "resolve_builtin",
+]
+
+# name after "builtin:" -> file written under cache_dir/"builtin"
+BUILTIN_NAMES: dict[str, str] = {
+    "demo": "demo-train.jsonl",
+    "demo-heldout": "demo-heldout.jsonl",
+    "pydoc_topics": "pydoc_topics.txt",
+}
+_DEMO_TRAIN_SIZE = 2000
+_DEMO_TRAIN_SEED = 0
+_DEMO_HELDOUT_SIZE = 200
+_DEMO_HELDOUT_SEED = 0
+
+# 1 in 10 task instances is reserved for held-out probes.
+_HELDOUT_BUCKETS = 10
+# Share of training conversations that open with a system message ("a few percent").
+_SYSTEM_SHARE = 0.04
+
+_SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer with the result only.",
+    "You answer small puzzles correctly and briefly.",
+)
+
+# Short lowercase words (3-8 letters) for the string tasks; fixed so data is reproducible.
+_WORD_TEXT = """
+apple banana cherry grape lemon mango melon peach pear plum
+river ocean lake stream valley mountain forest desert island meadow
+house garden window door table chair kitchen bottle pencil paper
+yellow purple orange silver golden green black white brown violet
+tiger horse rabbit monkey donkey turtle parrot falcon badger otter
+winter summer autumn spring morning evening night sunday monday friday
+python ray model token vector matrix tensor layer kernel buffer
+string number letter symbol record field object method class module
+planet comet star galaxy rocket orbit moon meteor nebula quasar
+music guitar piano violin drum flute trumpet cello banjo harp
+bread butter cheese honey sugar salt pepper onion garlic carrot
+doctor farmer pilot teacher writer painter baker sailor singer dancer
+castle bridge tower temple palace harbor market school library museum
+cloud storm thunder rain snow wind breeze frost shadow light
+jacket shirt boots scarf gloves pocket button ribbon zipper collar
+puzzle riddle secret signal anchor compass lantern mirror candle basket
+"""
+_WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
+
+
+# ---------------------------------------------------------------------------
+# pydoc prose
+
+
+def pydoc_topics_text() -> str:
+    """Return CPython's pydoc topic help (English prose, ~465 KB) in sorted-key order.
+
+    Topics are separated by one blank line. The text ships with the standard
+    library, so it is available offline; it is deterministic for a given
+    Python version.
+    """
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key].strip("\n") for key in sorted(topics)) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# demo task instances
+#
+# Each sampler returns (key, fields, answer): `key` is the canonical,
+# order-free identity of the instance (used for the held-out split), `fields`
+# fill the prompt templates, `answer` is the exact assistant reply.
+
+_Instance = tuple[str, dict[str, str], str]
+
+
+def _sample_add(rng: random.Random) -> _Instance:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"add:{min(a, b)},{max(a, b)}", {"a": str(a), "b": str(b)}, str(a + b)
+
+
+def _sample_reverse(rng: random.Random) -> _Instance:
+    word = rng.choice(_WORDS)
+    return f"reverse:{word}", {"w": word}, word[::-1]
+
+
+def _sample_uppercase(rng: random.Random) -> _Instance:
+    word = rng.choice(_WORDS)
+    return f"uppercase:{word}", {"w": word}, word.upper()
+
+
+def _sample_count(rng: random.Random) -> _Instance:
+    word = rng.choice(_WORDS)
+    # Mostly a letter of the word (non-zero counts); sometimes any letter so "0" occurs.
+    letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+    return f"count:{letter}:{word}", {"c": letter, "w": word}, str(word.count(letter))
+
+
+def _sample_sort(rng: random.Random) -> _Instance:
+    nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
+    shown = ", ".join(map(str, nums))
+    ordered = ", ".join(map(str, sorted(nums)))
+    return f"sort:{ordered}", {"xs": shown}, ordered
+
+
+def _sample_larger(rng: random.Random) -> _Instance:
+    a, b = rng.sample(range(1000), 2)  # distinct, so "larger" is well defined
+    return f"larger:{min(a, b)},{max(a, b)}", {"a": str(a), "b": str(b)}, str(max(a, b))
+
+
+# task -> (sampler, first-turn templates, follow-up templates). Every template
+# embeds all fields, and numbers / quoted words are the only digits / quotes in
+# it, so a prompt determines its instance (needed for the held-out guarantee).
+_TASKS: dict[str, tuple[Callable[[random.Random], _Instance], tuple[str, ...], tuple[str, ...]]] = {
+    "add": (
+        _sample_add,
+        (
+            "What is {a} + {b}?",
+            "Add {a} and {b}.",
+            "Compute the sum of {a} and {b}.",
+            "{a} plus {b} equals what?",
+        ),
+        ("Now add {a} and {b}.", "And {a} + {b}?", "What about {a} plus {b}?"),
+    ),
+    "reverse": (
+        _sample_reverse,
+        (
+            "Reverse the word '{w}'.",
+            "Write '{w}' backwards.",
+            "What is '{w}' spelled in reverse?",
+        ),
+        ("Now reverse '{w}'.", "And backwards, '{w}'?"),
+    ),
+    "uppercase": (
+        _sample_uppercase,
+        (
+            "Write '{w}' in uppercase.",
+            "Convert '{w}' to capital letters.",
+            "Uppercase the word '{w}'.",
+        ),
+        ("Now uppercase '{w}'.", "And '{w}' in capitals?"),
+    ),
+    "count": (
+        _sample_count,
+        (
+            "How many times does the letter '{c}' appear in '{w}'?",
+            "Count the letter '{c}' in the word '{w}'.",
+            "In '{w}', how many '{c}' are there?",
+        ),
+        ("Now count '{c}' in '{w}'.", "And the letter '{c}' in '{w}'?"),
+    ),
+    "sort": (
+        _sample_sort,
+        (
+            "Sort these numbers in ascending order: {xs}",
+            "Put in increasing order: {xs}",
+            "Order from smallest to largest: {xs}",
+        ),
+        ("Now sort: {xs}", "And these: {xs}"),
+    ),
+    "larger": (
+        _sample_larger,
+        (
+            "Which is larger, {a} or {b}?",
+            "What is the bigger number: {a} or {b}?",
+            "Pick the maximum of {a} and {b}.",
+        ),
+        ("Now {a} or {b}?", "And between {a} and {b}?"),
+    ),
+}
+DEMO_TASKS: tuple[str, ...] = tuple(_TASKS)
+
+
+def _is_heldout(key: str) -> bool:
+    # SHA-256 rather than hash(): stable across processes (no PYTHONHASHSEED dependence).
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % _HELDOUT_BUCKETS == 0
+
+
+def _draw(*, rng: random.Random, task: str, heldout: bool) -> _Instance:
+    """Rejection-sample an instance of `task` on the requested side of the split."""
+    sampler = _TASKS[task][0]
+    while True:
+        inst = sampler(rng)
+        if _is_heldout(inst[0]) == heldout:
+            return inst
+
+
+def generate_demo_conversations(n: int, *, seed: int, multi_turn_share: float = 0.25) -> list[dict]:
+    """Return `n` seeded conversations `{"messages": [...], "task": str}` with verifiable answers.
+
+    Tasks (uniform): add, reverse, uppercase, count, sort, larger. A share
+    `multi_turn_share` of items has 2-3 user/assistant exchanges, all of the same
+    task; about 4 % start with a system message. Held-out instances (see module
+    docstring) never appear.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 <= multi_turn_share <= 1.0:
+        raise ValueError(f"multi_turn_share must be in [0, 1], got {multi_turn_share}")
+    rng = random.Random(seed)
+    out: list[dict] = []
+    for _ in range(n):
+        task = rng.choice(DEMO_TASKS)
+        _, first_templates, follow_templates = _TASKS[task]
+        turns = rng.randint(2, 3) if rng.random() < multi_turn_share else 1
+        messages: list[dict[str, str]] = []
+        if rng.random() < _SYSTEM_SHARE:
+            messages.append({"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)})
+        for turn in range(turns):
+            _, fields, answer = _draw(rng=rng, task=task, heldout=False)
+            template = rng.choice(first_templates if turn == 0 else follow_templates)
+            messages.append({"role": "user", "content": template.format(**fields)})
+            messages.append({"role": "assistant", "content": answer})
+        out.append({"messages": messages, "task": task})
+    return out
+
+
+def generate_demo_heldout(n: int, *, seed: int) -> list[dict]:
+    """Return `n` distinct held-out probes `{"prompt", "reference", "task"}`.
+
+    Prompts use the first-turn templates over held-out instances only, so they
+    never occur as a user turn of `generate_demo_conversations` (any seed).
+    Tasks cycle in a fixed order so every task is equally represented.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: list[dict] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        # The held-out prompt space is finite (a few thousand), so cap the retries.
+        if attempts > 100 * n + 1000:
+            raise ValueError(f"cannot draw {n} distinct held-out probes")
+        task = DEMO_TASKS[len(out) % len(DEMO_TASKS)]
+        _, fields, answer = _draw(rng=rng, task=task, heldout=True)
+        prompt = rng.choice(_TASKS[task][1]).format(**fields)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        out.append({"prompt": prompt, "reference": answer, "task": task})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# builtin: URIs
+
+
+def _write_atomic(*, path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file + os.replace so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def resolve_builtin(uri: str, cache_dir: Path) -> Path:
+    """Materialise a `builtin:<name>` dataset under `cache_dir/"builtin"` and return its path.
+
+    `builtin:demo` -> demo-train.jsonl (2000 conversations, seed 0),
+    `builtin:demo-heldout` -> demo-heldout.jsonl (200 probes, seed 0),
+    `builtin:pydoc_topics` -> pydoc_topics.txt. Existing files are reused;
+    writes are atomic, so concurrent callers are safe.
+    """
+    prefix = "builtin:"
+    name = uri[len(prefix) :] if uri.startswith(prefix) else None
+    if name not in BUILTIN_NAMES:
+        valid = ", ".join(prefix + key for key in BUILTIN_NAMES)
+        raise ValueError(f"unknown builtin dataset {uri!r}; valid names: {valid}")
+    path = Path(cache_dir) / "builtin" / BUILTIN_NAMES[name]
+    if path.exists():
+        return path
+    if name == "demo":
+        text = _jsonl(generate_demo_conversations(_DEMO_TRAIN_SIZE, seed=_DEMO_TRAIN_SEED))
+    elif name == "demo-heldout":
+        text = _jsonl(generate_demo_heldout(_DEMO_HELDOUT_SIZE, seed=_DEMO_HELDOUT_SEED))
+    else:
+        text = pydoc_topics_text()
+    _write_atomic(path=path, text=text)
+    return path

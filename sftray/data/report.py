@@ -1,0 +1,103 @@
+"""The data report: what went in, what was dropped and why, and what the training rows hold (JSON + summary)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+from sftray.config import Config
+
+
+def build(
+    *,
+    cfg: Config,
+    sources: list,
+    meta: Any,
+    wmeta: Any,
+    drops: Counter,
+    stats: dict[str, dict],
+    target_pretrain_tokens: int,
+) -> dict[str, Any]:
+    """Assembles the report from per-row metadata (pandas) and per-split row statistics."""
+    ok, wok = meta[meta["reason"] == ""], wmeta[wmeta["reason"] == ""]
+    per_source = []
+    for src in sources:
+        m = meta if src.fmt != "text" else wmeta
+        rows = m[m["source"] == src.label]
+        per_source.append(
+            {
+                "path": src.label,
+                "kind": src.kind,
+                "format": src.fmt,
+                "files": len(src.paths),
+                "records_in": int(rows["where"].nunique()),
+                "records_dropped": int(rows[rows["reason"] != ""]["where"].nunique()),
+            }
+        )
+    splits = {name: _split_summary(s) for name, s in stats.items()}
+    train = splits["train"]
+    train["mix_ratio_target"] = cfg.mix.ratio
+    train["mix_ratio_achieved"] = _ratio(stats["train"]["pretrain_tokens"], stats["train"]["tokens"])
+    train["pretrain_share_of_trained"] = _ratio(stats["train"]["pretrain_tokens"], stats["train"]["trained_tokens"])
+    train["pretrain_tokens_target"] = target_pretrain_tokens
+    return {
+        "config": {
+            "seed": cfg.seed,
+            "model": dataclasses.asdict(cfg.model),
+            "data": dataclasses.asdict(cfg.data),
+            "mix": dataclasses.asdict(cfg.mix),
+        },
+        "sources": per_source,
+        "conversations": {
+            "in": int(len(meta)),
+            "train": int((ok["split"] == "train").sum()),
+            "val": int((ok["split"] == "val").sum()),
+            "dropped": int((meta["reason"] != "").sum()),
+            "truncated": int(ok["truncated"].sum()),
+        },
+        "pretraining_windows": {
+            "total": int(len(wok)),
+            "heldout_pool": int(wok["heldout"].sum()),
+            "heldout_used": stats["pretrain_heldout"]["examples"],
+        },
+        "drops": dict(sorted(drops.items())),
+        "splits": splits,
+    }
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A human-readable summary of a report."""
+    c, tr = report["conversations"], report["splits"]["train"]
+    lines = [
+        f"prepared data: {report['out_dir']}",
+        f"  fingerprint {report['fingerprint'][:12]}   chat template {report['chat_template_hash']}",
+        f"  conversations: {c['in']} in -> {c['train']} train + {c['val']} val; "
+        f"{c['dropped']} dropped, {c['truncated']} truncated",
+    ]
+    if report["drops"]:
+        lines.append("  drops by reason: " + ", ".join(f"{k}={v}" for k, v in report["drops"].items()))
+    lines.append(f"  {'split':<17}{'rows':>8}{'examples':>10}{'tokens':>11}{'trained':>10}{'packing eff':>13}")
+    for name, s in report["splits"].items():
+        lines.append(
+            f"  {name:<17}{s['rows']:>8}{s['examples']:>10}{s['tokens']:>11}{s['trained_share']:>10.1%}"
+            f"{s['packing_efficiency']:>13.1%}"
+        )
+    lines.append(
+        f"  pretraining mix: target {tr['mix_ratio_target']:.1%} of training tokens, achieved "
+        f"{tr['mix_ratio_achieved']:.2%} ({tr['pretrain_tokens']} tokens; "
+        f"{tr['pretrain_share_of_trained']:.1%} of trained tokens)"
+    )
+    return "\n".join(lines)
+
+
+def _split_summary(s: dict[str, int]) -> dict[str, Any]:
+    return {
+        **s,
+        "packing_efficiency": _ratio(s["tokens"], s["slots"]),
+        "trained_share": _ratio(s["trained_tokens"], s["tokens"]),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a) / float(b) if b else 0.0

@@ -1,0 +1,1 @@
+"""Model assets: offline tiny tokenizer and tiny Llama config for fast CPU experiments."""
