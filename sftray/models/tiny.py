@@ -75,7 +75,11 @@ def build_tiny_tokenizer(out_dir: Path, *, vocab_size: int = 4096) -> transforme
     tile the input exactly (useful for char-span -> token masks).
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Single digits (as Qwen2 and Llama-3 split numbers): a tiny model learns arithmetic digit by digit, and
+    # "42" and " 42" share their digit tokens.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     # trim_offsets=False: keep the leading-space byte inside each token's offsets (as Qwen2 does).
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
