@@ -6,6 +6,7 @@ valid keys listed. Everything below receives dataclasses.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -49,7 +50,7 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
     register_configs()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf or config_dir()), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(Path(conf or config_dir()).resolve()), version_base="1.3"):
             cfg = OmegaConf.to_object(compose("config", overrides=overrides))
     except Exception as exc:  # Hydra/OmegaConf raise several types; all become one readable message
         raise ConfigError(explain_config_error(exc)) from exc
@@ -69,6 +70,22 @@ def explain_config_error(exc: BaseException) -> str:
         message = f"{message}\n  cause: {str(chain[-1]).strip()}"
     for err in chain:
         full_key = getattr(err, "full_key", None)
+        object_type = getattr(err, "object_type", None)
+        parent = re.sub(r"\[\d+\]", "", full_key or "").rpartition(".")[0]
+        if (
+            full_key
+            and "not in" in str(err)
+            and dataclasses.is_dataclass(object_type)
+            and (schema_keys(parent) != [f.name for f in dataclasses.fields(object_type)])
+        ):
+            # Inside a list item, full_key is relative to the item: its own type names the valid keys, and
+            # Hydra's outer message names the overridden list.
+            valid = [f.name for f in dataclasses.fields(object_type)]
+            outer = re.search(r"override '([\w.]+)'", str(exc))
+            where = outer.group(1) if outer else object_type.__name__
+            return f"unknown config key '{full_key}'. Valid keys of {where}: {', '.join(valid)}"
+        if full_key and type(err).__name__ == "ValidationError":
+            return f"invalid value for config key '{full_key}': {str(err).splitlines()[0]}"
         if full_key and "missing mandatory value" in str(err):
             return (
                 f"config value '{full_key}' is required but not set (??? in conf/); pass {full_key.split('[')[0]}=..."

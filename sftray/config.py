@@ -22,6 +22,12 @@ def _one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
+def _check_sources(name: str, sources: list, *, chat: bool) -> None:
+    valid = tuple(f for f in FORMATS if f != "text") if chat else ("auto", "text")
+    for i, src in enumerate(sources):
+        _one_of(f"{name}[{i}].format", src.format, valid)
+
+
 @dataclass(kw_only=True)
 class SourceConfig:
     """One input: a local file / glob / folder, a Hugging Face dataset id, or ``builtin:NAME``."""
@@ -37,16 +43,14 @@ class SourceConfig:
     text_field: str = "text"
     """Pretraining sources in JSONL/Parquet: the column that holds the text."""
 
-    def __post_init__(self) -> None:
-        _one_of("format", self.format, FORMATS)
-
 
 @dataclass(kw_only=True)
 class ModelConfig:
     """The base model and its tokenizer."""
 
-    name_or_path: str = "builtin:tiny-llama"
-    """Hub id or local folder for from_pretrained; builtin:tiny-llama is built offline on first use."""
+    name_or_path: str = "???"
+    """Hub id or local folder for from_pretrained; builtin:tiny-llama is built offline on first use (required:
+    a group YAML sets it; a default here would silently win over a group's ``???``)."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless you trust its author."""
     chat_template: str | None = None
@@ -65,6 +69,8 @@ class DataConfig:
     """Validation conversations; when empty, val_fraction of the training rows is held out instead."""
     val_fraction: float = 0.05
     """Share of training rows held out for validation (hash of source+row: stable across runs)."""
+    probes: str | None = None
+    """Generation probes: JSONL of {"prompt", "reference"} or builtin:demo-heldout; None: the val rows' last turns."""
     system_prompt: str | None = None
     """System prompt added to conversations that have none (None: leave them as they are)."""
     max_seq_len: int = 512
@@ -94,6 +100,8 @@ class DataConfig:
             raise ValueError(f"data.max_seq_len={self.max_seq_len} is too small (minimum 8)")
         if not self.sources:
             raise ValueError("data.sources is empty: give at least one source")
+        _check_sources("data.sources", self.sources, chat=True)
+        _check_sources("data.val_sources", self.val_sources, chat=True)
         if self.num_actors < 1 or self.cpus_per_actor <= 0:
             raise ValueError("data.num_actors must be >= 1 and data.cpus_per_actor > 0")
 
@@ -118,8 +126,100 @@ class MixConfig:
             raise ValueError(f"mix.ratio={self.ratio} must be in [0, 1)")
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError(f"mix.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        _check_sources("mix.sources", self.sources, chat=False)
         if self.window_len is not None and self.window_len < 8:
             raise ValueError(f"mix.window_len={self.window_len} is too small (minimum 8)")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapters (peft) for ``train.method=lora``."""
+
+    r: int = 16
+    """Rank: more capacity, more memory."""
+    alpha: int = 32
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names that get adapters; ["all-linear"] targets every linear layer."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters (e.g. lm_head)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training run on Ray Train workers."""
+
+    method: str = "lora"
+    """full | lora."""
+    parallelism: str = "fsdp"
+    """fsdp (FSDP2 fully_shard per decoder layer) | ddp."""
+    num_workers: int = 2
+    """Ray Train workers (processes); one GPU each when use_gpu."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL, bf16 autocast) instead of CPUs (gloo, float32)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker (fractions allowed); also its torch thread count (at least 1)."""
+    epochs: int = 2
+    """Passes over the training rows; a checkpoint and an eval after each."""
+    lr: float = 2e-4
+    """Peak learning rate (SFT: 2-10x below pretraining; LoRA tolerates higher)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_ratio: float = 0.05
+    """Share of optimizer steps spent warming the LR up linearly."""
+    schedule: str = "cosine"
+    """cosine | linear | constant (after warmup)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm); 0 disables."""
+    micro_batch_size: int = 4
+    """Rows per worker per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = workers x micro_batch_size x grad_accum rows."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute."""
+    neftune_alpha: float = 0.0
+    """NEFTune noise on input embeddings while training (typ. 5); 0 disables."""
+    eval_every_steps: int = 0
+    """Extra evals every N optimizer steps (0: only at epoch ends)."""
+    max_failures: int = 1
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    export_merged: bool = False
+    """LoRA: also save the merged full model in each checkpoint."""
+    resume_from: str | None = None
+    """Checkpoint folder to resume from (model, optimizer, scheduler, epoch)."""
+    log_every_steps: int = 10
+    """Progress line every N optimizer steps."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapter settings (method=lora)."""
+    fail_at_step: int | None = None
+    """Fault injection for testing recovery: the last worker exits at this step, first attempt only."""
+
+    def __post_init__(self) -> None:
+        _one_of("train.method", self.method, ("full", "lora"))
+        _one_of("train.parallelism", self.parallelism, ("fsdp", "ddp"))
+        _one_of("train.schedule", self.schedule, ("cosine", "linear", "constant"))
+        if self.num_workers < 1 or self.epochs < 1 or self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("train.num_workers, epochs, micro_batch_size and grad_accum must be >= 1")
+        if self.lr <= 0 or self.cpus_per_worker <= 0:
+            raise ValueError("train.lr and train.cpus_per_worker must be > 0")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation after each epoch, and how the best checkpoint is chosen."""
+
+    num_probes: int = 64
+    """Generation probes per eval (greedy)."""
+    max_new_tokens: int = 32
+    """Generation limit per probe; a response that has not ended by then is not compliant."""
+    select_metric: str = "eval/format_compliance"
+    """Metric (higher is better) that picks the best checkpoint and ranks sweep trials."""
+    forgetting_budget: float = 0.25
+    """Max eval/forgetting (relative rise of held-out pretraining loss) a selectable checkpoint may have."""
+    max_eval_rows: int = 256
+    """Cap on val / held-out rows per eval, so evals stay cheap."""
 
 
 @dataclass(kw_only=True)
@@ -141,6 +241,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mix: MixConfig = field(default_factory=MixConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     @property

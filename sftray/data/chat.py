@@ -272,3 +272,22 @@ def _verify_turn(tokenizer: Any, ids: list[int], content: str, marker: str, *, t
             f"{where}: assistant turn {turn}: trained tokens decode to {decoded[:80]!r}, "
             f"expected the turn's content {content[:60]!r} followed by {marker!r}"
         )
+
+
+def turn_markers(tokenizer: Any) -> dict[str, str]:
+    """The template's end-of-turn token and the text that opens a user turn, found by rendering a probe chat.
+
+    Generation probes stop at ``end_of_turn`` and call a response non-compliant if it writes ``user_opener``.
+    """
+    probe = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "General Kenobi"}]
+    where = "turn-marker probe"
+    text = _render(tokenizer, probe, add_generation_prompt=False, where=where)
+    _, _, marker = _assistant_span(tokenizer, probe, 1, text, where=where)
+    prefix = _render(tokenizer, probe[:1], add_generation_prompt=False, where=where)
+    # What precedes the user's text after any earlier turn (e.g. an injected system prompt) has ended.
+    before = prefix[: prefix.find("Hello there")] if "Hello there" in prefix else ""
+    opener = before.rsplit(marker, 1)[-1].strip()
+    for token in (getattr(tokenizer, "bos_token", None) or "",):  # a bos is not part of a turn's opener
+        if token and opener.startswith(token):
+            opener = opener[len(token) :].strip()
+    return {"end_of_turn": marker, "user_opener": opener}

@@ -57,6 +57,19 @@ _RAW = pa.schema(
     ]
 )
 _EXAMPLE_COLUMNS = ["input_ids", "labels", "kind", "key"]
+ROW_SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("position_ids", pa.list_(pa.int32())),
+        ("seq_lens", pa.list_(pa.int32())),
+        ("seq_kinds", pa.list_(pa.int8())),
+        ("num_tokens", pa.int32()),
+        ("num_trained", pa.int32()),
+        ("num_pretrain_tokens", pa.int32()),
+    ]
+)
+"""Schema of a stored training row (train, val and pretrain_heldout alike)."""
 _META_COLUMNS = ["where", "source", "split", "reason", "error", "truncated", "n_tokens", "n_trained", "key", "heldout"]
 
 
@@ -486,21 +499,20 @@ def _pack_group(batch: pa.Table, *, max_seq_len: int, packing: bool, seed: int) 
     examples = sorted(batch.to_pylist(), key=lambda r: r["key"])  # arrival order must not matter
     group = examples[0]["group"] if examples else 0
     rows = pack_examples(examples, max_seq_len=max_seq_len, seed=seed + group) if packing else pad_examples(examples)
-    lists = pa.list_(pa.int32())
     return pa.table(
         {
-            "input_ids": pa.array([r["input_ids"] for r in rows], type=lists),
-            "labels": pa.array([r["labels"] for r in rows], type=lists),
-            "position_ids": pa.array([r["position_ids"] for r in rows], type=lists),
-            "seq_lens": pa.array([r["seq_lens"] for r in rows], type=lists),
-            "seq_kinds": pa.array([r["seq_kinds"] for r in rows], type=pa.list_(pa.int8())),
-            "num_tokens": pa.array([len(r["input_ids"]) for r in rows], type=pa.int32()),
-            "num_trained": pa.array([sum(1 for x in r["labels"] if x != -100) for r in rows], type=pa.int32()),
-            "num_pretrain_tokens": pa.array(
-                [sum(n for n, k in zip(r["seq_lens"], r["seq_kinds"]) if k == KIND_PRETRAIN) for r in rows],
-                type=pa.int32(),
-            ),
-        }
+            "input_ids": [r["input_ids"] for r in rows],
+            "labels": [r["labels"] for r in rows],
+            "position_ids": [r["position_ids"] for r in rows],
+            "seq_lens": [r["seq_lens"] for r in rows],
+            "seq_kinds": [r["seq_kinds"] for r in rows],
+            "num_tokens": [len(r["input_ids"]) for r in rows],
+            "num_trained": [sum(1 for x in r["labels"] if x != -100) for r in rows],
+            "num_pretrain_tokens": [
+                sum(n for n, k in zip(r["seq_lens"], r["seq_kinds"]) if k == KIND_PRETRAIN) for r in rows
+            ],
+        },
+        schema=ROW_SCHEMA,
     )
 
 

@@ -22,6 +22,8 @@ from sftray.data.formats import detect_format
 
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".txt")
 """File extensions a local source may have."""
+CHAT_FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet")
+"""File extensions that can hold conversations (a folder of chats ignores the rest, e.g. notes.txt)."""
 HF_PREFIX = "hf:"
 """Forces a path to load through ``datasets.load_dataset`` (also works for local dataset folders)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -51,11 +53,13 @@ def resolve_source(src: SourceConfig, *, cache_dir: Path, what: str, text: bool 
         from sftray.data.builtin import resolve_builtin
 
         path = str(resolve_builtin(path, cache_dir))
-    if path.startswith(HF_PREFIX) or (_looks_like_hub_id(path) and not Path(path).expanduser().exists()):
+    if path.startswith(HF_PREFIX) or _looks_like_hub_id(path):
         hub_id = path.removeprefix(HF_PREFIX)
         fmt = "text" if text else src.format
         if fmt == "auto":
-            fmt = detect_format(_hub_first_row(hub_id, src), where=f"{what} ({hub_id})")
+            fmt = _chat_format(
+                detect_format(_hub_first_row(hub_id, src, what=what), where=f"{what} ({hub_id})"), what=what
+            )
         return ResolvedSource(
             label=src.path,
             kind="hub",
@@ -65,12 +69,12 @@ def resolve_source(src: SourceConfig, *, cache_dir: Path, what: str, text: bool 
             subset=src.subset,
             text_field=src.text_field,
         )
-    files = _local_files(path, what=what)
+    files = _local_files(path, what=what, types=FILE_TYPES if text else CHAT_FILE_TYPES)
     fmt = "text" if text else src.format
     if fmt == "text" and not text:
         raise ValueError(f"{what}: format 'text' is for mix.sources; conversations need a chat format")
     if fmt == "auto":
-        fmt = _detect_file_format(files, what=what)
+        fmt = _chat_format(_detect_file_format(files, what=what), what=what)
     return ResolvedSource(label=src.path, kind="files", paths=tuple(files), fmt=fmt, text_field=src.text_field)
 
 
@@ -151,26 +155,41 @@ def load_hub_split(src: ResolvedSource) -> Any:
 
 
 def _looks_like_hub_id(path: str) -> bool:
-    return bool(_HUB_ID.match(path)) and Path(path).suffix.lower() not in FILE_TYPES
+    """``org/name`` or ``name`` that exists nowhere locally (not even its first folder, e.g. ``data/chats``)."""
+    p = Path(path).expanduser()
+    if not _HUB_ID.match(path) or p.suffix.lower() in FILE_TYPES or p.exists():
+        return False
+    return not Path(path.split("/")[0]).is_dir()
 
 
-def _local_files(path: str, *, what: str) -> list[str]:
+def _chat_format(fmt: str, *, what: str) -> str:
+    if fmt == "text":
+        raise ValueError(
+            f"{what}: records hold only 'text'; conversations need a chat format "
+            "(messages, conversations, instruction/output or prompt/completion)"
+        )
+    return fmt
+
+
+def _local_files(path: str, *, what: str, types: tuple[str, ...]) -> list[str]:
     p = Path(path).expanduser()
     if any(ch in path for ch in "*?["):
         files = sorted(str(Path(f).resolve()) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
         if not files:
             raise FileNotFoundError(f"{what}: no files match {path!r}")
     elif p.is_dir():
-        files = sorted(str(f.resolve()) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FILE_TYPES)
+        files = sorted(str(f.resolve()) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in types)
         if not files:
-            raise FileNotFoundError(f"{what}: folder {path!r} has no {', '.join(FILE_TYPES)} files")
+            raise FileNotFoundError(f"{what}: folder {path!r} has no {', '.join(types)} files")
     elif p.is_file():
         files = [str(p.resolve())]
     else:
         raise FileNotFoundError(f"{what}: no such file or folder: {path!r} (cwd: {Path.cwd()})")
-    bad = [f for f in files if Path(f).suffix.lower() not in FILE_TYPES]
+    bad = [f for f in files if Path(f).suffix.lower() not in types]
+    if bad and bad[0].lower().endswith(".txt"):
+        raise ValueError(f"{what}: {bad[0]} is plain text; conversations need JSONL, JSON or Parquet")
     if bad:
-        raise ValueError(f"{what}: unsupported file type of {bad[0]!r}; use one of {', '.join(FILE_TYPES)}")
+        raise ValueError(f"{what}: unsupported file type of {bad[0]!r}; use one of {', '.join(types)}")
     return files
 
 
@@ -181,6 +200,8 @@ def _detect_file_format(files: list[str], *, what: str) -> str:
             raise ValueError(f"{what}: {f} is plain text; conversations need JSONL, JSON or Parquet")
         for row, record in _peek(f):
             if isinstance(record, DataError):
+                if record.reason == "empty_file":
+                    break  # the next file may hold the first record
                 raise ValueError(f"{what}: cannot detect the format: {record}")
             if not isinstance(record, dict):
                 raise ValueError(f"{what}: {f}:{row}: expected a JSON object, got {type(record).__name__}")
@@ -215,10 +236,16 @@ def _one_jsonl(path: str, lineno: int, line: bytes) -> Iterator[tuple[int, Any]]
         yield lineno, DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})", reason="invalid_json")
 
 
-def _hub_first_row(hub_id: str, src: SourceConfig) -> dict:
+def _hub_first_row(hub_id: str, src: SourceConfig, *, what: str) -> dict:
     import datasets
 
-    ds = datasets.load_dataset(hub_id, src.subset, split=f"{src.split}[:1]")
+    try:
+        ds = datasets.load_dataset(hub_id, src.subset, split=f"{src.split}[:1]")
+    except Exception as exc:  # offline, private, misspelled: say it was read as a hub id
+        raise ValueError(
+            f"{what}: {hub_id!r} is not a local path, and loading it as a Hugging Face dataset "
+            f"failed: {type(exc).__name__}: {exc}"
+        ) from exc
     if len(ds) == 0:
         raise ValueError(f"{hub_id} split {src.split!r} is empty")
     return ds[0]

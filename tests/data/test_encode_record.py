@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,13 +19,8 @@ WHERE = "f.jsonl:3"
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    cache = tmp_path_factory.mktemp("sftray-cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SFTRAY_CACHE", str(cache))
-    try:
-        yield AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache))
-    finally:
-        mp.undo()
+    # built once per module into a private cache (never the user's ~/.cache)
+    return AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(tmp_path_factory.mktemp("sftray-cache")))
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +182,7 @@ def test_overlength_truncate_untrains_cut_turn(tok: Any, im_end: int) -> None:
     # The first turn stays trained, ending with <|im_end|>; nothing of the cut turn is trained.
     assert trained_runs(out["labels"]) == [(lo1, hi1)]
     assert out["labels"][hi1 - 1] == im_end
-    assert out["labels"][: hi1] == full["labels"][: hi1]
+    assert out["labels"][:hi1] == full["labels"][:hi1]
     assert all(x == IGNORE for x in out["labels"][hi1:])
 
 
@@ -246,7 +240,7 @@ def test_system_prompt_inserted(tok: Any, record: dict, fmt: str) -> None:
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAdd 2 and 3.<|im_end|>\n"
         "<|im_start|>assistant\n5<|im_end|>\n"
     )
-    (lo, hi), = trained_runs(out["labels"])
+    ((lo, hi),) = trained_runs(out["labels"])
     assert tok.decode(out["input_ids"][lo:hi], skip_special_tokens=False) == "5<|im_end|>"
     without = encode(tok, record, fmt)
     assert "system" not in tok.decode(without["input_ids"], skip_special_tokens=False)

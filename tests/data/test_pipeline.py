@@ -23,11 +23,17 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _messages(i: int) -> list[dict]:
-    turns = [{"role": "user", "content": f"What is {i} plus {i + 1}?"},
-             {"role": "assistant", "content": f"{2 * i + 1}"}]
+    turns = [
+        {"role": "user", "content": f"What is {i} plus {i + 1}?"},
+        {"role": "assistant", "content": f"{2 * i + 1}"},
+    ]
     if i % 3 == 0:
-        turns = [{"role": "system", "content": "Answer briefly."}, *turns,
-                 {"role": "user", "content": "And doubled?"}, {"role": "assistant", "content": f"{4 * i + 2}"}]
+        turns = [
+            {"role": "system", "content": "Answer briefly."},
+            *turns,
+            {"role": "user", "content": "And doubled?"},
+            {"role": "assistant", "content": f"{4 * i + 2}"},
+        ]
     return turns
 
 
@@ -36,11 +42,15 @@ def _write_sources(root: Path) -> dict[str, list]:
     root.mkdir(parents=True, exist_ok=True)
     msgs = [{"messages": _messages(i)} for i in range(12)]
     (root / "messages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in msgs))
-    share = [{"conversations": [{"from": "human", "value": f"Reverse {w}"}, {"from": "gpt", "value": w[::-1]}]}
-             for w in ("apple", "river", "stone", "cloud", "light", "grass")]
+    share = [
+        {"conversations": [{"from": "human", "value": f"Reverse {w}"}, {"from": "gpt", "value": w[::-1]}]}
+        for w in ("apple", "river", "stone", "cloud", "light", "grass")
+    ]
     (root / "sharegpt.json").write_text(json.dumps(share))
-    alpaca = [{"instruction": "Uppercase the word.", "input": w, "output": w.upper()}
-              for w in ("tree", "lamp", "door", "bird", "fish", "moon")]
+    alpaca = [
+        {"instruction": "Uppercase the word.", "input": w, "output": w.upper()}
+        for w in ("tree", "lamp", "door", "bird", "fish", "moon")
+    ]
     pq.write_table(pa.Table.from_pylist(alpaca), root / "alpaca.parquet")
     pc = [{"prompt": f"Count the letters in {w}.", "completion": str(len(w))} for w in ("a", "bb", "ccc", "dddd")]
     (root / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pc))
@@ -60,9 +70,15 @@ def _write_sources(root: Path) -> dict[str, list]:
 def _cfg(tmp: Path, cache_dir: Path, sources: list[str], *extra: str):
     listed = ",".join("{path:'" + s + "'}" for s in sources)
     return compose_config(
-        [f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp / 'out'}", "data=files", f"data.sources=[{listed}]",
-         *extra],
-        conf=CONF, base=tmp,
+        [
+            f"paths.cache_dir={cache_dir}",
+            f"paths.output_dir={tmp / 'out'}",
+            "data=files",
+            f"data.sources=[{listed}]",
+            *extra,
+        ],
+        conf=CONF,
+        base=tmp,
     )
 
 
@@ -73,7 +89,7 @@ def _rows(folder: Path) -> list[dict]:
 def _segments(row: dict) -> list[tuple[int, list[int], list[int]]]:
     out, start = [], 0
     for n, kind in zip(row["seq_lens"], row["seq_kinds"]):
-        out.append((kind, row["input_ids"][start:start + n], row["labels"][start:start + n]))
+        out.append((kind, row["input_ids"][start : start + n], row["labels"][start : start + n]))
         start += n
     return out
 
@@ -82,8 +98,15 @@ def _segments(row: dict) -> list[tuple[int, list[int], list[int]]]:
 def formats_run(ray_local, cache_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("formats")
     records = _write_sources(tmp / "in")
-    cfg = _cfg(tmp, cache_dir, list(records), "data.max_seq_len=128", "mix.ratio=0.2", "data.val_fraction=0.25",
-               "mix.window_len=64")
+    cfg = _cfg(
+        tmp,
+        cache_dir,
+        list(records),
+        "data.max_seq_len=128",
+        "mix.ratio=0.2",
+        "data.val_fraction=0.25",
+        "mix.window_len=64",
+    )
     return cfg, records, prepare(cfg)
 
 
@@ -177,17 +200,28 @@ def test_drop_counts_every_bad_row_by_reason(ray_local, cache_dir, tmp_path):
     good = [json.dumps({"messages": _messages(i)}) for i in range(6)]
     bad = {
         "invalid_json": '{"messages": [',
-        "unknown_role": json.dumps({"messages": [{"role": "robot", "content": "x"},
-                                                 {"role": "assistant", "content": "y"}]}),
-        "bad_content": json.dumps({"messages": [{"role": "user", "content": 3},
-                                                {"role": "assistant", "content": "y"}]}),
-        "empty_assistant": json.dumps({"messages": [{"role": "user", "content": "x"},
-                                                    {"role": "assistant", "content": "  "}]}),
+        "unknown_role": json.dumps(
+            {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+        ),
+        "bad_content": json.dumps(
+            {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}
+        ),
+        "empty_assistant": json.dumps(
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}
+        ),
         "no_assistant": json.dumps({"messages": [{"role": "user", "content": "x"}]}),
-        "template_rejected": json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                                                      {"role": "assistant", "content": "c"}]}),
-        "too_long": json.dumps({"messages": [{"role": "user", "content": "word " * 200},
-                                             {"role": "assistant", "content": "ok"}]}),
+        "template_rejected": json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "user", "content": "b"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            }
+        ),
+        "too_long": json.dumps(
+            {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
+        ),
     }
     folder = tmp_path / "in"
     folder.mkdir()
@@ -196,8 +230,15 @@ def test_drop_counts_every_bad_row_by_reason(ray_local, cache_dir, tmp_path):
     (folder / "b.jsonl").write_text("")
     template = tmp_path / "strict.jinja"
     template.write_text(REJECT_CONSECUTIVE_USERS)
-    cfg = _cfg(tmp_path, cache_dir, [str(folder)], "data.on_error=drop", "data.max_seq_len=64",
-               f"model.chat_template={template}", "mix.ratio=0.0")
+    cfg = _cfg(
+        tmp_path,
+        cache_dir,
+        [str(folder)],
+        "data.on_error=drop",
+        "data.max_seq_len=64",
+        f"model.chat_template={template}",
+        "mix.ratio=0.0",
+    )
     prepared = prepare(cfg)
     assert prepared.report["drops"] == {**{reason: 1 for reason in bad}, "empty_file": 1}
     assert prepared.report["conversations"]["train"] + prepared.report["conversations"]["val"] == len(good)

@@ -168,7 +168,7 @@ def test_resolve_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "only.md").write_text("x")
     with pytest.raises(FileNotFoundError) as info:
         _resolve(tmp_path)
-    assert str(info.value) == f"{WHAT}: folder {str(tmp_path)!r} has no .jsonl, .ndjson, .json, .parquet, .txt files"
+    assert str(info.value) == f"{WHAT}: folder {str(tmp_path)!r} has no .jsonl, .ndjson, .json, .parquet files"
 
 
 def test_resolve_glob(tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_resolve_glob_with_unsupported_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
         _resolve(tmp_path / "*")
     assert str(info.value) == (
-        f"{WHAT}: unsupported file type of {str(tmp_path / 'b.csv')!r}; use one of .jsonl, .ndjson, .json, .parquet, .txt"
+        f"{WHAT}: unsupported file type of {str(tmp_path / 'b.csv')!r}; use one of .jsonl, .ndjson, .json, .parquet"
     )
 
 
@@ -274,9 +274,6 @@ def test_resolve_explicit_text_format_for_chat_source(tmp_path: Path) -> None:
     assert str(info.value) == f"{WHAT}: format 'text' is for mix.sources; conversations need a chat format"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG (reported): auto-detection returns fmt 'text' for a chat source of {'text': ...} records"
-)
 def test_resolve_autodetected_text_for_chat_source_fails_early(tmp_path: Path) -> None:
     f = _write(tmp_path / "a.jsonl", "jsonl", [{"text": "t"}])
     with pytest.raises(ValueError, match="conversations need a chat format"):

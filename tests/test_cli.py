@@ -1,0 +1,225 @@
+"""``sftray.cli.main`` in-process (help, config, preview; no Ray) and ``sftray.preview.render_example``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from sftray.cli import main
+from sftray.data.chat import encode_chat
+from sftray.models.tiny import ensure_tiny_tokenizer
+from sftray.preview import MASKED_TTY, RESET, TRAINED_TTY, render_example
+
+TRAINED = re.compile(r"\{\+(.*?)\+\}", re.S)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("sftray-cache")
+    ensure_tiny_tokenizer(cache)  # build once for the module
+    return cache
+
+
+@pytest.fixture(autouse=True)
+def env(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SFTRAY_CACHE", str(cache_dir))
+    for var in ("SFTRAY_DATA", "SFTRAY_CONF", "SFTRAY_OUTPUT", "NO_COLOR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tok(cache_dir: Path) -> Any:
+    return AutoTokenizer.from_pretrained(cache_dir / "tiny-llama")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def trained(out: str) -> list[str]:
+    """Texts inside {+ +} markers, after the header line (whose legend shows the markers)."""
+    return TRAINED.findall(out.split("\n", 1)[1])
+
+
+def examples(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("--- ")]
+
+
+# --- help, unknown command, flags ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["help"], []])
+def test_help(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 0
+    assert out.startswith("usage: sftray COMMAND [key=value ...] [flags]")
+    for command in ("prep", "preview", "config"):
+        assert re.search(rf"^  {command} +\S", out, re.M), command
+    assert err == ""
+
+
+def test_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "train")
+    assert code == 2
+    assert out == ""
+    assert err.startswith("unknown command 'train'\n\nusage: sftray COMMAND")
+
+
+def test_unknown_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "preview", "--force")
+    assert code == 1
+    assert err == "error: unknown flag(s) --force; valid: none\n"
+    code, _, err = run(capsys, "prep", "--forse")  # fails before Ray starts
+    assert code == 1
+    assert err == "error: unknown flag(s) --forse; valid: --force\n"
+
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+
+def test_config_prints_composed_yaml(capsys: pytest.CaptureFixture[str], tmp_path: Path, cache_dir: Path) -> None:
+    code, out, err = run(capsys, "config", "data.max_seq_len=128")
+    assert code == 0
+    assert "\n  max_seq_len: 128\n" in out
+    doc = yaml.safe_load(out)
+    assert doc["data"]["max_seq_len"] == 128
+    assert doc["data"]["sources"] == [
+        {"path": "builtin:demo", "format": "auto", "split": "train", "subset": None, "text_field": "text"}
+    ]
+    assert doc["paths"] == {"output_dir": str(tmp_path / "outputs"), "cache_dir": str(cache_dir)}
+    assert {"seed", "model", "data", "mix", "paths"} <= set(doc)
+
+
+def test_config_typo_lists_valid_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "config", "data.max_seqlen=3")
+    assert code == 1
+    assert out == ""
+    assert err.startswith("error: unknown config key 'data.max_seqlen'. Valid keys of data: name, sources,")
+    for key in ("max_seq_len", "packing", "train_on", "overlength"):
+        assert key in err
+
+
+def test_config_invalid_value(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "config", "data.on_error=ignore")
+    assert code == 1
+    assert err == "error: data.on_error='ignore' is not valid; choose one of: raise, drop\n"
+
+
+# --- preview ------------------------------------------------------------------------------------------------------
+
+
+def test_preview_demo_plain(capsys: pytest.CaptureFixture[str], cache_dir: Path) -> None:
+    code, out, err = run(capsys, "preview", "n=2")
+    assert code == 0
+    assert out.startswith("preview of builtin:demo (messages); trained tokens inside {+ +}\n")
+    assert "\x1b[" not in out  # capsys is not a TTY: plain markers
+    heads = examples(out)
+    demo = cache_dir / "builtin" / "demo-train.jsonl"
+    assert [h.split(": ")[0] for h in heads] == [f"--- {demo}:1", f"--- {demo}:2"]
+    for h in heads:
+        assert re.fullmatch(r"--- .*:\d: \d+ tokens, \d+ trained", h), h
+    spans = trained(out)
+    assert len(spans) >= 2
+    assert all(s.endswith("<|im_end|>") for s in spans), spans
+    # trained text is assistant content only: the assistant header is outside the markers
+    assert out.count("<|im_start|>assistant\n{+") == len(spans)
+
+
+def test_preview_default_count(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "preview")
+    assert code == 0
+    assert len(examples(out)) == 5
+
+
+def _chat_rows(fmt: str) -> list[dict]:
+    if fmt == "messages":
+        return [
+            {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in (1, 2)
+        ]
+    if fmt == "sharegpt":
+        return [
+            {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in (1, 2)
+        ]
+    if fmt == "alpaca":
+        return [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in (1, 2)]
+    return [{"prompt": f"q{i}", "completion": f"a{i}"} for i in (1, 2)]
+
+
+def _write_jsonl(path: Path, lines: list[Any]) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca", "prompt_completion"])
+def test_preview_user_file_each_format(capsys: pytest.CaptureFixture[str], tmp_path: Path, fmt: str) -> None:
+    f = _write_jsonl(tmp_path / f"{fmt}.jsonl", _chat_rows(fmt))
+    code, out, err = run(capsys, "preview", "data=files", f"data.sources=[{{path:{f}}}]", "n=5")
+    assert (code, err) == (0, "")
+    assert out.startswith(f"preview of {f} ({fmt}); trained tokens inside {{+ +}}\n")
+    assert [h.split(": ")[0] for h in examples(out)] == [f"--- {f}:1", f"--- {f}:2"]
+    assert trained(out) == ["a1<|im_end|>", "a2<|im_end|>"]
+    assert "<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\n{+a1<|im_end|>+}\n" in out
+
+
+def test_preview_source_from_env(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = _write_jsonl(tmp_path / "chats.jsonl", _chat_rows("sharegpt"))
+    monkeypatch.setenv("SFTRAY_DATA", str(f))
+    code, out, _ = run(capsys, "preview", "data=files", "data.system_prompt=Be brief.", "n=1")
+    assert code == 0
+    assert len(examples(out)) == 1
+    assert "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq1<|im_end|>" in out
+    assert trained(out) == ["a1<|im_end|>"]
+
+
+def test_preview_bad_lines_show_error_and_continue(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rows = _chat_rows("messages")
+    bad_role = {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    f = _write_jsonl(tmp_path / "mixed.jsonl", [rows[0], "{not json", bad_role, "", rows[1]])
+    code, out, err = run(capsys, "preview", "data=files", f"data.sources=[{{path:{f}}}]", "n=10")
+    assert (code, err) == (0, "")
+    heads = examples(out)
+    assert [h.split(": ")[0] for h in heads] == [f"--- {f}:{n}" for n in (1, 2, 3, 5)]
+    assert heads[1] == (
+        f"--- {f}:2: ERROR (invalid_json): {f}:2: not valid JSON "
+        "(Expecting property name enclosed in double quotes at column 2)"
+    )
+    assert heads[2] == (
+        f"--- {f}:3: ERROR (unknown_role): {f}:3: message 0 has unknown role 'bot'; "
+        "valid roles: system, user, assistant"
+    )
+    assert re.fullmatch(r"--- .*:5: \d+ tokens, \d+ trained", heads[3])
+    assert trained(out) == ["a1<|im_end|>", "a2<|im_end|>"]
+
+
+def test_preview_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    missing = tmp_path / "missing.jsonl"
+    code, out, err = run(capsys, "preview", "data=files", f"data.sources=[{{path:{missing}}}]")
+    assert code == 1
+    assert err == f"error: data.sources[0]: no such file or folder: {str(missing)!r} (cwd: {tmp_path})\n"
+
+
+# --- render_example -------------------------------------------------------------------------------------------------
+
+
+def test_render_example_plain_and_color(tok: Any) -> None:
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    enc = encode_chat(messages, tok)
+    prompt = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    plain = render_example(enc["input_ids"], enc["labels"], tok, color=False)
+    assert plain == prompt + "{+a<|im_end|>+}\n"
+    colored = render_example(enc["input_ids"], enc["labels"], tok, color=True)
+    assert colored == f"{MASKED_TTY}{prompt}{RESET}{TRAINED_TTY}a<|im_end|>{RESET}{MASKED_TTY}\n{RESET}"
+    assert TRAINED_TTY == "\x1b[1;32m" and RESET == "\x1b[0m" and MASKED_TTY == "\x1b[2m"
+    assert "{+" not in colored
