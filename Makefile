@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv prep preview config test test-fast lint clean
+.PHONY: help venv prep preview train pretrain config test test-fast lint clean
 
 help: ## show this help
 	@echo "usage: make TARGET [ARGS='hydra overrides'] [TORCH_SPEC='torch==X']"
@@ -28,6 +28,12 @@ prep: $(STAMP) ## run the data pipeline: Parquet rows + data report (ARGS='data=
 
 preview: $(STAMP) ## print the first examples with trained tokens marked (ARGS='n=3 ...')
 	$(VENV)/bin/sftray preview $(ARGS)
+
+train: $(STAMP) ## one training run (ARGS='train=full train.epochs=3 ...'; resume_from=CHECKPOINT resumes)
+	$(VENV)/bin/sftray train $(ARGS) $(if $(resume_from),train.resume_from=$(resume_from))
+
+pretrain: $(STAMP) ## build the builtin tiny-llama base model once (cached in paths.cache_dir; --force via ARGS)
+	$(VENV)/bin/sftray pretrain $(ARGS)
 
 config: $(STAMP) ## print the composed configuration (ARGS='overrides')
 	$(VENV)/bin/sftray config $(ARGS)

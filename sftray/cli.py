@@ -20,6 +20,9 @@ USAGE = """usage: sftray COMMAND [key=value ...] [flags]
 commands:
   prep      run the Ray Data pipeline: Parquet rows + data report      [--force: rebuild even if up to date]
   preview   print the first examples with trained tokens marked          [n=5: how many]
+  pretrain  build the builtin tiny-llama base model (cached; minutes)    [--force: rebuild it]
+  train     one training run on Ray Train: prep (cached), base model, epochs, evals, checkpoints
+  sweep     a Ray Tune sweep over LR x epochs (conf/sweep), every trial tracked in MLflow
   config    print the composed configuration
 
 overrides use Hydra syntax, e.g.  sftray prep data.max_seq_len=512 mix.ratio=0.05 data=files
@@ -127,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
 
                 preview(compose_config(overrides), n=n, out=sys.stdout)
                 return 0
+            case "train":
+                _check_flags(flags, {"--force"})
+                return _train(compose_config(overrides), force="--force" in flags)
+            case "sweep":
+                _check_flags(flags, set())
+                return _sweep(compose_config(overrides))
+            case "pretrain":
+                _check_flags(flags, {"--force"})
+                return _pretrain(compose_config(overrides), force="--force" in flags)
             case "config":
                 from omegaconf import OmegaConf
 
@@ -157,6 +169,77 @@ def _prep(cfg: Config, *, force: bool) -> int:
     init_ray()
     prepared = prepare(cfg, force=force)
     print(summary(prepared.report))
+    return 0
+
+
+def _train(cfg: Config, *, force: bool) -> int:
+    """prep (cached) -> base model (built on first use for the builtin) -> one Ray Train run -> summary."""
+    import time
+
+    from sftray.data.pipeline import prepare
+    from sftray.models.loading import resolve_base_model_path
+    from sftray.train.run import run_training, summary
+
+    init_ray()
+    prepared = prepare(cfg, force=force)
+    base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
+    name = f"train-{cfg.data.name}-{cfg.train.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    outcome = run_training(
+        cfg, prepared=prepared, base_model=base, name=name, storage_path=str(Path(cfg.paths.output_dir) / "runs")
+    )
+    print(summary(outcome))
+    return 0
+
+
+def _sweep(cfg: Config) -> int:
+    """prep (cached) -> base model -> Tune trials, each a Ray Train run, tracked in MLflow -> ranked table."""
+    from sftray.data.pipeline import prepare
+    from sftray.models.loading import resolve_base_model_path
+    from sftray.tracking import mlflow_logger
+    from sftray.tune.sweep import run_sweep, search_space, table
+
+    init_ray()
+    prepared = prepare(cfg)
+    base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
+    sweep_dir = Path(cfg.paths.output_dir) / "sweeps" / cfg.sweep.name
+    parent = mlflow_logger.start_parent(cfg, space=search_space(cfg), data_report=prepared.report, sweep_dir=sweep_dir)
+    callbacks = [
+        mlflow_logger.MlflowTrialLogger(
+            cfg, parent_id=parent, tags=mlflow_logger.base_tags(cfg, data_report=prepared.report)
+        )
+    ]
+    if cfg.tracking.wandb.enabled:
+        from sftray.tracking.wandb_logger import wandb_callback
+
+        callbacks.append(wandb_callback(cfg))
+    outcome = run_sweep(cfg, prepared=prepared, base_model=base, callbacks=callbacks)
+    text = table(outcome)
+    mlflow_logger.finish_parent(cfg, parent_id=parent, best=outcome.best, table_text=text)
+    uri = mlflow_logger.tracking_uri(cfg)
+    print(text)
+    print(f"\nbrowse: make mlflow-ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
+    print(f"report: make report  -> analysis/sweep_report.html (experiment '{cfg.sweep.name}')")
+    return 0 if outcome.best else 1
+
+
+def _pretrain(cfg: Config, *, force: bool) -> int:
+    """Builds (or reuses) the builtin base model in paths.cache_dir and prints where it is and how well it learned."""
+    import json
+    import shutil
+
+    from sftray.models.pretrain import REPORT_NAME, TINY_MODEL_DIRNAME, ensure_tiny_model
+
+    cache_dir = Path(cfg.paths.cache_dir)
+    if force:
+        shutil.rmtree(cache_dir / TINY_MODEL_DIRNAME, ignore_errors=True)
+    path = ensure_tiny_model(cache_dir)
+    report = json.loads((path / REPORT_NAME).read_text())
+    print(f"tiny-llama base model: {path}")
+    print(
+        f"  {report['steps']} steps, {report['tokens_seen']:,} tokens, {report['seconds']:.0f} s\n"
+        f"  train loss {report['train_loss']:.3f}   held-out loss {report['heldout_loss']:.3f}   "
+        f"unigram baseline {report['unigram_loss']:.3f}  (nats/token)"
+    )
     return 0
 
 

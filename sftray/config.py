@@ -223,6 +223,70 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class LrSpace:
+    """Learning rates to try: explicit ``values`` (a grid), or a log-uniform range ``low``..``high``."""
+
+    values: list[float] = field(default_factory=list)
+    """Explicit learning rates, tried as a grid; leave empty to sample the range instead."""
+    low: float | None = None
+    """Lower end of the log-uniform range (used when values is empty)."""
+    high: float | None = None
+    """Upper end of the log-uniform range."""
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """A Ray Tune sweep: each trial is one training run with some config keys changed."""
+
+    name: str = "sweep"
+    """Sweep folder and MLflow experiment name."""
+    lr: LrSpace = field(default_factory=LrSpace)
+    """Learning-rate search space (train.lr)."""
+    epochs: list[int] = field(default_factory=list)
+    """train.epochs values, tried as a grid; empty keeps train.epochs."""
+    params: dict[str, list[Any]] = field(default_factory=dict)
+    """Any other dotted config key -> values tried as a grid, e.g. {train.lora.r: [8, 16]}."""
+    num_samples: int = 1
+    """Repeats of the grid (with a range or random search: draws per grid point)."""
+    max_concurrent_trials: int | None = None
+    """Trials at once; None: as many as the cluster holds without oversubscription."""
+    scheduler: str = "none"
+    """none | asha (stops weak trials early on eval/score, per epoch)."""
+    search: str = "grid"
+    """grid (Tune's basic variant generator) | optuna (tune.choice for grids)."""
+    resume: bool = False
+    """Resume the sweep of this name: finished trials are kept, unfinished ones rerun."""
+
+    def __post_init__(self) -> None:
+        _one_of("sweep.scheduler", self.scheduler, ("none", "asha"))
+        _one_of("sweep.search", self.search, ("grid", "optuna"))
+        if not self.lr.values and (self.lr.low is None or self.lr.high is None):
+            raise ValueError("sweep.lr needs values: [...] or both low and high")
+        if self.num_samples < 1:
+            raise ValueError("sweep.num_samples must be >= 1")
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    """Weights & Biases, besides MLflow."""
+
+    enabled: bool = False
+    """Also log every trial to W&B (offline unless WANDB_API_KEY is set)."""
+    project: str = "sftray"
+    """W&B project."""
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """Where runs are recorded."""
+
+    uri: str | None = None
+    """MLflow tracking URI; None: sqlite:///<paths.output_dir>/mlflow.db (offline, no server)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Optional W&B logging."""
+
+
+@dataclass(kw_only=True)
 class PathsConfig:
     """Where things go. Relative paths are resolved against the launch directory by the CLI."""
 
@@ -243,6 +307,8 @@ class Config:
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=lambda: SweepConfig(lr=LrSpace(values=[1e-3])))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     @property

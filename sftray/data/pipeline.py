@@ -98,6 +98,14 @@ class Prepared:
         return self.out_dir / "tokenizer"
 
 
+def load_prepared(out_dir: Path) -> Prepared:
+    """A prepared dataset folder written earlier by ``prepare``."""
+    report = Path(out_dir) / "report.json"
+    if not report.is_file():
+        raise FileNotFoundError(f"{out_dir} is not a prepared dataset (no report.json); run sftray prep")
+    return Prepared(out_dir=Path(out_dir), report=json.loads(report.read_text()))
+
+
 def prepare(cfg: Config, *, force: bool = False) -> Prepared:
     """Runs the pipeline for ``cfg`` (Ray must be initialised) unless an identical dataset exists already."""
     import ray.data
@@ -122,7 +130,7 @@ def prepare(cfg: Config, *, force: bool = False) -> Prepared:
     out_dir = Path(cfg.paths.output_dir) / "data" / f"{cfg.data.name}-{fingerprint[:12]}"
     if (out_dir / "report.json").is_file() and not force:
         log.info("prepared data is up to date: %s", out_dir)
-        return Prepared(out_dir=out_dir, report=json.loads((out_dir / "report.json").read_text()))
+        return load_prepared(out_dir)
 
     tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -439,7 +447,8 @@ class _TextWindower(_Encoder):
                     self._row(**base, key=stable_key(r["where"], seed=self.seed), reason=exc.reason, error=str(exc))
                 )
                 continue
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+            # verbose=False: a whole document is longer than model_max_length on purpose (it is windowed next)
+            ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [self.eos_id]
             for w, window in enumerate(chunk_windows(ids, window_len=self.window_len)):
                 key = stable_key(r["where"], w, seed=self.seed)
                 heldout = in_fraction(stable_key("heldout", key, seed=self.seed), self.heldout_fraction)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,60 @@ def load_tokenizer(cfg: ModelConfig, *, cache_dir: Path) -> Any:
         raise ValueError(
             f"{cfg.name_or_path} has no chat template: set model.chat_template to a Jinja string or .jinja file"
         )
+    add_template_tokens(tokenizer)
     if tokenizer.pad_token is None:
         # Padding needs an id; labels are masked by position, so reusing eos is safe.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_TEMPLATE_TOKEN = re.compile(r"<\|[A-Za-z0-9_.:-]+\|>|<(?:start|end)_of_turn>")
+"""Control-token spellings in chat templates (``<|im_start|>``, ``<|eot_id|>``, ``<start_of_turn>``...)."""
+
+
+def add_template_tokens(tokenizer: Any) -> list[str]:
+    """Adds the control tokens a chat template writes but the tokenizer lacks (as atomic special tokens)."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    vocab = tokenizer.get_vocab()
+    missing = sorted({t for t in _TEMPLATE_TOKEN.findall(template) if t not in vocab})
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return missing
+
+
+def load_model(path: str, *, tokenizer: Any, trust_remote_code: bool = False) -> tuple[Any, list[int]]:
+    """``AutoModelForCausalLM.from_pretrained`` (safetensors only, float32 master weights) sized to ``tokenizer``.
+
+    Rows added for new tokens start at the mean of the existing embeddings (a random row would give the new
+    token a huge, arbitrary logit). Returns the model and the ids of the added rows (LoRA trains them too).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    old = model.get_input_embeddings().weight.shape[0]
+    new_ids = list(range(old, len(tokenizer)))
+    if new_ids:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}.values():
+                emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, new_ids
+
+
+def resolve_base_model_path(cfg: ModelConfig, *, cache_dir: Path) -> str:
+    """A from_pretrained-able path to the base MODEL (weights + tokenizer).
+
+    ``builtin:tiny-llama`` is pretrained into ``cache_dir`` on first use (minutes on CPU, then cached); anything
+    else is passed through as a hub id or folder. ``resolve_model_path`` stays tokenizer-only, so data prep never
+    triggers pretraining.
+    """
+    if cfg.name_or_path == BUILTIN_TINY:
+        from sftray.models.pretrain import ensure_tiny_model
+
+        return str(ensure_tiny_model(Path(cache_dir)))
+    return resolve_model_path(cfg, cache_dir=cache_dir)

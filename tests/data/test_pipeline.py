@@ -121,7 +121,7 @@ def test_every_format_arrives_intact(formats_run):
     got = Counter()
     for split in (prepared.train_dir, prepared.val_dir):
         for row in _rows(split):
-            for kind, ids, labels in _segments(row):
+            for kind, ids, _labels in _segments(row):
                 if kind == KIND_SFT:
                     got[tuple(ids)] += 1
     assert got == expected  # every conversation of every format, exactly once, nothing truncated

@@ -1,0 +1,1 @@
+"""Evaluation: held-out losses, forgetting, and generation probes for format compliance."""

@@ -1,0 +1,85 @@
+"""Generation probes (pure): which prompts to ask, and whether a response follows the chat format.
+
+A response is *compliant* when it is non-empty, ends with the template's end-of-turn token within the generation
+limit, and writes no other control token and no user-turn opener before it (a model that has not learnt the format runs
+on, or starts a fake next turn). *Exact match* additionally requires the reference answer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sftray.data.chat import IGNORE_INDEX
+
+
+def probes_from_file(path: Path, *, tokenizer: Any, system_prompt: str | None, limit: int) -> list[dict]:
+    """``{"prompt", "reference"}`` lines (or ``{"messages": [...], "reference"}``) -> probes with prompt ids."""
+    probes = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+        if "messages" in item:
+            messages = item["messages"]
+        elif isinstance(item.get("prompt"), str):
+            messages = [{"role": "user", "content": item["prompt"]}]
+        else:
+            raise ValueError(f"{path}:{lineno}: a probe needs 'prompt' (string) or 'messages'")
+        if system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        probes.append({"prompt": messages[-1]["content"], "prompt_ids": ids, "reference": item.get("reference")})
+        if len(probes) == limit:
+            break
+    if not probes:
+        raise ValueError(f"{path}: no probes")
+    return probes
+
+
+def probes_from_rows(rows: list[dict], *, tokenizer: Any, limit: int) -> list[dict]:
+    """Probes from prepared chat rows: each example cut before its last trained span; that span is the reference."""
+    probes = []
+    for row in rows:
+        start = 0
+        for n, kind in zip(row["seq_lens"], row["seq_kinds"]):
+            ids, labels = list(row["input_ids"][start : start + n]), list(row["labels"][start : start + n])
+            start += n
+            if kind != 1:
+                continue
+            trained = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+            if not trained:
+                continue
+            hi = trained[-1] + 1
+            lo = hi - 1
+            while lo > 0 and labels[lo - 1] != IGNORE_INDEX:
+                lo -= 1
+            reference = tokenizer.decode(ids[lo : hi - 1], skip_special_tokens=True)  # without the end-of-turn
+            prompt = tokenizer.decode(ids[:lo], skip_special_tokens=False)
+            probes.append({"prompt": prompt[-200:], "prompt_ids": ids[:lo], "reference": reference.strip()})
+            if len(probes) == limit:
+                return probes
+    return probes
+
+
+def judge(
+    response_ids: list[int], *, tokenizer: Any, end_of_turn_id: int, user_opener: str, reference: str | None
+) -> dict[str, Any]:
+    """Verdict on one generated continuation (token ids after the prompt)."""
+    ended = end_of_turn_id in response_ids
+    body = response_ids[: response_ids.index(end_of_turn_id)] if ended else response_ids
+    special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    text = tokenizer.decode(body, skip_special_tokens=False)
+    leaked = any(t in special for t in body) or (bool(user_opener) and user_opener in text)
+    compliant = ended and not leaked and bool(text.strip())  # an empty answer follows no format
+    exact = compliant and reference is not None and _normalise(text) == _normalise(reference)
+    return {"response": text, "ended": ended, "role_leak": leaked, "compliant": compliant, "exact_match": exact}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).casefold()

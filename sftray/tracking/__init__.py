@@ -1,0 +1,1 @@
+"""Experiment tracking: MLflow (always) and W&B (optional), fed from the Tune driver."""

@@ -1,0 +1,346 @@
+"""The per-worker training loop: shard -> micro-batches -> globally normalised loss -> step -> eval -> report.
+
+Runs inside each Ray Train worker. Every rank executes the same number of optimizer steps, evals and
+``ray.train.report`` calls (report is a barrier); metrics are all-reduced before rank 0's dict travels on.
+A run resumes at an epoch boundary from ``ray.train.get_checkpoint()`` (after a worker failure, or an explicit
+``train.resume_from``); per-epoch seeding makes the resumed epochs draw the same randomness as uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sftray.config import Config
+from sftray.data.collate import collate_rows
+
+log = logging.getLogger("sftray.train")
+
+
+@dataclass(kw_only=True)
+class WorkerJob:
+    """Everything a worker needs, computed once by the driver (pickled to each worker)."""
+
+    cfg: Config
+    base_model: str
+    """from_pretrained path of the base model."""
+    tokenizer_dir: str
+    """The tokenizer the data was prepared with."""
+    rows_per_rank: int
+    """Training rows each rank reads per epoch (the dataset is padded so every rank gets the same count)."""
+    probes: list[dict] = field(default_factory=list)
+    end_of_turn_id: int = 0
+    user_opener: str = ""
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(self.rows_per_rank / self.cfg.train.micro_batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_batches_per_epoch / self.cfg.train.grad_accum)
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray Train entry point; returns (on rank 0) the metric history of the run."""
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoTokenizer, get_scheduler
+
+    from sftray.train import checkpoint as ckpt_mod
+    from sftray.train.parallel import wrap
+
+    job: WorkerJob = config["job"]
+    cfg, t = job.cfg, job.cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
+
+    checkpoint = ray.train.get_checkpoint()
+    fresh_start = checkpoint is None
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckdir:
+        state = ckpt_mod.load_state(Path(ckdir)) if ckdir else None
+        model = _build_model(job, tokenizer=tokenizer, checkpoint_dir=Path(ckdir) if ckdir else None)
+    model.to(device)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.neftune_alpha > 0:
+        from transformers.integrations.neftune import neftune_post_forward_hook
+
+        embeddings = model.get_input_embeddings()
+        embeddings.neftune_noise_alpha = t.neftune_alpha
+        embeddings.register_forward_hook(neftune_post_forward_hook)
+    model = wrap(model, parallelism=t.parallelism, device=device, world_size=world, bf16=bf16)
+    model.train()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+    total_steps = job.steps_per_epoch * t.epochs
+    scheduler = get_scheduler(
+        {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule],
+        optimizer,
+        num_warmup_steps=round(t.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing, pad_to=cfg.data.max_seq_len)
+    evaluator = _Evaluator(job, model=model, tokenizer=tokenizer, device=device, collate=collate)
+
+    if state is not None:
+        ckpt_mod.restore_optimizer(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, base, history = state["epoch"] + 1, state["step"], state["base"], state["history"]
+        restarts = state.get("restarts", 0) + 1
+        tables = {"probes_base": state.get("probes_base", [])}
+        log.info("rank %d resumed after epoch %d (step %d)", rank, state["epoch"], step)
+    else:
+        start_epoch, step, history, restarts = 1, 0, [], 0
+        base_metrics, base_table = evaluator.run()
+        base = {"pretrain_loss": base_metrics["eval/pretrain_loss"], "metrics": base_metrics}
+        tables = {"probes_base": base_table}
+        history.append(_report({"epoch": 0, "step": 0, **_with_forgetting(base_metrics, base, cfg)}, rank=rank))
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, t.epochs + 1):
+        torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)  # dropout/NEFTune noise: same on resume
+        sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, targets, sft loss/targets, pt loss/targets
+        tokens, started = 0, time.perf_counter()
+        batches = iter(
+            shard.iter_torch_batches(
+                batch_size=t.micro_batch_size,
+                collate_fn=collate,
+                local_shuffle_buffer_size=4 * t.micro_batch_size,
+                local_shuffle_seed=cfg.seed + epoch,
+            )
+        )
+        remaining = job.micro_batches_per_epoch
+        for _ in range(job.steps_per_epoch):
+            group = [next(batches) for _ in range(min(t.grad_accum, remaining))]
+            remaining -= len(group)
+            step_sums = _optimizer_step(
+                model,
+                optimizer,
+                group,
+                device=device,
+                world=world,
+                bf16=bf16,
+                max_grad_norm=t.max_grad_norm,
+                parallelism=t.parallelism,
+            )
+            scheduler.step()
+            sums += step_sums
+            tokens += sum(int((b["token_kind"] > 0).sum()) for b in group)
+            step += 1
+            if t.fail_at_step is not None and fresh_start and step == t.fail_at_step and rank == world - 1:
+                log.warning("fault injection: rank %d exits at step %d", rank, step)
+                os._exit(1)
+            if rank == 0 and step % t.log_every_steps == 0:
+                log.info(
+                    "epoch %d step %d/%d loss %.4f lr %.2e",
+                    epoch,
+                    step,
+                    total_steps,
+                    float(step_sums[0] / step_sums[1].clamp(min=1)),
+                    scheduler.get_last_lr()[0],
+                )
+            if t.eval_every_steps and step % t.eval_every_steps == 0 and step % job.steps_per_epoch:
+                metrics, _ = evaluator.run()
+                history.append(
+                    _report({"epoch": epoch, "step": step, **_with_forgetting(metrics, base, cfg)}, rank=rank)
+                )
+        for _ in batches:  # an equal split yields exactly rows_per_rank rows; anything left would be a bug
+            raise RuntimeError("the training shard yielded more rows than planned")
+        seconds = time.perf_counter() - started
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            tok = torch.tensor([tokens], dtype=torch.float64, device=device)
+            dist.all_reduce(tok)
+            tokens = int(tok.item())
+        metrics, table = evaluator.run()
+        metrics = {
+            "epoch": epoch,
+            "step": step,
+            "train/loss": float(sums[0] / sums[1].clamp(min=1)),
+            "train/sft_loss": float(sums[2] / sums[3].clamp(min=1)),
+            "train/pretrain_loss": float(sums[4] / sums[5].clamp(min=1)) if sums[5] > 0 else float("nan"),
+            "train/target_tokens": int(sums[1]),
+            "train/tokens_per_s": tokens / max(seconds, 1e-9),
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/restarts": restarts,  # resumptions from a checkpoint so far (worker failures, resume_from)
+            **_with_forgetting(metrics, base, cfg),
+        }
+        history.append({**metrics})
+        tables["probes"] = table
+        state_out = {
+            "epoch": epoch,
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "base": base,
+            "restarts": restarts,
+            "history": history,
+            "probes_base": tables["probes_base"],
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt_mod.save(
+                model,
+                optimizer,
+                directory=Path(tmp),
+                tokenizer=tokenizer,
+                state=state_out,
+                rank=rank,
+                tables=tables,
+                merged_from=job.base_model if t.method == "lora" and t.export_merged else None,
+            )
+            _report(metrics, rank=rank, checkpoint_dir=Path(tmp), name=f"epoch_{epoch:02d}")
+    return history
+
+
+# --- pieces -----------------------------------------------------------------------------------------------------
+
+
+def _build_model(job: WorkerJob, *, tokenizer: Any, checkpoint_dir: Path | None) -> Any:
+    """Base model (or a checkpoint's weights), LoRA applied; identical on every rank (seeded)."""
+    from sftray.models.loading import load_model
+    from sftray.models.lora import apply_lora
+
+    cfg = job.cfg
+    torch.manual_seed(cfg.seed)  # LoRA's random A matrices must start equal on every rank
+    if cfg.train.method == "full":
+        path = str(checkpoint_dir / "model") if checkpoint_dir else job.base_model
+        model, _ = load_model(path, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+        return model
+    model, new_ids = load_model(job.base_model, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+    if checkpoint_dir is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(checkpoint_dir / "model"), is_trainable=True)
+    return apply_lora(model, cfg=cfg.train.lora, new_token_ids=new_ids)
+
+
+def _optimizer_step(
+    model: Any,
+    optimizer: Any,
+    group: list[dict],
+    *,
+    device: torch.device,
+    world: int,
+    bf16: bool,
+    max_grad_norm: float,
+    parallelism: str,
+) -> torch.Tensor:
+    """One optimizer step over ``group``; the loss is normalised by the global batch's target tokens."""
+    from sftray.eval.evaluate import forward_logits
+    from sftray.train.loss import count_targets, kind_sums, scaled_loss, token_losses
+
+    targets = torch.tensor([sum(count_targets(b["labels"]) for b in group)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(targets)  # all ranks, all accumulation steps
+    global_targets = int(targets.item())
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    for i, batch in enumerate(group):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        last = i == len(group) - 1
+        with _grad_sync(model, parallelism=parallelism, enabled=last):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                losses = token_losses(forward_logits(model, batch), batch["labels"])
+            scaled_loss(losses, global_targets=global_targets, world_size=world).backward()
+        per_kind = kind_sums(losses, batch["labels"], batch["token_kind"])
+        sums += torch.tensor(
+            [float(losses.detach().sum()), count_targets(batch["labels"]), *per_kind[1], *per_kind[2]],
+            dtype=torch.float64,
+            device=device,
+        )
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+@contextlib.contextmanager
+def _grad_sync(model: Any, *, parallelism: str, enabled: bool):
+    """Skips the gradient all-reduce on accumulation micro-batches (correct either way; this saves traffic)."""
+    if parallelism == "ddp" and not enabled and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+        return
+    if parallelism == "fsdp" and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+class _Evaluator:
+    """val/loss, held-out pretraining loss and generation probes, identical on every rank."""
+
+    def __init__(self, job: WorkerJob, *, model: Any, tokenizer: Any, device: torch.device, collate: Any) -> None:
+        import ray.train
+
+        self.job, self.model, self.tokenizer, self.device, self.collate = job, model, tokenizer, device, collate
+        self.val = ray.train.get_dataset_shard("val")
+        self.heldout = ray.train.get_dataset_shard("heldout")
+
+    def run(self) -> tuple[dict[str, float], list[dict]]:
+        from sftray.eval.evaluate import heldout_loss, run_probes
+
+        mb = self.job.cfg.train.micro_batch_size
+        metrics = {
+            "val/loss": heldout_loss(
+                self.model, self.val.iter_torch_batches(batch_size=mb, collate_fn=self.collate), device=self.device
+            ),
+            "eval/pretrain_loss": heldout_loss(
+                self.model, self.heldout.iter_torch_batches(batch_size=mb, collate_fn=self.collate), device=self.device
+            ),
+        }
+        table: list[dict] = []
+        if self.job.probes:
+            probe_metrics, table = run_probes(
+                self.model,
+                self.job.probes,
+                tokenizer=self.tokenizer,
+                device=self.device,
+                max_new_tokens=self.job.cfg.eval.max_new_tokens,
+                end_of_turn_id=self.job.end_of_turn_id,
+                user_opener=self.job.user_opener,
+            )
+            metrics.update(probe_metrics)
+        return metrics, table
+
+
+def _with_forgetting(metrics: dict[str, float], base: dict[str, Any], cfg: Config) -> dict[str, float]:
+    """Adds eval/forgetting (relative rise of held-out pretraining loss vs the base) and the selection score."""
+    base_loss = base["pretrain_loss"]
+    forgetting = (metrics["eval/pretrain_loss"] - base_loss) / base_loss if base_loss > 0 else 0.0
+    out = {**metrics, "eval/base_pretrain_loss": base_loss, "eval/forgetting": forgetting}
+    select = out.get(cfg.eval.select_metric, float("nan"))
+    # Within the forgetting budget the score is the metric (in [0, 1]); beyond it, always below any such run.
+    out["eval/score"] = select if forgetting <= cfg.eval.forgetting_budget else select - 1.0 - forgetting
+    out["eval/within_budget"] = float(forgetting <= cfg.eval.forgetting_budget)
+    return out
+
+
+def _report(
+    metrics: dict[str, Any], *, rank: int, checkpoint_dir: Path | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """``ray.train.report`` on every rank (a barrier); only rank 0 attaches the checkpoint."""
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir and rank == 0 else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    if checkpoint_dir is not None:
+        # The controller collects reports by polling (every ~2 s): a worker lost before then would take the
+        # checkpoint with it. Waiting until it is registered makes it durable before training goes on.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    return metrics

@@ -1,0 +1,214 @@
+"""One training run from the driver: resources check, datasets, probes, a TorchTrainer, and the best checkpoint.
+
+Used by ``sftray train`` and by each Tune trial of a sweep. Never imports tune/ or tracking/.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sftray.config import Config, TrainConfig
+from sftray.data.pipeline import ROW_SCHEMA, Prepared
+from sftray.eval.selection import select_best
+from sftray.train.loop import WorkerJob, train_fn_per_worker
+
+log = logging.getLogger("sftray.train")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOutcome:
+    """What a finished run leaves behind."""
+
+    path: str
+    """The run folder (checkpoints live below it)."""
+    history: list[dict[str, Any]]
+    """Metrics per eval: epoch 0 is the base model, then every epoch (and every eval_every_steps)."""
+    checkpoints: list[tuple[str, dict[str, Any]]]
+    """(checkpoint path, its metrics) for every epoch."""
+    best_checkpoint: str
+    best_metrics: dict[str, Any]
+    best_reason: str
+
+
+def check_resources(t: TrainConfig, *, available: dict[str, float]) -> None:
+    """Fails fast, naming the knob to lower, when the workers cannot all fit (Ray would wait for ever)."""
+    need_cpu = t.num_workers * t.cpus_per_worker
+    if need_cpu > available.get("CPU", 0.0) + 1e-9:
+        raise ValueError(
+            f"training needs {need_cpu:g} CPUs ({t.num_workers} workers x {t.cpus_per_worker:g}) but Ray has "
+            f"{available.get('CPU', 0.0):g}: lower train.num_workers or train.cpus_per_worker"
+        )
+    if t.use_gpu and t.num_workers > available.get("GPU", 0.0):
+        raise ValueError(
+            f"training needs {t.num_workers} GPUs but Ray has {available.get('GPU', 0.0):g}: "
+            "lower train.num_workers or set train.use_gpu=false"
+        )
+
+
+def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[WorkerJob, dict[str, Any]]:
+    """The worker job and the (padded, materialised) Ray datasets for train / val / heldout."""
+    import ray.data
+    from transformers import AutoTokenizer
+
+    from sftray.data.chat import turn_markers
+
+    world = cfg.train.num_workers
+    # Workers log our own progress lines; Ray Data's per-shard bars would drown them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
+    markers = turn_markers(tokenizer)
+    datasets, rows = {}, {}
+    for name, folder, limit in (
+        ("train", prepared.train_dir, None),
+        ("val", prepared.val_dir, cfg.eval.max_eval_rows),
+        ("heldout", prepared.heldout_dir, cfg.eval.max_eval_rows),
+    ):
+        table = _read_rows(folder, limit=limit)
+        if table.num_rows == 0 and name == "train":
+            raise ValueError(f"{folder} holds no training rows")
+        # Every rank must read the same number of rows (an equal split would otherwise drop the remainder):
+        # pad with empty rows that hold one pad token and no target.
+        fill = (-table.num_rows) % world if table.num_rows else world
+        table = pa.concat_tables([table, _filler(fill, pad_id=tokenizer.pad_token_id)])
+        rows[name] = table.num_rows
+        datasets[name] = ray.data.from_arrow(table).materialize()
+    job = WorkerJob(
+        cfg=cfg,
+        base_model=base_model,
+        tokenizer_dir=str(prepared.tokenizer_dir),
+        rows_per_rank=rows["train"] // world,
+        probes=_probes(cfg, prepared=prepared, tokenizer=tokenizer),
+        end_of_turn_id=tokenizer.convert_tokens_to_ids(markers["end_of_turn"]),
+        user_opener=markers["user_opener"],
+    )
+    return job, datasets
+
+
+def run_training(
+    cfg: Config, *, prepared: Prepared, base_model: str, name: str, storage_path: str, callbacks: list | None = None
+) -> TrainOutcome:
+    """Trains with a TorchTrainer and picks the best epoch by the configured metric and forgetting budget."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    check_resources(t, available=ray.cluster_resources())
+    job, datasets = build_job(cfg, prepared=prepared, base_model=base_model)
+    log.info(
+        "training %s (%s, %s) on %d worker(s): %d rows/rank, %d steps/epoch x %d epochs",
+        cfg.model.name_or_path,
+        t.method,
+        t.parallelism,
+        t.num_workers,
+        job.rows_per_rank,
+        job.steps_per_epoch,
+        t.epochs,
+    )
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # keep all: selection is by eval
+        ),
+        datasets=datasets,
+        resume_from_checkpoint=ray.train.Checkpoint(t.resume_from) if t.resume_from else None,
+    )
+    result = trainer.fit()
+    checkpoints = sorted(((c.path, m) for c, m in (result.best_checkpoints or [])), key=lambda cm: cm[1]["epoch"])
+    if not checkpoints:
+        raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
+    choice = select_best(
+        [m for _, m in checkpoints], metric=cfg.eval.select_metric, forgetting_budget=cfg.eval.forgetting_budget
+    )
+    history = result.return_value or [m for _, m in checkpoints]
+    best_path, best_metrics = checkpoints[choice.index]
+    return TrainOutcome(
+        path=str(result.path),
+        history=history,
+        checkpoints=checkpoints,
+        best_checkpoint=best_path,
+        best_metrics=best_metrics,
+        best_reason=choice.reason,
+    )
+
+
+def summary(outcome: TrainOutcome) -> str:
+    """Per-eval metrics table (epoch 0 = the base model), then the best checkpoint and why."""
+    cols = [
+        ("epoch", "epoch", "{:>6d}"),
+        ("step", "step", "{:>6d}"),
+        ("train/loss", "train", "{:>8.4f}"),
+        ("val/loss", "val", "{:>8.4f}"),
+        ("eval/format_compliance", "format", "{:>8.1%}"),
+        ("eval/exact_match", "exact", "{:>8.1%}"),
+        ("eval/forgetting", "forget", "{:>+8.1%}"),
+    ]
+    widths = [len(fmt.format(0)) for _, _, fmt in cols]
+    lines = ["".join(f"{label:>{w + 2}}" for (_, label, _), w in zip(cols, widths))]
+    for m in outcome.history:
+        cells = []
+        for (key, _, fmt), w in zip(cols, widths):
+            value = m.get(key)
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            cells.append(("-".rjust(w) if missing else fmt.format(value)).rjust(w + 2))
+        lines.append("".join(cells))
+    lines.append(f"best checkpoint: {outcome.best_checkpoint}")
+    lines.append(f"  chosen for: {outcome.best_reason}")
+    return "\n".join(lines)
+
+
+def _read_rows(folder: Path, *, limit: int | None) -> pa.Table:
+    files = sorted(Path(folder).glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f).cast(ROW_SCHEMA) for f in files]) if files else ROW_SCHEMA.empty_table()
+    return table.slice(0, limit) if limit is not None else table
+
+
+def _filler(n: int, *, pad_id: int) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "input_ids": [pad_id],
+                "labels": [-100],
+                "position_ids": [0],
+                "seq_lens": [1],
+                "seq_kinds": [0],
+                "num_tokens": 0,
+                "num_trained": 0,
+                "num_pretrain_tokens": 0,
+            }
+        ]
+        * n,
+        schema=ROW_SCHEMA,
+    )
+
+
+def _probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:
+    from sftray.eval.probes import probes_from_file, probes_from_rows
+
+    n = cfg.eval.num_probes
+    if n <= 0:
+        return []
+    if cfg.data.probes:
+        path = cfg.data.probes
+        if path.startswith("builtin:"):
+            from sftray.data.builtin import resolve_builtin
+
+            path = str(resolve_builtin(path, Path(cfg.paths.cache_dir)))
+        return probes_from_file(Path(path), tokenizer=tokenizer, system_prompt=cfg.data.system_prompt, limit=n)
+    return probes_from_rows(_read_rows(prepared.val_dir, limit=None).to_pylist(), tokenizer=tokenizer, limit=n)

@@ -1,0 +1,254 @@
+"""Sweeps on Ray Tune: a search space from ``cfg.sweep``, one TorchTrainer run per trial, and the ranked result.
+
+Ray Train V2 combines with Tune through a function trainable that launches a ``TorchTrainer`` and forwards its
+reports with ``TuneReportCallback`` (``Tuner(TorchTrainer)`` is V1 only). The objective is ``eval/score``: the
+configured generation metric when the run stays within the forgetting budget, below every such run otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sftray.config import Config
+from sftray.data.pipeline import Prepared
+
+log = logging.getLogger("sftray.sweep")
+
+OBJECTIVE = "eval/score"
+OUTCOME_FILE = "outcome.json"
+"""Written by each trial into its Tune trial folder: best checkpoint, why, and the metric history."""
+TRIAL_DRIVER_CPUS = 0.01
+"""The trial function only waits on its TorchTrainer; Tune refuses 0, a sliver leaves room for the workers."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepOutcome:
+    path: str
+    """The Tune experiment folder."""
+    trials: list[dict[str, Any]]
+    """One row per trial: its overrides, final and best metrics, status, checkpoint."""
+    best: dict[str, Any] | None
+    """The winning trial's row (None if every trial failed)."""
+
+
+def override(cfg: Config, dotted: str, value: Any) -> Config:
+    """A copy of ``cfg`` with the dotted key set (``train.lora.r``); unknown keys list the valid ones."""
+    head, _, rest = dotted.partition(".")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if head not in fields:
+        raise ValueError(f"unknown config key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    child = getattr(cfg, head)
+    if not dataclasses.is_dataclass(child):
+        raise ValueError(f"config key '{head}' has no sub-keys (asked for '{dotted}')")
+    return dataclasses.replace(cfg, **{head: override(child, rest, value)})
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """The Tune param space: dotted config keys -> Tune domains."""
+    from ray import tune
+
+    s = cfg.sweep
+    grid = s.search == "grid"
+
+    def choice(values: list) -> Any:
+        return tune.grid_search(list(values)) if grid else tune.choice(list(values))
+
+    space: dict[str, Any] = {"train.lr": choice(s.lr.values) if s.lr.values else tune.loguniform(s.lr.low, s.lr.high)}
+    if s.epochs:
+        space["train.epochs"] = choice(s.epochs)
+    for key, values in s.params.items():
+        if not values:
+            raise ValueError(f"sweep.params.{key} is an empty list")
+        override(cfg, key, values[0])  # an unknown key raises here, with the valid keys listed
+        space[key] = choice(values)
+    return space
+
+
+def trial_resources(cfg: Config, *, cluster: dict[str, float]) -> tuple[dict[str, float], int]:
+    """Resources of one trial's driver and how many trials fit at once without oversubscription."""
+    t = cfg.train
+    per_trial = t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPUS
+    fits = math.floor(cluster.get("CPU", 0.0) / per_trial)
+    if t.use_gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / t.num_workers))
+    if fits < 1:
+        raise ValueError(
+            f"one trial needs {per_trial:g} CPUs ({t.num_workers} workers x {t.cpus_per_worker:g}"
+            f" + driver) but the cluster has {cluster.get('CPU', 0.0):g}: lower train.num_workers or "
+            "train.cpus_per_worker"
+        )
+    wanted = cfg.sweep.max_concurrent_trials or fits
+    return {"CPU": TRIAL_DRIVER_CPUS}, min(wanted, fits)
+
+
+def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: list | None = None) -> SweepOutcome:
+    """Runs (or resumes) the sweep; a trial that crashes is marked failed and the others go on."""
+    import ray
+    from ray import tune
+
+    storage = str(Path(cfg.paths.output_dir) / "sweeps")
+    resources, concurrent = trial_resources(cfg, cluster=ray.cluster_resources())
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base_cfg=cfg, prepared_dir=str(prepared.out_dir), base_model=base_model),
+        resources,
+    )
+    path = Path(storage) / cfg.sweep.name
+    if cfg.sweep.resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise ValueError(f"sweep.resume=true but there is no sweep to resume at {path}")
+        log.info("resuming sweep %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, param_space=search_space(cfg))
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE,
+                mode="max",
+                num_samples=cfg.sweep.num_samples,
+                max_concurrent_trials=concurrent,
+                scheduler=_scheduler(cfg),
+                search_alg=_search_alg(cfg),
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.sweep.name,
+                storage_path=storage,
+                callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    grid = tuner.fit()
+    rows = [_trial_row(r) for r in grid]
+    done = [r for r in rows if r["status"] == "finished" and r.get("score") is not None]
+    best = max(done, key=lambda r: (r["score"], -r.get("forgetting", 0.0))) if done else None
+    return SweepOutcome(path=str(path), trials=rows, best=best)
+
+
+def table(outcome: SweepOutcome) -> str:
+    """The trial table people read at the end of a sweep."""
+    head = f"{'trial':<14}{'lr':>10}{'epochs':>7}{'val loss':>10}{'format':>8}{'exact':>8}{'forget':>8}  status"
+    lines = [head]
+    for r in sorted(outcome.trials, key=lambda r: r["trial_id"]):
+        mark = " *" if outcome.best and r["trial_id"] == outcome.best["trial_id"] else ""
+        lines.append(
+            f"{r['trial_id']:<14}{r['overrides'].get('train.lr', float('nan')):>10.2e}"
+            f"{r['overrides'].get('train.epochs', '-'):>7}{_f(r.get('val_loss'), '.4f'):>10}"
+            f"{_f(r.get('format_compliance'), '.0%'):>8}{_f(r.get('exact_match'), '.0%'):>8}"
+            f"{_f(r.get('forgetting'), '+.1%'):>8}  {r['status']}{mark}"
+        )
+    if outcome.best:
+        b = outcome.best
+        lines += [
+            f"best trial: {b['trial_id']} ({', '.join(f'{k}={v}' for k, v in b['overrides'].items())})",
+            f"  checkpoint: {b['checkpoint']}",
+            f"  why: {b['reason']}",
+        ]
+    else:
+        lines.append("no trial finished")
+    return "\n".join(lines)
+
+
+# --- inside a trial ---------------------------------------------------------------------------------------------
+
+
+def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_model: str) -> None:
+    """One Tune trial: apply the sampled keys, launch a TorchTrainer, leave the outcome in the trial folder."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sftray.data.pipeline import load_prepared, prepare
+    from sftray.train.run import run_training
+
+    cfg = base_cfg
+    for key, value in config.items():
+        cfg = override(cfg, key, value)
+    ctx = ray.tune.get_context()
+    # Data/mix keys change the prepared data: prepare (cached by fingerprint) for this trial's config.
+    touches_data = any(k.startswith(("data.", "mix.", "model.")) for k in config)
+    prepared = prepare(cfg) if touches_data else load_prepared(Path(prepared_dir))
+    outcome = run_training(
+        cfg,
+        prepared=prepared,
+        base_model=base_model,
+        name=f"{base_cfg.sweep.name}-{ctx.get_trial_id()}",
+        storage_path=str(Path(cfg.paths.output_dir) / "sweeps" / "runs"),
+        callbacks=[TuneReportCallback()],
+    )
+    record = {
+        "overrides": config,
+        "best_checkpoint": outcome.best_checkpoint,
+        "best_metrics": outcome.best_metrics,
+        "reason": outcome.best_reason,
+        "history": outcome.history,
+        "run_path": outcome.path,
+        "data_report": str(prepared.out_dir / "report.json"),
+        "finished_at": time.time(),
+    }
+    (Path(ctx.get_trial_dir()) / OUTCOME_FILE).write_text(json.dumps(record, indent=1, default=str))
+
+
+def _trial_row(result: Any) -> dict[str, Any]:
+    trial_dir = Path(result.path)
+    trial_id = (result.metrics or {}).get("trial_id") or trial_dir.name
+    row: dict[str, Any] = {"trial_id": trial_id, "overrides": dict(result.config or {}), "path": str(trial_dir)}
+    outcome_file = trial_dir / OUTCOME_FILE
+    if result.error is not None or not outcome_file.is_file():
+        row.update(status="failed" if result.error is not None else "stopped", error=str(result.error or "")[:300])
+        last = result.metrics or {}
+        row.update(
+            val_loss=last.get("val/loss"),
+            format_compliance=last.get("eval/format_compliance"),
+            exact_match=last.get("eval/exact_match"),
+            forgetting=last.get("eval/forgetting"),
+            score=None,
+            checkpoint=None,
+            reason="",
+        )
+        return row
+    outcome = json.loads(outcome_file.read_text())
+    m = outcome["best_metrics"]
+    row.update(
+        status="finished",
+        checkpoint=outcome["best_checkpoint"],
+        reason=outcome["reason"],
+        val_loss=m.get("val/loss"),
+        format_compliance=m.get("eval/format_compliance"),
+        exact_match=m.get("eval/exact_match"),
+        forgetting=m.get("eval/forgetting"),
+        score=m.get(OBJECTIVE),
+        best_epoch=m.get("epoch"),
+        outcome=outcome,
+    )
+    return row
+
+
+def _scheduler(cfg: Config) -> Any:
+    if cfg.sweep.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_t = max(cfg.sweep.epochs or [cfg.train.epochs])
+    return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=1, reduction_factor=2)
+
+
+def _search_alg(cfg: Config) -> Any:
+    if cfg.sweep.search == "grid":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch()
+
+
+def _f(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)

@@ -1,0 +1,107 @@
+"""Unit tests of training-side pieces that need no Ray: model loading with added tokens, LoRA, resources,
+checkpoint selection, probe verdicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from sftray.config import LoraConfig, ModelConfig, TrainConfig
+from sftray.eval.probes import judge
+from sftray.eval.selection import select_best
+from sftray.models.loading import add_template_tokens, load_model, load_tokenizer
+from sftray.models.lora import apply_lora
+from sftray.models.tiny import CHATML_TEMPLATE, ensure_tiny_tokenizer, tiny_llama_config
+from sftray.train.run import check_resources
+
+
+@pytest.fixture(scope="module")
+def plain_base(tmp_path_factory):
+    """A base model whose tokenizer has NO chat tokens (like a raw pretrained LM)."""
+    root = tmp_path_factory.mktemp("plain")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        ["hello world, the plain text of a base model"] * 50,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    hf.save_pretrained(root)
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        tiny_llama_config(vocab_size=len(hf), num_hidden_layers=1, tie_word_embeddings=False)
+    ).save_pretrained(root)
+    return root
+
+
+def test_missing_template_tokens_are_added_with_mean_initialised_rows(plain_base, tmp_path):
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML_TEMPLATE)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(plain_base), chat_template=str(template)), cache_dir=tmp_path)
+    ids = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    base_size = len(AutoTokenizer.from_pretrained(plain_base))
+    assert all(i >= base_size for i in ids) and tok.tokenize("a<|im_end|>b")[1] == "<|im_end|>"  # new, atomic
+    assert add_template_tokens(tok) == []  # idempotent
+    base = LlamaForCausalLM.from_pretrained(plain_base)
+    model, new_ids = load_model(str(plain_base), tokenizer=tok)
+    assert new_ids == sorted(ids)
+    for emb, old in (
+        (model.get_input_embeddings(), base.get_input_embeddings()),
+        (model.get_output_embeddings(), base.get_output_embeddings()),
+    ):
+        mean = old.weight.mean(dim=0)
+        for i in new_ids:
+            assert torch.allclose(emb.weight[i], mean)  # not random
+        assert torch.equal(emb.weight[: old.weight.shape[0]], old.weight)
+
+
+def test_lora_trains_new_token_rows_and_adapters_only(plain_base, tmp_path):
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML_TEMPLATE)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(plain_base), chat_template=str(template)), cache_dir=tmp_path)
+    model, new_ids = load_model(str(plain_base), tokenizer=tok)
+    peft_model = apply_lora(model, cfg=LoraConfig(r=4, alpha=8, dropout=0.0), new_token_ids=new_ids)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "trainable_tokens" in n for n in trainable), trainable
+    assert any("trainable_tokens" in n for n in trainable)  # the new rows learn under LoRA too
+
+
+def test_check_resources_fails_fast_naming_the_knobs():
+    check_resources(TrainConfig(num_workers=2, cpus_per_worker=1.0), available={"CPU": 2.0})
+    with pytest.raises(ValueError, match=r"needs 3 CPUs .* has 2: lower train.num_workers or train.cpus_per_worker"):
+        check_resources(TrainConfig(num_workers=3, cpus_per_worker=1.0), available={"CPU": 2.0})
+    with pytest.raises(ValueError, match="needs 2 GPUs but Ray has 0"):
+        check_resources(TrainConfig(num_workers=2, cpus_per_worker=0.5, use_gpu=True), available={"CPU": 8.0})
+
+
+def test_select_best_prefers_the_metric_within_the_forgetting_budget():
+    epochs = [
+        {"eval/format_compliance": 0.9, "eval/forgetting": 0.40, "val/loss": 1.0},  # best metric, forgot too much
+        {"eval/format_compliance": 0.7, "eval/forgetting": 0.05, "val/loss": 1.2},
+        {"eval/format_compliance": 0.7, "eval/forgetting": 0.02, "val/loss": 1.3},  # tie: less forgetting wins
+    ]
+    choice = select_best(epochs, metric="eval/format_compliance", forgetting_budget=0.1)
+    assert choice.index == 2 and "within the forgetting budget" in choice.reason
+    choice = select_best(epochs[:1], metric="eval/format_compliance", forgetting_budget=0.1)
+    assert choice.index == 0 and "no candidate within" in choice.reason
+    with pytest.raises(ValueError, match="available metrics"):
+        select_best([{"val/loss": 1.0}], metric="eval/format_compliance", forgetting_budget=0.1)
+
+
+def test_probe_verdicts(cache_dir):
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache_dir))
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    kw = dict(tokenizer=tok, end_of_turn_id=eot, user_opener="<|im_start|>user")
+    ok = judge(enc("42") + [eot] + enc("junk after the end"), reference="42", **kw)
+    assert ok["compliant"] and ok["exact_match"] and ok["response"] == "42"
+    assert not judge(enc("42 and on and on"), reference="42", **kw)["compliant"]  # never ended
+    assert not judge([eot], reference="42", **kw)["compliant"]  # empty answer
+    leak = judge(enc("42") + enc("<|im_start|>user\nmore") + [eot], reference="42", **kw)
+    assert leak["role_leak"] and not leak["compliant"]
+    wrong = judge(enc("41") + [eot], reference="42", **kw)
+    assert wrong["compliant"] and not wrong["exact_match"]
