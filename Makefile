@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv prep preview train pretrain config test test-fast lint clean
+.PHONY: help venv prep preview train sweep mlflow-ui pretrain config test test-fast lint clean
 
 help: ## show this help
 	@echo "usage: make TARGET [ARGS='hydra overrides'] [TORCH_SPEC='torch==X']"
@@ -31,6 +31,12 @@ preview: $(STAMP) ## print the first examples with trained tokens marked (ARGS='
 
 train: $(STAMP) ## one training run (ARGS='train=full train.epochs=3 ...'; resume_from=CHECKPOINT resumes)
 	$(VENV)/bin/sftray train $(ARGS) $(if $(resume_from),train.resume_from=$(resume_from))
+
+sweep: $(STAMP) ## the Ray Tune sweep (conf/sweep), every trial in MLflow (ARGS='sweep.epochs=[1,2,3] train=full')
+	$(VENV)/bin/sftray sweep $(ARGS)
+
+mlflow-ui: $(STAMP) ## browse runs: MLflow UI on 127.0.0.1:5000 over the default store (outputs/mlflow.db)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(or $(SFTRAY_OUTPUT),outputs))/mlflow.db --host 127.0.0.1 --port 5000
 
 pretrain: $(STAMP) ## build the builtin tiny-llama base model once (cached in paths.cache_dir; --force via ARGS)
 	$(VENV)/bin/sftray pretrain $(ARGS)

@@ -76,6 +76,7 @@ def setup(ray_local, cache_dir, tmp_path_factory):
             "train.epochs=3",
             "train.cpus_per_worker=0.5",
             "train.lora.dropout=0",
+            "train.lora.target_modules=[q_proj,v_proj]",
             "eval.forgetting_budget=10",
         ],
         conf=CONF,

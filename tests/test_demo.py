@@ -1,0 +1,37 @@
+"""The embedded demo end to end through the CLI: the default training run teaches the chat format.
+
+The builtin base is pretrained into the test cache with a smaller budget than `make pretrain` (same code, fewer
+steps) so the suite stays within its time budget; everything else is the default configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sftray.cli import main
+from sftray.models.pretrain import ensure_tiny_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_default_demo_run_learns_the_format_and_reports_forgetting(ray_local, cache_dir, tmp_path, capsys, monkeypatch):
+    ensure_tiny_model(cache_dir, steps=200, seq_len=128, batch_size=8)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", f"paths.cache_dir={cache_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "best checkpoint:" in out and "chosen for: highest eval/format_compliance" in out
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()
+    best = Path(out.split("best checkpoint: ")[1].split()[0])
+    assert best.parent == run
+    base_table = json.loads((best / "probes_base.json").read_text())
+    tuned_table = json.loads((best / "probes.json").read_text())
+    base = sum(r["compliant"] for r in base_table) / len(base_table)
+    tuned = sum(r["compliant"] for r in tuned_table) / len(tuned_table)
+    assert len(tuned_table) == 64  # eval.num_probes unseen prompts
+    assert tuned >= base + 0.5, (base, tuned)  # well above the base model
+    lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in lines] == ["0", "1", "2"]  # base eval, then both epochs
+    assert all(row[-1].endswith("%") for row in lines)  # forgetting is reported for every eval
