@@ -62,16 +62,16 @@ def test_help(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     code, out, err = run(capsys, *argv)
     assert code == 0
     assert out.startswith("usage: sftray COMMAND [key=value ...] [flags]")
-    for command in ("prep", "preview", "config"):
+    for command in ("prep", "preview", "train", "sweep", "pretrain", "config"):
         assert re.search(rf"^  {command} +\S", out, re.M), command
     assert err == ""
 
 
 def test_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "train")
+    code, out, err = run(capsys, "trian")
     assert code == 2
     assert out == ""
-    assert err.startswith("unknown command 'train'\n\nusage: sftray COMMAND")
+    assert err.startswith("unknown command 'trian'\n\nusage: sftray COMMAND")
 
 
 def test_unknown_flag(capsys: pytest.CaptureFixture[str]) -> None:
