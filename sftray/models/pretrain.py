@@ -12,19 +12,17 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 import transformers
-from filelock import FileLock
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sftray.data.builtin import pydoc_topics_text
+from sftray.models.cache import build_once, is_complete
 from sftray.models.tiny import EOS_TOKEN, IM_END, ensure_tiny_tokenizer, tiny_llama_config
 
 __all__ = ["TINY_MODEL_DIRNAME", "ensure_tiny_model", "pretrain_tiny"]
@@ -217,31 +215,18 @@ def _unigram_loss(train: torch.Tensor, heldout: torch.Tensor, *, vocab_size: int
 
 
 def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _COMPLETE_MARKERS)
+    return is_complete(folder, _COMPLETE_MARKERS)
 
 
 def ensure_tiny_model(cache_dir: Path, **pretrain_kwargs) -> Path:
     """Return ``cache_dir/"tiny-llama-base"`` holding the pretrained tiny Llama, pretraining it once if missing.
 
     ``pretrain_kwargs`` go to ``pretrain_tiny`` and only matter when the model is built; a complete folder is
-    reused whatever they say (delete it to rebuild). Concurrency: a file lock serialises builders and the
-    build happens in a temp dir renamed into place, so readers never see a half-built folder.
+    reused whatever they say (delete it to rebuild).
     """
     cache_dir = Path(cache_dir)
-    target = cache_dir / TINY_MODEL_DIRNAME
-    if _is_complete(target):
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_dir / f".{TINY_MODEL_DIRNAME}.lock")):
-        if _is_complete(target):  # another caller built it while we waited
-            return target
-        tokenizer_dir = ensure_tiny_tokenizer(cache_dir)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{TINY_MODEL_DIRNAME}."))
-        try:
-            pretrain_tiny(tmp, tokenizer_dir=tokenizer_dir, **pretrain_kwargs)
-            if target.exists():  # an incomplete leftover (e.g. an interrupted manual copy): replace it whole
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def build(tmp: Path) -> None:
+        pretrain_tiny(tmp, tokenizer_dir=ensure_tiny_tokenizer(cache_dir), **pretrain_kwargs)
+
+    return build_once(cache_dir / TINY_MODEL_DIRNAME, markers=_COMPLETE_MARKERS, build=build)

@@ -7,16 +7,13 @@ SFT experiments and tests run anywhere on CPU.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import transformers
-from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from sftray.data.builtin import generate_demo_conversations, pydoc_topics_text
+from sftray.models.cache import build_once, is_complete
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -108,38 +105,12 @@ def build_tiny_tokenizer(out_dir: Path, *, vocab_size: int = 4096) -> transforme
 
 
 def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _COMPLETE_MARKERS)
+    return is_complete(folder, _COMPLETE_MARKERS)
 
 
 def ensure_tiny_tokenizer(cache_dir: Path) -> Path:
-    """Return `cache_dir/"tiny-llama"` holding the tiny tokenizer, building it once if missing.
-
-    Concurrency: a file lock serialises builders and the build happens in a
-    temp dir that is renamed into place, so readers never see a partial folder.
-    """
-    cache_dir = Path(cache_dir)
-    target = cache_dir / TINY_TOKENIZER_DIRNAME
-    if _is_complete(target):
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_dir / f".{TINY_TOKENIZER_DIRNAME}.lock")):
-        if _is_complete(target):  # another caller built it while we waited
-            return target
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{TINY_TOKENIZER_DIRNAME}."))
-        try:
-            build_tiny_tokenizer(tmp)
-            if not target.exists():
-                os.replace(tmp, target)
-            else:
-                # Folder exists (e.g. holds other files) but lacks the tokenizer: move files
-                # in one by one, completeness markers last.
-                names = sorted(p.name for p in tmp.iterdir())
-                names.sort(key=lambda name: name in _COMPLETE_MARKERS)
-                for name in names:
-                    os.replace(tmp / name, target / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Return `cache_dir/"tiny-llama"` holding the tiny tokenizer, building it once if missing."""
+    return build_once(Path(cache_dir) / TINY_TOKENIZER_DIRNAME, markers=_COMPLETE_MARKERS, build=build_tiny_tokenizer)
 
 
 def tiny_llama_config(*, vocab_size: int, **overrides) -> transformers.LlamaConfig:
