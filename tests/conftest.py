@@ -28,3 +28,25 @@ def ray_local():
         ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def random_base(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer tiny Llama with the tiny tokenizer, saved as an ordinary HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from sftray.models.tiny import ensure_tiny_tokenizer, tiny_llama_config
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache_dir))
+    base = tmp_path_factory.mktemp("random-base")
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_hidden_layers=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return base

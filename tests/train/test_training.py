@@ -17,13 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftray.cli import compose_config
 from sftray.data.collate import collate_rows
 from sftray.data.pipeline import prepare
 from sftray.eval.evaluate import heldout_loss
-from sftray.models.tiny import ensure_tiny_tokenizer, tiny_llama_config
 from sftray.train.run import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -43,21 +42,10 @@ def _conversations() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def setup(ray_local, cache_dir, tmp_path_factory):
+def setup(ray_local, cache_dir, tmp_path_factory, random_base):
     root = tmp_path_factory.mktemp("train")
     data = root / "chats.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in _conversations()))
-    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache_dir))
-    base = root / "base"
-    torch.manual_seed(0)
-    config = tiny_llama_config(
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        num_hidden_layers=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(base)
-    tokenizer.save_pretrained(base)
     cfg = compose_config(
         [
             f"paths.cache_dir={cache_dir}",
@@ -83,7 +71,7 @@ def setup(ray_local, cache_dir, tmp_path_factory):
         base=root,
     )
     prepared = prepare(cfg)
-    return cfg, prepared, str(base), root
+    return cfg, prepared, str(random_base), root
 
 
 def _one_step_per_epoch(cfg, prepared, *, workers: int, **train):

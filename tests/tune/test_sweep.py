@@ -12,12 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
 
 from sftray.cli import compose_config
 from sftray.data.pipeline import prepare
-from sftray.models.tiny import ensure_tiny_tokenizer, tiny_llama_config
 from sftray.tracking import mlflow_logger
 from sftray.tune.sweep import override, run_sweep, search_space, table
 
@@ -68,7 +65,7 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server):
+def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server, random_base):
     root = tmp_path_factory.mktemp("sweep")
     data = root / "chats.jsonl"
     data.write_text(
@@ -85,18 +82,6 @@ def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server):
             for i in range(24)
         )
     )
-    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache_dir))
-    torch.manual_seed(0)
-    base = root / "base"
-    LlamaForCausalLM(
-        tiny_llama_config(
-            vocab_size=len(tokenizer),
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            num_hidden_layers=2,
-        )
-    ).save_pretrained(base)
-    tokenizer.save_pretrained(base)
     cfg = compose_config(
         [
             f"paths.cache_dir={cache_dir}",
@@ -121,7 +106,7 @@ def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server):
         conf=CONF,
         base=root,
     )
-    return cfg, str(base)
+    return cfg, str(random_base)
 
 
 def _sweep(cfg, base):
