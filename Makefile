@@ -44,7 +44,7 @@ pretrain: $(STAMP) ## build the builtin tiny-llama base model once (cached in pa
 config: $(STAMP) ## print the composed configuration (ARGS='overrides')
 	$(VENV)/bin/sftray config $(ARGS)
 
-test: $(STAMP) ## every test, end-to-end included (~minutes on 2 CPUs)
+test: $(STAMP) ## every test, end-to-end included (~15 min on 2 CPUs)
 	$(PY) -m pytest $(ARGS)
 
 test-fast: $(STAMP) ## unit tests only: no Ray, no end-to-end runs (inner loop)
