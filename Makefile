@@ -4,11 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+OUTPUT_DIR ?= $(abspath $(or $(SFTRAY_OUTPUT),outputs))
+MLFLOW_URI ?= sqlite:///$(OUTPUT_DIR)/mlflow.db
+SWEEP ?= demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv prep preview train sweep mlflow-ui pretrain config test test-fast lint clean
+.PHONY: help venv prep preview train sweep submit mlflow-ui report pretrain config test test-fast lint clean
 
 help: ## show this help
 	@echo "usage: make TARGET [ARGS='hydra overrides'] [TORCH_SPEC='torch==X']"
@@ -35,8 +38,16 @@ train: $(STAMP) ## one training run (ARGS='train=full train.epochs=3 ...'; resum
 sweep: $(STAMP) ## the Ray Tune sweep (conf/sweep), every trial in MLflow (ARGS='sweep.epochs=[1,2,3] train=full')
 	$(VENV)/bin/sftray sweep $(ARGS)
 
-mlflow-ui: $(STAMP) ## browse runs: MLflow UI on 127.0.0.1:5000 over the default store (outputs/mlflow.db)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(or $(SFTRAY_OUTPUT),outputs))/mlflow.db --host 127.0.0.1 --port 5000
+submit: $(STAMP) ## run the sweep on a Ray cluster as a job (SUBMIT='--address http://HEAD:8265 --output-dir /shared/x' ARGS=...)
+	$(PY) jobs/submit.py $(SUBMIT) -- $(ARGS)
+
+mlflow-ui: $(STAMP) ## browse runs: MLflow UI on 127.0.0.1:5000 over the default store (outputs/mlflow.db; MLFLOW_URI=...)
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000
+
+report: $(STAMP) ## render analysis/sweep_report.ipynb for one sweep to outputs/sweep_report-SWEEP.html (SWEEP=demo MLFLOW_URI=...)
+	SFTRAY_SWEEP=$(SWEEP) SFTRAY_MLFLOW_URI=$(MLFLOW_URI) $(VENV)/bin/jupyter nbconvert --to html --execute \
+		--no-input analysis/sweep_report.ipynb --output-dir $(OUTPUT_DIR) --output sweep_report-$(SWEEP)
+	@echo "report: $(OUTPUT_DIR)/sweep_report-$(SWEEP).html"
 
 pretrain: $(STAMP) ## build the builtin tiny-llama base model once (cached in paths.cache_dir; --force via ARGS)
 	$(VENV)/bin/sftray pretrain $(ARGS)

@@ -195,7 +195,7 @@ def _sweep(cfg: Config) -> int:
     """prep (cached) -> base model -> Tune trials, each a Ray Train run, tracked in MLflow -> ranked table."""
     from sftray.data.pipeline import prepare
     from sftray.models.loading import resolve_base_model_path
-    from sftray.tracking import mlflow_logger
+    from sftray.tracking import mlflow_logger, trial_callbacks
     from sftray.tune.sweep import run_sweep, search_space, table
 
     init_ray()
@@ -203,22 +203,17 @@ def _sweep(cfg: Config) -> int:
     base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
     sweep_dir = Path(cfg.paths.output_dir) / "sweeps" / cfg.sweep.name
     parent = mlflow_logger.start_parent(cfg, space=search_space(cfg), data_report=prepared.report, sweep_dir=sweep_dir)
-    callbacks = [
-        mlflow_logger.MlflowTrialLogger(
-            cfg, parent_id=parent, tags=mlflow_logger.base_tags(cfg, data_report=prepared.report)
-        )
-    ]
-    if cfg.tracking.wandb.enabled:
-        from sftray.tracking.wandb_logger import wandb_callback
-
-        callbacks.append(wandb_callback(cfg))
+    callbacks = trial_callbacks(cfg, parent_id=parent, data_report=prepared.report)
     outcome = run_sweep(cfg, prepared=prepared, base_model=base, callbacks=callbacks)
     text = table(outcome)
     mlflow_logger.finish_parent(cfg, parent_id=parent, best=outcome.best, table_text=text)
     uri = mlflow_logger.tracking_uri(cfg)
     print(text)
-    print(f"\nbrowse: make mlflow-ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
-    print(f"report: make report  -> analysis/sweep_report.html (experiment '{cfg.sweep.name}')")
+    print(f"\nbrowse: make mlflow-ui MLFLOW_URI={uri}   (experiment '{cfg.sweep.name}')")
+    print(
+        f"report: make report SWEEP={cfg.sweep.name} MLFLOW_URI={uri}   "
+        f"(HTML of analysis/sweep_report.ipynb in {cfg.paths.output_dir})"
+    )
     return 0 if outcome.best else 1
 
 

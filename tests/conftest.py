@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")  # never reach W&B from tests, even with a developer's credentials
+os.environ.setdefault("WANDB_SILENT", "true")
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +54,23 @@ def random_base(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     LlamaForCausalLM(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
     return base
+
+
+@pytest.fixture(scope="session")
+def write_sums() -> Callable[[Path, Iterable[int]], Path]:
+    """Writes a messages-format JSONL of "Add i and i." -> "2i" conversations, one per number; returns the path."""
+
+    def write(path: Path, numbers: Iterable[int]) -> Path:
+        chats = (
+            {
+                "messages": [
+                    {"role": "user", "content": f"Add {i} and {i}."},
+                    {"role": "assistant", "content": str(2 * i)},
+                ]
+            }
+            for i in numbers
+        )
+        path.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+        return path
+
+    return write

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from sftray.config import Config
 log = logging.getLogger("sftray.tracking")
 SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
 """Params whose key contains one of these are never logged."""
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+):[^/@\s]+@")  # scheme://user:password@host
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -41,7 +43,12 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{name}."))
         else:
             out[name] = json.dumps(value) if isinstance(value, list | tuple) else value
-    return {k: v for k, v in out.items() if not any(w in k.lower() for w in SECRET_WORDS)}
+    return {k: redact(v) for k, v in out.items() if not any(w in k.lower() for w in SECRET_WORDS)}
+
+
+def redact(value: Any) -> Any:
+    """Strings lose any password embedded in a URL (``http://user:***@host``); other values pass unchanged."""
+    return _URL_PASSWORD.sub(r"\1:***@", value) if isinstance(value, str) else value
 
 
 def git_commit() -> str:
@@ -104,6 +111,17 @@ def start_parent(cfg: Config, *, space: dict[str, Any], data_report: dict[str, A
     sweep_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(run.info.run_id)
     return run.info.run_id
+
+
+# Selected-epoch metrics of a trial -> the names its child run and the sweep's parent run carry them under.
+BEST_NAMES = {
+    "eval/score": "best/score",
+    "eval/format_compliance": "best/format_compliance",
+    "eval/exact_match": "best/exact_match",
+    "eval/forgetting": "best/forgetting",
+    "val/loss": "best/val_loss",
+    "epoch": "best/epoch",
+}
 
 
 def finish_parent(cfg: Config, *, parent_id: str, best: dict[str, Any] | None, table_text: str) -> None:
@@ -194,6 +212,11 @@ class MlflowTrialLogger(Callback):
             outcome = json.loads(outcome_file.read_text())
             client.set_tag(run_id, "best_checkpoint", outcome["best_checkpoint"])
             client.set_tag(run_id, "best_reason", outcome["reason"])
+            # The selected epoch's figures under the parent's names, so runs compare on one column each.
+            for key, value in (outcome.get("best_metrics") or {}).items():
+                name = BEST_NAMES.get(key)
+                if name and isinstance(value, int | float) and math.isfinite(value):
+                    client.log_metric(run_id, name, float(value))
             client.log_text(run_id, json.dumps(dataclasses.asdict(self.cfg), indent=1, default=str), "config.json")
             client.log_text(run_id, json.dumps(trial.config, indent=1, default=str), "overrides.json")
             client.log_text(run_id, json.dumps(outcome, indent=1, default=str), "outcome.json")

@@ -3,20 +3,48 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from sftray.config import Config
+from sftray.tracking.mlflow_logger import flatten
+
+# Tune's bookkeeping fields: not metrics.
+EXCLUDES = ["time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip", "date"]
+
+
+def wandb_mode() -> str:
+    """online with credentials (WANDB_API_KEY or a `wandb login` entry in ~/.netrc), else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    return "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
 
 
 def wandb_callback(cfg: Config) -> Any:
-    """Ray's WandbLoggerCallback: one W&B run per trial, grouped by sweep; offline without WANDB_API_KEY."""
+    """Ray's WandbLoggerCallback: one W&B run per trial, grouped by sweep, configured like its MLflow child run.
+
+    Each run's config is the flattened sftray config (dotted keys, secrets dropped, URL passwords masked) with the
+    trial's sampled values on top, the same params MLflow gets. Mode and folder go to ``wandb.init`` directly: the
+    logging actors Ray starts do not inherit this process's environment.
+    """
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    if not os.environ.get("WANDB_API_KEY"):
-        os.environ.setdefault("WANDB_MODE", "offline")
-    # excludes: Tune's bookkeeping fields; the config is logged as W&B config, never secrets (none live there).
-    return WandbLoggerCallback(
+    base = flatten(cfg)
+
+    class _Callback(WandbLoggerCallback):
+        def log_trial_start(self, trial: Any) -> None:
+            # Ray passes self.kwargs to wandb.init after its own arguments, so this config wins for this trial.
+            self.kwargs["config"] = {**base, **flatten(dict(trial.config or {}))}
+            super().log_trial_start(trial)
+
+    folder = Path(cfg.paths.output_dir).resolve()  # W&B adds its own wandb/ below
+    folder.mkdir(parents=True, exist_ok=True)
+    return _Callback(
         project=cfg.tracking.wandb.project,
         group=cfg.sweep.name,
-        excludes=["time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname"],
+        excludes=EXCLUDES,
+        mode=wandb_mode(),
+        dir=str(folder),
     )

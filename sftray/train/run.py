@@ -101,6 +101,7 @@ def run_training(
 
     t = cfg.train
     check_resources(t, available=ray.cluster_resources())
+    check_validation(prepared.report)
     job, datasets = build_job(cfg, prepared=prepared, base_model=base_model)
     log.info(
         "training %s (%s, %s) on %d worker(s): %d rows/rank, %d steps/epoch x %d epochs",
@@ -198,6 +199,21 @@ def _filler(n: int, *, pad_id: int) -> pa.Table:
     )
 
 
+def check_validation(report: dict[str, Any]) -> None:
+    """Fails before any worker starts when the prepared data has no validation conversations.
+
+    Checkpoints are chosen by eval (val/loss, generation probes), never by training loss, so a run without
+    validation data cannot pick one. A small hash-split dataset can hold out none at all.
+    """
+    conversations = report.get("conversations", {})
+    if conversations.get("val", 0) == 0:
+        fraction = report.get("config", {}).get("data", {}).get("val_fraction")
+        raise ValueError(
+            f"no validation conversations in {report.get('out_dir')} ({conversations.get('train', 0)} train, "
+            f"data.val_fraction={fraction}): raise data.val_fraction or give data.val_sources"
+        )
+
+
 def _probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:
     from sftray.eval.probes import probes_from_file, probes_from_rows
 
@@ -211,4 +227,10 @@ def _probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:
 
             path = str(resolve_builtin(path, Path(cfg.paths.cache_dir)))
         return probes_from_file(Path(path), tokenizer=tokenizer, system_prompt=cfg.data.system_prompt, limit=n)
-    return probes_from_rows(_read_rows(prepared.val_dir, limit=None).to_pylist(), tokenizer=tokenizer, limit=n)
+    probes = probes_from_rows(_read_rows(prepared.val_dir, limit=None).to_pylist(), tokenizer=tokenizer, limit=n)
+    if not probes:
+        raise ValueError(
+            f"eval.num_probes={n} but the validation split of {prepared.out_dir} has no trained assistant turn to "
+            "probe; give data.probes or more validation examples (data.val_fraction, data.val_sources)"
+        )
+    return probes

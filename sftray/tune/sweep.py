@@ -1,7 +1,7 @@
 """Sweeps on Ray Tune: a search space from ``cfg.sweep``, one TorchTrainer run per trial, and the ranked result.
 
 Ray Train V2 combines with Tune through a function trainable that launches a ``TorchTrainer`` and forwards its
-reports with ``TuneReportCallback`` (``Tuner(TorchTrainer)`` is V1 only). The objective is ``eval/score``: the
+reports to Tune (``Tuner(TorchTrainer)`` is V1 only). The objective is ``eval/score``: the
 configured generation metric when the run stays within the forgetting budget, below every such run otherwise.
 """
 
@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ray.train import UserCallback
 
 from sftray.config import Config
 from sftray.data.pipeline import Prepared
@@ -95,6 +97,9 @@ def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: li
     import ray
     from ray import tune
 
+    from sftray.train.run import check_validation
+
+    check_validation(prepared.report)  # once here, not once per failing trial
     storage = str(Path(cfg.paths.output_dir) / "sweeps")
     resources, concurrent = trial_resources(cfg, cluster=ray.cluster_resources())
     trainable = tune.with_resources(
@@ -163,10 +168,8 @@ def table(outcome: SweepOutcome) -> str:
 def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_model: str) -> None:
     """One Tune trial: apply the sampled keys, launch a TorchTrainer, leave the outcome in the trial folder."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from sftray.data.pipeline import load_prepared, prepare
-    from sftray.train.run import run_training
 
     cfg = base_cfg
     for key, value in config.items():
@@ -175,13 +178,12 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
     # Data/mix keys change the prepared data: prepare (cached by fingerprint) for this trial's config.
     touches_data = any(k.startswith(("data.", "mix.", "model.")) for k in config)
     prepared = prepare(cfg) if touches_data else load_prepared(Path(prepared_dir))
-    outcome = run_training(
+    outcome = _train_reporting_to_tune(
         cfg,
         prepared=prepared,
         base_model=base_model,
         name=f"{base_cfg.sweep.name}-{ctx.get_trial_id()}",
         storage_path=str(Path(cfg.paths.output_dir) / "sweeps" / "runs"),
-        callbacks=[TuneReportCallback()],
     )
     record = {
         "overrides": config,
@@ -194,6 +196,57 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
         "finished_at": time.time(),
     }
     (Path(ctx.get_trial_dir()) / OUTCOME_FILE).write_text(json.dumps(record, indent=1, default=str))
+
+
+def _train_reporting_to_tune(cfg: Config, **kwargs: Any) -> Any:
+    """``run_training`` with every Train report passed on to Tune, in order, from this trial's own thread.
+
+    Ray's ``TuneReportCallback`` forwards reports from the Tune trial's main thread. When a report is still in
+    flight as the trial function returns, Tune's final "done" marker fills the one-slot result queue first and the
+    forwarding blocks forever (seen on a loaded 2-CPU machine). Here the Train controller only enqueues, and the
+    trial function itself calls ``ray.tune.report`` for each item until training has ended and the queue is empty.
+    """
+    import queue as stdlib_queue
+    import threading
+
+    import ray.tune
+    from ray.util.queue import Empty, Queue
+
+    from sftray.train.run import run_training
+
+    reports = Queue(actor_options={"num_cpus": 0})
+    done: stdlib_queue.Queue = stdlib_queue.Queue()
+
+    def train() -> None:
+        try:
+            done.put((run_training(cfg, callbacks=[_ReportsToQueue(reports)], **kwargs), None))
+        except BaseException as exc:  # handed to the trial thread, which raises it
+            done.put((None, exc))
+
+    worker = threading.Thread(target=train, name="sftray-train", daemon=True)
+    worker.start()
+    while worker.is_alive() or not reports.empty():
+        try:
+            ray.tune.report(reports.get(timeout=1.0))
+        except Empty:
+            continue
+    outcome, error = done.get()
+    if error is not None:
+        raise error
+    return outcome
+
+
+class _ReportsToQueue(UserCallback):
+    """Train callback (runs in the Train controller): each rank-0 report, plus its checkpoint path, onto a queue."""
+
+    def __init__(self, reports: Any) -> None:
+        self.reports = reports
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item["checkpoint_path"] = checkpoint.path
+        self.reports.put(item)
 
 
 def _trial_row(result: Any) -> dict[str, Any]:

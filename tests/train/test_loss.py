@@ -111,7 +111,9 @@ def _worker(rank: int, port: int, weight: torch.Tensor, queue) -> None:
             ).backward()
         dist.all_reduce(w.grad)
         w.grad /= 2  # what DDP / FSDP gradient averaging does
-        queue.put((rank, w.grad.clone()))
+        # A numpy copy pickles by value; a tensor would travel as a shared-memory handle that
+        # vanishes when this process exits before the parent unpickles it (FileNotFoundError).
+        queue.put((rank, w.grad.numpy().copy()))
     finally:
         dist.destroy_process_group()
 
@@ -127,7 +129,7 @@ def test_two_ranks_uneven_targets_match_the_global_hand_computation():
     procs = [ctx.Process(target=_worker, args=(r, port, weight, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    grads = dict(queue.get(timeout=120) for _ in procs)
+    grads = {rank: torch.from_numpy(g) for rank, g in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

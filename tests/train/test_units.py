@@ -14,7 +14,7 @@ from sftray.eval.selection import select_best
 from sftray.models.loading import add_template_tokens, load_model, load_tokenizer
 from sftray.models.lora import apply_lora
 from sftray.models.tiny import CHATML_TEMPLATE, ensure_tiny_tokenizer, tiny_llama_config
-from sftray.train.run import check_resources
+from sftray.train.run import check_resources, check_validation
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,18 @@ def test_check_resources_fails_fast_naming_the_knobs():
         check_resources(TrainConfig(num_workers=3, cpus_per_worker=1.0), available={"CPU": 2.0})
     with pytest.raises(ValueError, match="needs 2 GPUs but Ray has 0"):
         check_resources(TrainConfig(num_workers=2, cpus_per_worker=0.5, use_gpu=True), available={"CPU": 8.0})
+
+
+def test_a_run_without_validation_conversations_fails_before_any_worker_starts():
+    report = {"out_dir": "/x/data/files-abc", "conversations": {"train": 24, "val": 0}}
+    report["config"] = {"data": {"val_fraction": 0.05}}
+    with pytest.raises(
+        ValueError,
+        match=r"no validation conversations in /x/data/files-abc \(24 train, "
+        r"data.val_fraction=0.05\): raise data.val_fraction or give data.val_sources",
+    ):
+        check_validation(report)
+    check_validation({**report, "conversations": {"train": 24, "val": 1}})
 
 
 def test_select_best_prefers_the_metric_within_the_forgetting_budget():

@@ -3,7 +3,6 @@ a crashing trial that does not stop the others, and a resume that reruns no fini
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -15,11 +14,12 @@ import pytest
 
 from sftray.cli import compose_config
 from sftray.data.pipeline import prepare
-from sftray.tracking import mlflow_logger
+from sftray.tracking import mlflow_logger, trial_callbacks
 from sftray.tune.sweep import override, run_sweep, search_space, table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-CONF = Path(__file__).resolve().parents[2] / "conf"
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
 
 
 @pytest.fixture(scope="module")
@@ -65,29 +65,18 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server, random_base):
+def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server, random_base, write_sums):
     root = tmp_path_factory.mktemp("sweep")
-    data = root / "chats.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": f"Add {i} and {i}."},
-                        {"role": "assistant", "content": str(2 * i)},
-                    ]
-                }
-            )
-            + "\n"
-            for i in range(24)
-        )
-    )
+    data = write_sums(root / "chats.jsonl", range(24))
+    val = write_sums(root / "val.jsonl", range(30, 34))
     cfg = compose_config(
         [
             f"paths.cache_dir={cache_dir}",
             f"paths.output_dir={root / 'out'}",
             "data=files",
             f"data.sources=[{{path:'{data}'}}]",
+            # a file, not a hash split: a split of 24 rows by path hash can hold out none
+            f"data.val_sources=[{{path:'{val}'}}]",
             "data.max_seq_len=64",
             "mix.ratio=0.1",
             "eval.num_probes=4",
@@ -102,6 +91,7 @@ def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server, random_base
             # one grid point makes its trial's worker exit at step 1: that trial must fail alone
             "+sweep.params={train.fail_at_step: [null, 1]}",
             f"tracking.uri={mlflow_server}",
+            "tracking.wandb.enabled=true",  # offline here: no credentials
         ],
         conf=CONF,
         base=root,
@@ -113,23 +103,27 @@ def _sweep(cfg, base):
     prepared = prepare(cfg)
     sweep_dir = Path(cfg.paths.output_dir) / "sweeps" / cfg.sweep.name
     parent = mlflow_logger.start_parent(cfg, space=search_space(cfg), data_report=prepared.report, sweep_dir=sweep_dir)
-    callbacks = [
-        mlflow_logger.MlflowTrialLogger(
-            cfg, parent_id=parent, tags=mlflow_logger.base_tags(cfg, data_report=prepared.report)
-        )
-    ]
+    callbacks = trial_callbacks(cfg, parent_id=parent, data_report=prepared.report)
     outcome = run_sweep(cfg, prepared=prepared, base_model=base, callbacks=callbacks)
     mlflow_logger.finish_parent(cfg, parent_id=parent, best=outcome.best, table_text=table(outcome))
     return outcome, parent, prepared
 
 
-def test_sweep_tracks_every_trial_survives_a_crash_and_resumes(sweep_cfg):
+@pytest.fixture(scope="module")
+def swept(sweep_cfg):
+    cfg, base = sweep_cfg
+    return _sweep(cfg, base)
+
+
+def test_sweep_tracks_every_trial_survives_a_crash_and_resumes(sweep_cfg, swept):
     from mlflow import MlflowClient
 
     cfg, base = sweep_cfg
-    outcome, parent, prepared = _sweep(cfg, base)
+    outcome, parent, prepared = swept
     statuses = sorted(r["status"] for r in outcome.trials)
-    assert statuses == ["failed", "failed", "finished", "finished"], outcome.trials
+    assert statuses == ["failed", "failed", "finished", "finished"], [
+        (r["trial_id"], r["status"], r.get("error")) for r in outcome.trials
+    ]
     assert all(r["overrides"]["train.fail_at_step"] == 1 for r in outcome.trials if r["status"] == "failed")
     assert outcome.best is not None and outcome.best["status"] == "finished"
     assert Path(outcome.best["checkpoint"], "model").is_dir()
@@ -159,6 +153,19 @@ def test_sweep_tracks_every_trial_survives_a_crash_and_resumes(sweep_cfg):
             names = {a.path for a in client.list_artifacts(child.info.run_id)}
             assert {"config.json", "outcome.json", "report.json", "generations"} <= names
             assert tags["best_checkpoint"].endswith("epoch_01")
+            best = next(r for r in outcome.trials if r["trial_id"] == tags["trial_id"])
+            assert child.data.metrics["best/score"] == best["score"] and child.data.metrics["best/epoch"] == 1
+
+    # W&B (offline: no credentials here): one run per trial, named by the trial id, with the same dotted params
+    # and the per-epoch metrics. wandb >= 0.30 has no Python reader for its log; the fields are plain protobuf
+    # strings inside it.
+    offline = {p.name.rsplit("-", 1)[-1]: p for p in (Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*")}
+    assert sorted(offline) == sorted(r["trial_id"] for r in outcome.trials)
+    for row in outcome.trials:
+        log = b"".join(f.read_bytes() for f in offline[row["trial_id"]].glob("run-*.wandb"))
+        assert b"train.lr" in log and b"sweep.name" in log and b"data.max_seq_len" in log
+        if row["status"] == "finished":
+            assert b"eval/score" in log and b"val/loss" in log
 
     # Resume: finished trials keep their results and are not trained again (their checkpoints stay untouched;
     # Tune may rewrite its own files in the trial folder, so those are not the evidence).
@@ -176,3 +183,30 @@ def test_sweep_tracks_every_trial_survives_a_crash_and_resumes(sweep_cfg):
     assert len(after) == 5  # no duplicate child runs
     for child in (r for r in after if r.info.status == "FINISHED" and r.data.tags.get("sftray.role") == "trial"):
         assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 2  # nothing logged twice
+
+
+def test_report_notebook_runs_headless_on_the_sweep_and_draws_every_view(sweep_cfg, swept, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    cfg, _ = sweep_cfg
+    outcome, _, _ = swept
+    notebook = nbformat.read(ROOT / "analysis" / "sweep_report.ipynb", as_version=4)
+    monkeypatch.setenv("SFTRAY_MLFLOW_URI", cfg.tracking.uri)  # the kernel inherits this process's environment
+    monkeypatch.setenv("SFTRAY_SWEEP", cfg.sweep.name)
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend is what renders figures
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "analysis")}}
+    ).execute()
+
+    outputs = [(cell, out) for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
+    assert not [out for _, out in outputs if out.output_type == "error"]
+    images = [out for _, out in outputs if "image/png" in out.get("data", {})]
+    assert len(images) == 3  # loss curves, LR x epochs heatmap, forgetting vs compliance
+    html = "\n".join(out["data"].get("text/html", "") for _, out in outputs if "data" in out)
+    for row in outcome.trials:  # the trial table lists every trial, failed ones included
+        assert row["trial_id"] in html
+    assert "FAILED" in html and "base model" in html and "tuned" in html  # the generations side by side
+    assert f"best trial: **{outcome.best['trial_id']}**" in "\n".join(
+        out["data"].get("text/markdown", "") for _, out in outputs if "data" in out
+    )
