@@ -7,11 +7,12 @@ ARGS ?=
 OUTPUT_DIR ?= $(abspath $(or $(SFTRAY_OUTPUT),outputs))
 MLFLOW_URI ?= sqlite:///$(OUTPUT_DIR)/mlflow.db
 SWEEP ?= demo
+BENCH_SIZE ?= small
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv prep preview train sweep submit mlflow-ui report pretrain config test test-fast lint clean
+.PHONY: help venv prep preview train sweep submit mlflow-ui report bench pretrain config test test-fast lint clean
 
 help: ## show this help
 	@echo "usage: make TARGET [ARGS='hydra overrides'] [TORCH_SPEC='torch==X']"
@@ -49,13 +50,16 @@ report: $(STAMP) ## render analysis/sweep_report.ipynb for one sweep to outputs/
 		--no-input analysis/sweep_report.ipynb --output-dir $(OUTPUT_DIR) --output sweep_report-$(SWEEP)
 	@echo "report: $(OUTPUT_DIR)/sweep_report-$(SWEEP).html"
 
+bench: $(STAMP) ## sftray vs TRL SFTTrainer and the limits -> outputs/bench/bench.{json,md} (BENCH_SIZE=smoke|small|full, ARGS='--repeats 5')
+	$(PY) -m sftray.bench --size $(BENCH_SIZE) --out $(OUTPUT_DIR)/bench $(ARGS)
+
 pretrain: $(STAMP) ## build the builtin tiny-llama base model once (cached in paths.cache_dir; --force via ARGS)
 	$(VENV)/bin/sftray pretrain $(ARGS)
 
 config: $(STAMP) ## print the composed configuration (ARGS='overrides')
 	$(VENV)/bin/sftray config $(ARGS)
 
-test: $(STAMP) ## every test, end-to-end included (~15 min on 2 CPUs)
+test: $(STAMP) ## every test, end-to-end included (~25 min on 2 CPUs)
 	$(PY) -m pytest $(ARGS)
 
 test-fast: $(STAMP) ## unit tests only: no Ray, no end-to-end runs (inner loop)

@@ -5,16 +5,51 @@ Packed batches carry no ``attention_mask``: transformers then derives per-exampl
 positions, so it forms one more (fully masked-out, label -100) sequence and touches nothing real.
 Padded batches carry an ``attention_mask``; pad positions are labelled -100 by position, never by token id, so
 ``pad_token == eos_token`` cannot hide a trained eos.
+
+Micro-batches are padded to their longest row, and ``length_grouped`` puts rows of similar length into the same
+micro-batch, so little compute goes to padding: the partly filled rows packing leaves, or the short examples of
+padding mode, share a micro-batch with each other rather than with full rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from sftray.data.chat import IGNORE_INDEX
+
+LENGTH_GROUP = 8
+"""Micro-batches drawn together, sorted by row length and split (``length_grouped``): more groups tighter
+(less padding), fewer keep the order closer to the shuffle."""
+
+
+def length_grouped(batch: Mapping[str, Sequence[Any]], *, size: int, rng: random.Random) -> Iterator[dict[str, list]]:
+    """Splits a column batch into micro-batches of ``size`` rows (the last may be smaller) of similar length.
+
+    Rows are sorted by length (stable, so the result is deterministic), cut into micro-batches, and the
+    micro-batches come out in ``rng``'s shuffled order, so long and short micro-batches alternate at random.
+    Every row appears exactly once; ``ceil(rows / size)`` micro-batches, as plain batching would give.
+    """
+    n = len(batch["input_ids"])
+    order = sorted(range(n), key=lambda i: len(batch["input_ids"][i]))
+    groups = [order[i : i + size] for i in range(0, n, size)]
+    rng.shuffle(groups)
+    for group in groups:
+        yield {k: [col[i] for i in group] for k, col in batch.items()}
+
+
+def grouped_micro_batches(
+    windows: Iterable[Mapping[str, Sequence[Any]]], *, size: int, seed: int, collate: Callable[[dict], Any]
+) -> Iterator[Any]:
+    """``collate``d micro-batches of ``size`` rows from column batches of ``LENGTH_GROUP x size`` shuffled rows,
+    each window split by ``length_grouped`` (``seed`` fixes the order of its micro-batches)."""
+    rng = random.Random(seed)
+    for window in windows:
+        for group in length_grouped(window, size=size, rng=rng):
+            yield collate(group)
 
 
 def collate_rows(
@@ -22,8 +57,7 @@ def collate_rows(
 ) -> dict[str, torch.Tensor]:
     """Column batch (as Ray Data yields it) -> ``input_ids``, ``labels``, ``position_ids`` [, ``attention_mask``].
 
-    ``pad_to`` fixes the sequence length (a fixed shape keeps compiled kernels and FSDP buckets stable); default
-    is the longest row. Also returns ``token_kind`` (0 pad, 1 chat, 2 pretraining) for per-source losses.
+    ``pad_to`` fixes the sequence length (for callers that need one fixed shape); default is the longest row. Also returns ``token_kind`` (0 pad, 1 chat, 2 pretraining) for per-source losses.
     """
     rows = [list(map(int, ids)) for ids in batch["input_ids"]]
     width = max(len(r) for r in rows) if pad_to is None else pad_to

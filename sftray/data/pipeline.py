@@ -218,11 +218,13 @@ def _run(
     heldout_keys = set(heldout_meta["key"].astype("uint64").tolist())
 
     examples = encoded.select_columns(_EXAMPLE_COLUMNS + ["reason", "split"])
-    train_ex = examples.map_batches(_keep, fn_kwargs={"split": "train"}, batch_format="pyarrow").union(
-        windows.select_columns(_EXAMPLE_COLUMNS + ["reason", "split"]).map_batches(
-            _take_windows, fn_kwargs={"takes": takes}, batch_format="pyarrow"
+    train_ex = examples.map_batches(_keep, fn_kwargs={"split": "train"}, batch_format="pyarrow")
+    if takes:  # a union with an empty (schema-less) dataset fails in Arrow
+        train_ex = train_ex.union(
+            windows.select_columns(_EXAMPLE_COLUMNS + ["reason", "split"]).map_batches(
+                _take_windows, fn_kwargs={"takes": takes}, batch_format="pyarrow"
+            )
         )
-    )
     val_ex = examples.map_batches(_keep, fn_kwargs={"split": "val"}, batch_format="pyarrow")
     heldout_ex = windows.select_columns(_EXAMPLE_COLUMNS).map_batches(
         _keep_keys, fn_kwargs={"keys": heldout_keys}, batch_format="pyarrow"

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from sftray.config import Config
-from sftray.data.collate import collate_rows
+from sftray.data.collate import LENGTH_GROUP, collate_rows, grouped_micro_batches
 
 log = logging.getLogger("sftray.train")
 
@@ -96,7 +96,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         num_warmup_steps=round(t.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing, pad_to=cfg.data.max_seq_len)
+    # Pad each micro-batch to its longest row (not to max_seq_len): fewer wasted positions, same targets.
+    collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing)
     evaluator = _Evaluator(job, model=model, tokenizer=tokenizer, device=device, collate=collate)
 
     if state is not None:
@@ -118,14 +119,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)  # dropout/NEFTune noise: same on resume
         sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, targets, sft loss/targets, pt loss/targets
         tokens, started = 0, time.perf_counter()
-        batches = iter(
-            shard.iter_torch_batches(
-                batch_size=t.micro_batch_size,
-                collate_fn=collate,
-                local_shuffle_buffer_size=4 * t.micro_batch_size,
-                local_shuffle_seed=cfg.seed + epoch,
-            )
-        )
+        batches = _micro_batches(shard, size=t.micro_batch_size, collate=collate, seed=cfg.seed + epoch)
         remaining = job.micro_batches_per_epoch
         for _ in range(job.steps_per_epoch):
             group = [next(batches) for _ in range(min(t.grad_accum, remaining))]
@@ -280,6 +274,17 @@ def _grad_sync(model: Any, *, parallelism: str, enabled: bool):
     if parallelism == "fsdp" and hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)
     yield
+
+
+def _micro_batches(shard: Any, *, size: int, collate: Any, seed: int) -> Any:
+    """Shuffled micro-batches of a training shard, rows of similar length together (``length_grouped``)."""
+    windows = shard.iter_batches(
+        batch_size=LENGTH_GROUP * size,
+        batch_format="numpy",
+        local_shuffle_buffer_size=2 * LENGTH_GROUP * size,
+        local_shuffle_seed=seed,
+    )
+    return grouped_micro_batches(windows, size=size, seed=seed, collate=collate)
 
 
 class _Evaluator:

@@ -277,3 +277,16 @@ def test_cli_prep_with_defaults(ray_local, cache_dir, tmp_path, capsys, monkeypa
     assert f"achieved {report['splits']['train']['mix_ratio_achieved']:.2%}" in out
     assert report["splits"]["train"]["packing_efficiency"] > 0.95  # demo rows pack almost full
     assert main(["prep", "--forse"]) == 1 and "--force" in capsys.readouterr().err
+
+
+def test_demo_without_mix(ray_local, cache_dir, tmp_path):
+    """mix=none on the builtin demo: no pretraining window is taken, so no empty window dataset joins the training
+    split (Ray's hash shuffle then failed with "Schema at index 1 was different")."""
+    cfg = compose_config(
+        [f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path / 'out'}", "mix=none"], conf=CONF, base=tmp_path
+    )
+    prepared = prepare(cfg)
+    train = prepared.report["splits"]["train"]
+    assert train["pretrain_tokens"] == 0 and train["rows"] > 0
+    assert train["examples"] + prepared.report["splits"]["val"]["examples"] == 2000
+    assert all(k == 1 for row in _rows(prepared.out_dir / "train") for k in row["seq_kinds"])  # chat only

@@ -1,0 +1,45 @@
+"""The bench at its smallest size on the shared Ray instance: every part produces every row (values unchecked)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftray.bench import memory, overhead, packing, preprocess, throughput
+from sftray.bench.run import PARTS, run_bench
+from sftray.bench.sizes import get_size
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
+    size = get_size("smoke")
+    results = run_bench(size=size, out_dir=tmp_path, cache_dir=cache_dir)
+
+    names = {part: [r["name"] for r in results[part]] for part in PARTS}
+    cells = {(r["dataset"], r["max_seq_len"], r["name"]) for r in results["packing"]}
+    assert cells == {(d, n, m) for d in ("demo", "synthetic") for n in size.packing_seq_lens for m in packing.METHODS}
+    assert names["throughput"] == list(throughput.CONFIGS)
+    assert all(r["ratio_to_trl_best"] > 0 for r in results["throughput"])
+    assert names["preprocess"] == [preprocess.pipeline_name(num_actors=a) for a, _ in preprocess.ACTOR_LAYOUTS] + [
+        preprocess.BASELINE
+    ]
+    assert names["overhead"] == [
+        overhead.RAY_INIT_ROW,
+        overhead.TRAIN_CONNECTED_ROW,
+        overhead.TRAIN_LAUNCH_ROW,
+        overhead.TRAIN_LOOP_ROW,
+        overhead.TRAIN_ROW,
+        overhead.TRAIN_WALL_ROW,
+        overhead.RAY_TRAIN_TPS_ROW,
+        overhead.SWEEP_ROW,
+    ]
+    assert [r["method"] for r in results["memory"]] == list(memory.METHODS)
+
+    # The JSON holds what run_bench returned; the markdown has a row for every measured figure.
+    assert json.loads((tmp_path / "bench.json").read_text()).keys() == {"meta", *PARTS}
+    table = (tmp_path / "bench.md").read_text()
+    for part in PARTS:
+        for name in names[part]:
+            assert f"| {name} |" in table, name
