@@ -57,7 +57,8 @@ def collate_rows(
 ) -> dict[str, torch.Tensor]:
     """Column batch (as Ray Data yields it) -> ``input_ids``, ``labels``, ``position_ids`` [, ``attention_mask``].
 
-    ``pad_to`` fixes the sequence length (for callers that need one fixed shape); default is the longest row. Also returns ``token_kind`` (0 pad, 1 chat, 2 pretraining) for per-source losses.
+    ``pad_to`` fixes the sequence length (for callers that need one fixed shape); default is the longest row.
+    Also returns ``token_kind`` (0 pad, 1 chat, 2 pretraining) for per-source losses.
     """
     rows = [list(map(int, ids)) for ids in batch["input_ids"]]
     width = max(len(r) for r in rows) if pad_to is None else pad_to
