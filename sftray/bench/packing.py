@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
-from sftray.bench.workload import SEED, fitting, shuffled
+from sftray.bench.workload import SEED, fitting, shuffled, trl_dataset
 from sftray.config import DataConfig, TrainConfig
 from sftray.data.chat import IGNORE_INDEX
 from sftray.data.collate import LENGTH_GROUP, collate_rows, grouped_micro_batches
@@ -81,11 +81,7 @@ def _methods(examples: list[dict], *, max_seq_len: int, pad_id: int) -> Iterator
     yield _sftray(pad_examples(examples), max_seq_len=max_seq_len, pad_id=pad_id, packed=False, seconds=0.0)
 
     # TRL packs with Dataset.map(batched=True): groups of 1000 examples (the map default SFTTrainer keeps).
-    from datasets import Dataset
-
-    table = Dataset.from_dict(
-        {"input_ids": [ex["input_ids"] for ex in examples], "labels": [ex["labels"] for ex in examples]}
-    )
+    table = trl_dataset(examples)
     started = time.perf_counter()
     trl_packed = pack_dataset(table, max_seq_len, strategy="bfd", map_kwargs={"keep_in_memory": True})
     trl_rows = trl_packed.to_list()

@@ -9,8 +9,8 @@ baseline does the same work in one process with ``datasets``: read the JSONL, ``
 tokenizer inside the timed window.
 
 The pipeline always tokenizes a pretraining corpus too (held-out windows that measure forgetting); the bench gives
-it a one-paragraph text so that this extra work stays negligible, and (practically) no pretraining tokens go into the
-rows (``workload.NO_MIX``); the SFT tokens of both sides are checked equal.
+it a one-paragraph text so that this extra work stays negligible, and no pretraining tokens go into the rows
+(``workload.NO_MIX``); the SFT tokens of both sides are checked equal.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sftray.bench.workload import SEED, fitting, shuffled
+from sftray.bench.workload import SEED, fitting, shuffled, trl_dataset
 from sftray.data.chat import IGNORE_INDEX
 
 SECTION = "throughput"
@@ -216,15 +216,7 @@ def _sftray_epoch(
 def _trl_packed_rows(examples: Sequence[dict], max_seq_len: int) -> int:
     from trl.data_utils import pack_dataset
 
-    return len(pack_dataset(_trl_dataset(examples), max_seq_len, strategy="bfd", map_kwargs={"keep_in_memory": True}))
-
-
-def _trl_dataset(examples: Sequence[dict]) -> Any:
-    from datasets import Dataset
-
-    return Dataset.from_dict(
-        {"input_ids": [ex["input_ids"] for ex in examples], "labels": [ex["labels"] for ex in examples]}
-    )
+    return len(pack_dataset(trl_dataset(examples), max_seq_len, strategy="bfd", map_kwargs={"keep_in_memory": True}))
 
 
 class _CountingCollator:
@@ -299,7 +291,7 @@ def _trl_epoch(
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=_trl_dataset(examples),
+        train_dataset=trl_dataset(examples),
         processing_class=tokenizer,
         callbacks=[_Clock()],
     )
