@@ -42,10 +42,12 @@ sweep: $(STAMP) ## the Ray Tune sweep (conf/sweep), every trial in MLflow (ARGS=
 submit: $(STAMP) ## run the sweep on a Ray cluster as a job (SUBMIT='--address http://HEAD:8265 --output-dir /shared/x' ARGS=...)
 	$(PY) jobs/submit.py $(SUBMIT) -- $(ARGS)
 
-mlflow-ui: $(STAMP) ## browse runs: MLflow UI on 127.0.0.1:5000 over the default store (outputs/mlflow.db; MLFLOW_URI=...)
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000
+mlflow-ui: $(STAMP) ## browse runs: MLflow UI on 127.0.0.1:5000 over the default store (outputs/mlflow.db, artifacts in outputs/mlartifacts; MLFLOW_URI=...)
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000 \
+		--artifacts-destination $(dir $(patsubst sqlite:///%,%,$(MLFLOW_URI)))mlartifacts
 
 report: $(STAMP) ## render analysis/sweep_report.ipynb for one sweep to outputs/sweep_report-SWEEP.html (SWEEP=demo MLFLOW_URI=...)
+	@$(PY) -m sftray.tracking.sweep_report '$(MLFLOW_URI)' '$(SWEEP)'
 	SFTRAY_SWEEP=$(SWEEP) SFTRAY_MLFLOW_URI=$(MLFLOW_URI) $(VENV)/bin/jupyter nbconvert --to html --execute \
 		--no-input analysis/sweep_report.ipynb --output-dir $(OUTPUT_DIR) --output sweep_report-$(SWEEP)
 	@echo "report: $(OUTPUT_DIR)/sweep_report-$(SWEEP).html"

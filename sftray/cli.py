@@ -13,7 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-from sftray.config import Config, register_configs, schema_keys
+from sftray.config import Config, open_mappings, register_configs, schema_keys, unknown_key_message, unknown_keys
+from sftray.eval.metrics import check_select_metric
 
 USAGE = """usage: sftray COMMAND [key=value ...] [flags]
 
@@ -52,13 +53,25 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
 
     register_configs()
     GlobalHydra.instance().clear()
+    # Below an open mapping the rest of a dotted key is one key: +sweep.params.train.lora.r=[8,16] adds the entry
+    # "train.lora.r" (Hydra would nest train: {lora: {r: ...}}), as +sweep.params={train.lora.r:[8,16]} does.
+    mappings = "|".join(re.escape(m) for m in open_mappings())
+    overrides = [re.sub(rf"^(\+*)({mappings})\.([^=]+)=(.*)$", r"\1\2={\3:\4}", o, flags=re.S) for o in overrides]
     try:
         with initialize_config_dir(config_dir=str(Path(conf or config_dir()).resolve()), version_base="1.3"):
-            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+            composed = compose("config", overrides=overrides)
+        # Hydra's +key / ++key adds keys the schema lacks, and to_object would drop them silently.
+        if unknown := unknown_keys(OmegaConf.to_container(composed)):
+            raise ConfigError(unknown_key_message(unknown[0]))
+        cfg = OmegaConf.to_object(composed)
     except Exception as exc:  # Hydra/OmegaConf raise several types; all become one readable message
         raise ConfigError(explain_config_error(exc)) from exc
     if not isinstance(cfg, Config):
         raise ConfigError(f"conf/config.yaml did not compose to a Config (got {type(cfg).__name__})")
+    try:  # a metric the run will not produce would otherwise fail only after training, in every trial
+        check_select_metric(cfg.eval.select_metric, probes=cfg.eval.num_probes > 0)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg.resolved_paths(base or Path.cwd())
 
 
@@ -93,12 +106,8 @@ def explain_config_error(exc: BaseException) -> str:
             return (
                 f"config value '{full_key}' is required but not set (??? in conf/); pass {full_key.split('[')[0]}=..."
             )
-        if full_key and ("not in struct" in str(err) or "Key '" in str(err)):
-            parent = re.sub(r"\[\d+\]", "", full_key).rpartition(".")[0]
-            valid = schema_keys(parent)
-            if valid is not None:
-                where = parent or "the root"
-                return f"unknown config key '{full_key}'. Valid keys of {where}: {', '.join(valid)}"
+        if full_key and ("not in struct" in str(err) or "Key '" in str(err)) and schema_keys(parent) is not None:
+            return unknown_key_message(full_key)
     if isinstance(chain[-1], ValueError) and len(chain) > 1:
         return f"invalid configuration: {chain[-1]}"
     return message
@@ -132,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             case "train":
                 _check_flags(flags, {"--force"})
-                return _train(compose_config(overrides), force="--force" in flags)
+                return _train(compose_config(overrides), force="--force" in flags, overrides=overrides)
             case "sweep":
                 _check_flags(flags, set())
-                return _sweep(compose_config(overrides))
+                return _sweep(compose_config(overrides), overrides=overrides)
             case "pretrain":
                 _check_flags(flags, {"--force"})
                 return _pretrain(compose_config(overrides), force="--force" in flags)
@@ -150,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: sftray {command} stopped before it finished", file=sys.stderr)
+        return 130
 
 
 def init_ray() -> None:
@@ -172,7 +184,7 @@ def _prep(cfg: Config, *, force: bool) -> int:
     return 0
 
 
-def _train(cfg: Config, *, force: bool) -> int:
+def _train(cfg: Config, *, force: bool, overrides: list[str]) -> int:
     """prep (cached) -> base model (built on first use for the builtin) -> one Ray Train run -> summary."""
     import time
 
@@ -184,14 +196,42 @@ def _train(cfg: Config, *, force: bool) -> int:
     prepared = prepare(cfg, force=force)
     base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
     name = f"train-{cfg.data.name}-{cfg.train.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    outcome = run_training(
-        cfg, prepared=prepared, base_model=base, name=name, storage_path=str(Path(cfg.paths.output_dir) / "runs")
-    )
+    storage = Path(cfg.paths.output_dir) / "runs"
+    try:
+        outcome = run_training(cfg, prepared=prepared, base_model=base, name=name, storage_path=str(storage))
+    except (KeyboardInterrupt, SystemExit, Exception) as exc:
+        # Train V2 turns Ctrl-C into an aborted controller (SystemExit or an actor error here). However the run
+        # ends early, say where it got to and the command that goes on from there.
+        from ray.exceptions import RayActorError
+
+        interrupted = isinstance(exc, KeyboardInterrupt | SystemExit | RayActorError)
+        if not interrupted:
+            log.error("training failed: %s", exc)
+        print(_train_resume_hint(storage / name, overrides, interrupted=interrupted), file=sys.stderr)
+        return 130 if interrupted else 1
     print(summary(outcome))
     return 0
 
 
-def _sweep(cfg: Config) -> int:
+def _train_resume_hint(run_dir: Path, overrides: list[str], *, interrupted: bool) -> str:
+    """Where an unfinished run got to, and the exact command that continues it."""
+    import shlex
+
+    from sftray.train.run import last_checkpoint
+
+    what = "interrupted" if interrupted else "failed"
+    last = last_checkpoint(run_dir) if run_dir.is_dir() else None
+    if last is None:
+        return f"training {what} before its first checkpoint was complete ({run_dir}): nothing to resume"
+    kept = [o for o in overrides if not o.lstrip("+").startswith("train.resume_from=")]
+    return (
+        f"training {what}; last complete checkpoint: {last}\n"
+        f"resume with:  sftray train {shlex.join([*kept, f'train.resume_from={last}'])}\n"
+        f"         or:  make train ARGS={shlex.quote(shlex.join(kept))} resume_from={shlex.quote(str(last))}"
+    )
+
+
+def _sweep(cfg: Config, *, overrides: list[str]) -> int:
     """prep (cached) -> base model -> Tune trials, each a Ray Train run, tracked in MLflow -> ranked table."""
     from sftray.data.pipeline import prepare
     from sftray.models.loading import resolve_base_model_path
@@ -204,8 +244,17 @@ def _sweep(cfg: Config) -> int:
     sweep_dir = Path(cfg.paths.output_dir) / "sweeps" / cfg.sweep.name
     parent = mlflow_logger.start_parent(cfg, space=search_space(cfg), data_report=prepared.report, sweep_dir=sweep_dir)
     callbacks = trial_callbacks(cfg, parent_id=parent, data_report=prepared.report)
-    outcome = run_sweep(cfg, prepared=prepared, base_model=base, callbacks=callbacks)
+    try:
+        outcome = run_sweep(cfg, prepared=prepared, base_model=base, callbacks=callbacks)
+    except (KeyboardInterrupt, SystemExit):
+        print(_sweep_resume_hint(cfg, overrides, unfinished=None), file=sys.stderr)
+        return 130
     text = table(outcome)
+    unfinished = [r for r in outcome.trials if r["status"] == "stopped"]
+    if unfinished:  # Tune ends the loop on Ctrl-C and returns the trials as they were
+        print(text)
+        print(_sweep_resume_hint(cfg, overrides, unfinished=len(unfinished)), file=sys.stderr)
+        return 130
     mlflow_logger.finish_parent(cfg, parent_id=parent, best=outcome.best, table_text=text)
     uri = mlflow_logger.tracking_uri(cfg)
     print(text)
@@ -215,6 +264,25 @@ def _sweep(cfg: Config) -> int:
         f"(HTML of analysis/sweep_report.ipynb in {cfg.paths.output_dir})"
     )
     return 0 if outcome.best else 1
+
+
+def _sweep_resume_hint(cfg: Config, overrides: list[str], *, unfinished: int | None) -> str:
+    """Where an interrupted sweep got to, and the exact command that continues it."""
+    import shlex
+
+    from sftray.train.run import last_checkpoint
+    from sftray.tune.sweep import trial_runs_dir
+
+    last = last_checkpoint(trial_runs_dir(cfg))
+    kept = [o for o in overrides if not o.lstrip("+").startswith("sweep.resume=")]
+    count = f" with {unfinished} unfinished trial(s)" if unfinished else ""
+    where = f"last complete trial checkpoint: {last}" if last else "no trial checkpoint was complete yet"
+    return (
+        f"sweep '{cfg.sweep.name}' interrupted{count}; {where}\n"
+        f"resume with:  sftray sweep {shlex.join([*kept, 'sweep.resume=true'])}\n"
+        f"         or:  make sweep ARGS={shlex.quote(shlex.join([*kept, 'sweep.resume=true']))}\n"
+        "(finished trials are kept; unfinished ones continue from their last checkpoint)"
+    )
 
 
 def _pretrain(cfg: Config, *, force: bool) -> int:

@@ -7,9 +7,12 @@ Each field's docstring is its documentation; conf/*.yaml repeat it as trailing c
 from __future__ import annotations
 
 import dataclasses
+import operator
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
@@ -22,10 +25,45 @@ def _one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
+def _in_range(
+    name: str,
+    value: float | None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> None:
+    """ValueError naming the key, its value and the allowed range (``>= 1``, ``in [0, 1)``) unless ``value`` lies
+    in it; None (an optional knob left unset) passes."""
+    bounds = [(op, bound) for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if bound is not None]
+    if value is None or all(_COMPARE[op](value, bound) for op, bound in bounds):
+        return
+    if len(bounds) == 2:
+        (low_op, low), (high_op, high) = bounds
+        allowed = f"in {'[' if low_op == '>=' else '('}{low:g}, {high:g}{']' if high_op == '<=' else ')'}"
+    else:
+        allowed = f"{bounds[0][0]} {bounds[0][1]:g}"
+    raise ValueError(f"{name}={value} must be {allowed}")
+
+
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
 def _check_sources(name: str, sources: list, *, chat: bool) -> None:
     valid = tuple(f for f in FORMATS if f != "text") if chat else ("auto", "text")
     for i, src in enumerate(sources):
         _one_of(f"{name}[{i}].format", src.format, valid)
+        fmt = "text" if src.format == "auto" and not chat else src.format
+        fields = SourceConfig.FIELDS.get(fmt, ())
+        for key in src.columns:
+            if fmt == "auto" and not any(key in f for k, f in SourceConfig.FIELDS.items() if k != "text"):
+                known = "; ".join(f"{k}: {', '.join(f)}" for k, f in SourceConfig.FIELDS.items() if k != "text")
+                raise ValueError(f"{name}[{i}].columns: {key!r} is not a field of any chat format; valid: {known}")
+            if fmt != "auto" and key not in fields:
+                raise ValueError(f"{name}[{i}].columns: {key!r} is not a field of {fmt}; valid: {', '.join(fields)}")
+        if src.roles and fmt not in ("auto", "messages", "sharegpt"):
+            raise ValueError(f"{name}[{i}].roles: only messages and sharegpt records have roles, not {fmt}")
 
 
 @dataclass(kw_only=True)
@@ -35,13 +73,29 @@ class SourceConfig:
     path: str = "???"
     """File (.jsonl .json .parquet .txt), glob, folder, hub dataset id, or builtin:demo / builtin:pydoc_topics."""
     format: str = "auto"
-    """auto | messages | sharegpt | alpaca | prompt_completion | text; auto detects per source from the first row."""
+    """auto | messages | sharegpt | alpaca | prompt_completion | text; auto: each file's from its first record."""
     split: str = "train"
     """Hub datasets only: the split to load."""
     subset: str | None = None
     """Hub datasets only: the configuration name (``load_dataset(path, subset)``)."""
     text_field: str = "text"
     """Pretraining sources in JSONL/Parquet: the column that holds the text."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Your field names, as {format's field: your key}: {prompt: question, completion: answer} reads
+    {"question", "answer"} records as prompt_completion. Fields per format are ``FIELDS`` (the turn keys role/content
+    of messages and from/value of sharegpt included); format auto detects with the mapped names."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """messages / sharegpt: your role values, as {your value: system | user | assistant}, e.g. {human: user,
+    bot: assistant}; values not listed are read as they are (sharegpt already knows human and gpt)."""
+
+    FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "messages": ("messages", "role", "content"),
+        "sharegpt": ("conversations", "from", "value"),
+        "alpaca": ("instruction", "input", "output"),
+        "prompt_completion": ("prompt", "completion"),
+        "text": ("text",),
+    }
+    """The fields of each format, the keys ``columns`` may map."""
 
 
 @dataclass(kw_only=True)
@@ -94,16 +148,15 @@ class DataConfig:
         _one_of("data.train_on", self.train_on, TRAIN_ON)
         _one_of("data.on_error", self.on_error, ON_ERROR)
         _one_of("data.overlength", self.overlength, OVERLENGTH)
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
-        if self.max_seq_len < 8:
-            raise ValueError(f"data.max_seq_len={self.max_seq_len} is too small (minimum 8)")
+        _in_range("data.val_fraction", self.val_fraction, ge=0, lt=1)
+        _in_range("data.max_seq_len", self.max_seq_len, ge=8)
+        _in_range("data.pack_group_size", self.pack_group_size, ge=1)
+        _in_range("data.num_actors", self.num_actors, ge=1)
+        _in_range("data.cpus_per_actor", self.cpus_per_actor, gt=0)
         if not self.sources:
             raise ValueError("data.sources is empty: give at least one source")
         _check_sources("data.sources", self.sources, chat=True)
         _check_sources("data.val_sources", self.val_sources, chat=True)
-        if self.num_actors < 1 or self.cpus_per_actor <= 0:
-            raise ValueError("data.num_actors must be >= 1 and data.cpus_per_actor > 0")
 
 
 @dataclass(kw_only=True)
@@ -122,13 +175,11 @@ class MixConfig:
     """Cap on held-out windows, so forgetting eval stays cheap."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.ratio < 1:
-            raise ValueError(f"mix.ratio={self.ratio} must be in [0, 1)")
-        if not 0 <= self.heldout_fraction < 1:
-            raise ValueError(f"mix.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        _in_range("mix.ratio", self.ratio, ge=0, lt=1)
+        _in_range("mix.heldout_fraction", self.heldout_fraction, ge=0, lt=1)
         _check_sources("mix.sources", self.sources, chat=False)
-        if self.window_len is not None and self.window_len < 8:
-            raise ValueError(f"mix.window_len={self.window_len} is too small (minimum 8)")
+        _in_range("mix.window_len", self.window_len, ge=8)
+        _in_range("mix.max_heldout_windows", self.max_heldout_windows, ge=1)
 
 
 @dataclass(kw_only=True)
@@ -145,6 +196,11 @@ class LoraConfig:
     """Module names that get adapters; ["all-linear"] targets every linear layer."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapters (e.g. lm_head)."""
+
+    def __post_init__(self) -> None:
+        _in_range("train.lora.r", self.r, ge=1)
+        _in_range("train.lora.alpha", self.alpha, gt=0)
+        _in_range("train.lora.dropout", self.dropout, ge=0, lt=1)
 
 
 @dataclass(kw_only=True)
@@ -184,7 +240,7 @@ class TrainConfig:
     eval_every_steps: int = 0
     """Extra evals every N optimizer steps (0: only at epoch ends)."""
     max_failures: int = 1
-    """Worker-group restarts from the latest checkpoint before the run fails."""
+    """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited, as in Ray)."""
     export_merged: bool = False
     """LoRA: also save the merged full model in each checkpoint."""
     resume_from: str | None = None
@@ -200,10 +256,14 @@ class TrainConfig:
         _one_of("train.method", self.method, ("full", "lora"))
         _one_of("train.parallelism", self.parallelism, ("fsdp", "ddp"))
         _one_of("train.schedule", self.schedule, ("cosine", "linear", "constant"))
-        if self.num_workers < 1 or self.epochs < 1 or self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("train.num_workers, epochs, micro_batch_size and grad_accum must be >= 1")
-        if self.lr <= 0 or self.cpus_per_worker <= 0:
-            raise ValueError("train.lr and train.cpus_per_worker must be > 0")
+        for name in ("num_workers", "epochs", "micro_batch_size", "grad_accum", "log_every_steps", "fail_at_step"):
+            _in_range(f"train.{name}", getattr(self, name), ge=1)
+        for name in ("weight_decay", "max_grad_norm", "neftune_alpha", "eval_every_steps"):
+            _in_range(f"train.{name}", getattr(self, name), ge=0)
+        _in_range("train.lr", self.lr, gt=0)
+        _in_range("train.cpus_per_worker", self.cpus_per_worker, gt=0)
+        _in_range("train.warmup_ratio", self.warmup_ratio, ge=0, le=1)
+        _in_range("train.max_failures", self.max_failures, ge=-1)
 
 
 @dataclass(kw_only=True)
@@ -212,14 +272,26 @@ class EvalConfig:
 
     num_probes: int = 64
     """Generation probes per eval (greedy)."""
-    max_new_tokens: int = 32
-    """Generation limit per probe; a response that has not ended by then is not compliant."""
+    max_new_tokens: int | None = None
+    """Generation limit per probe; a response that has not ended by then is not compliant. None sizes it to the
+    data: the 95th percentile of the reference answers' token lengths (end-of-turn included) x 1.25 + 8, at most
+    max_new_tokens_cap."""
+    max_new_tokens_cap: int = 512
+    """Upper bound of the data-sized generation limit (generation time grows with it)."""
     select_metric: str = "eval/format_compliance"
-    """Metric (higher is better) that picks the best checkpoint and ranks sweep trials."""
+    """Metric that picks the best checkpoint and ranks sweep trials, in its own direction (a loss: lower is better;
+    a rate: higher); checked against the metrics the run produces (``sftray.eval.metrics``)."""
     forgetting_budget: float = 0.25
     """Max eval/forgetting (relative rise of held-out pretraining loss) a selectable checkpoint may have."""
     max_eval_rows: int = 256
     """Cap on val / held-out rows per eval, so evals stay cheap."""
+
+    def __post_init__(self) -> None:
+        _in_range("eval.num_probes", self.num_probes, ge=0)
+        _in_range("eval.max_new_tokens", self.max_new_tokens, ge=1)
+        _in_range("eval.max_new_tokens_cap", self.max_new_tokens_cap, ge=1)
+        _in_range("eval.forgetting_budget", self.forgetting_budget, ge=0)
+        _in_range("eval.max_eval_rows", self.max_eval_rows, ge=1)
 
 
 @dataclass(kw_only=True)
@@ -262,8 +334,15 @@ class SweepConfig:
         _one_of("sweep.search", self.search, ("grid", "optuna"))
         if not self.lr.values and (self.lr.low is None or self.lr.high is None):
             raise ValueError("sweep.lr needs values: [...] or both low and high")
-        if self.num_samples < 1:
-            raise ValueError("sweep.num_samples must be >= 1")
+        for i, lr in enumerate(self.lr.values):
+            _in_range(f"sweep.lr.values[{i}]", lr, gt=0)
+        _in_range("sweep.lr.low", self.lr.low, gt=0)
+        if self.lr.low is not None:
+            _in_range("sweep.lr.high", self.lr.high, gt=self.lr.low)
+        for i, epochs in enumerate(self.epochs):
+            _in_range(f"sweep.epochs[{i}]", epochs, ge=1)
+        _in_range("sweep.num_samples", self.num_samples, ge=1)
+        _in_range("sweep.max_concurrent_trials", self.max_concurrent_trials, ge=1)
 
 
 @dataclass(kw_only=True)
@@ -311,6 +390,9 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
+    def __post_init__(self) -> None:
+        _in_range("seed", self.seed, ge=0)
+
     @property
     def window_len(self) -> int:
         return self.mix.window_len or self.data.max_seq_len
@@ -343,6 +425,43 @@ def schema_keys(path: str) -> list[str] | None:
             return None
         node = _field_type(node, part)
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
+
+
+def unknown_keys(tree: dict[str, Any], path: str = "") -> list[str]:
+    """Dotted keys of a composed config (plain dicts and lists) that the schema lacks, such as ``train.lrr`` added
+    with Hydra's ``+``; below an open mapping (a dict field, e.g. ``sweep.params``) the keys are the user's own."""
+    valid = schema_keys(path)
+    if valid is None:
+        return []
+    out = []
+    for key, value in tree.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in valid:
+            out.append(full)
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                out += unknown_keys(item, full)
+    return out
+
+
+def unknown_key_message(key: str) -> str:
+    """The error for a key the schema lacks: ``unknown config key 'train.lrr'. Valid keys of train: method, ...``."""
+    parent = re.sub(r"\[\d+\]", "", key).rpartition(".")[0]
+    valid = ", ".join(schema_keys(parent) or [])
+    return f"unknown config key '{key}'. Valid keys of {parent or 'the root'}: {valid}"
+
+
+def open_mappings(cls: Any = None, prefix: str = "") -> list[str]:
+    """Dotted paths of the dict fields outside lists (``sweep.params``): Hydra's ``+key=value`` may add keys there."""
+    cls = cls or Config
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if typing.get_origin(hints[f.name]) is dict:
+            out.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out += open_mappings(hints[f.name], f"{prefix}{f.name}.")
+    return out
 
 
 def _field_type(cls: Any, name: str) -> Any:

@@ -13,7 +13,7 @@ from sftray.config import Config
 from sftray.data.chat import IGNORE_INDEX, encode_chat
 from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
-from sftray.data.sources import iter_file_records, load_hub_split, resolve_source
+from sftray.data.sources import canonical_record, iter_source_records, load_hub_split, resolve_source
 
 TRAINED_TTY, MASKED_TTY, RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
 TRAINED_OPEN, TRAINED_CLOSE = "{+", "+}"
@@ -46,11 +46,11 @@ def preview(cfg: Config, *, n: int, out: TextIO, color: bool | None = None) -> i
     )
     print(f"preview of {src.label} ({src.fmt}); {legend}\n", file=out)
     shown = 0
-    for where, record in itertools.islice(_records(src), n):
+    for where, fmt, record in itertools.islice(_records(src), n):
         try:
             if isinstance(record, DataError):
                 raise record
-            messages = to_messages(record, src.fmt, system_prompt=cfg.data.system_prompt, where=where)
+            messages = to_messages(record, fmt, system_prompt=cfg.data.system_prompt, where=where)
             enc = encode_chat(messages, tokenizer, train_on=cfg.data.train_on, example_id=where)
         except DataError as exc:
             print(f"--- {where}: ERROR ({exc.reason}): {exc}\n", file=out)
@@ -62,11 +62,14 @@ def preview(cfg: Config, *, n: int, out: TextIO, color: bool | None = None) -> i
     return shown
 
 
-def _records(src: Any) -> Iterator[tuple[str, Any]]:
+def _records(src: Any) -> Iterator[tuple[str, str, Any]]:
+    """(where, format, record) as the pipeline reads them: each file's own format, ``columns``/``roles`` applied."""
     if src.kind == "hub":
         for i, row in enumerate(load_hub_split(src), start=1):
-            yield f"{src.paths[0]}[{src.split}] row {i}", json.loads(json.dumps(row, default=str))
+            where = f"{src.paths[0]}[{src.split}] row {i}"
+            record = json.loads(json.dumps(row, default=str))
+            yield where, src.fmt, canonical_record(src, record, fmt=src.fmt, where=where)
         return
     for path in src.paths:
-        for row, record in iter_file_records(path, Path(path).read_bytes()):
-            yield f"{path}:{row}", record
+        for row, fmt, record in iter_source_records(src, path, Path(path).read_bytes()):
+            yield f"{path}:{row}", fmt, record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from sftray.cli import main
+from sftray.config import SourceConfig, schema_keys
 from sftray.data.chat import encode_chat
 from sftray.models.tiny import ensure_tiny_tokenizer
 from sftray.preview import MASKED_TTY, RESET, TRAINED_TTY, render_example
@@ -92,9 +94,7 @@ def test_config_prints_composed_yaml(capsys: pytest.CaptureFixture[str], tmp_pat
     assert "\n  max_seq_len: 128\n" in out
     doc = yaml.safe_load(out)
     assert doc["data"]["max_seq_len"] == 128
-    assert doc["data"]["sources"] == [
-        {"path": "builtin:demo", "format": "auto", "split": "train", "subset": None, "text_field": "text"}
-    ]
+    assert doc["data"]["sources"] == [dataclasses.asdict(SourceConfig(path="builtin:demo"))]  # every field shown
     assert doc["paths"] == {"output_dir": str(tmp_path / "outputs"), "cache_dir": str(cache_dir)}
     assert {"seed", "model", "data", "mix", "paths"} <= set(doc)
 
@@ -112,6 +112,49 @@ def test_config_invalid_value(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "config", "data.on_error=ignore")
     assert code == 1
     assert err == "error: data.on_error='ignore' is not valid; choose one of: raise, drop\n"
+
+
+@pytest.mark.parametrize(
+    ("override", "where"),
+    [("train.lrr=1e-4", "train"), ("train.lora.rr=4", "train.lora"), ("sweep.lr.lo=1", "sweep.lr"), ("sed=1", "")],
+)
+@pytest.mark.parametrize("plus", ["+", "++"])
+def test_config_added_unknown_key_fails_like_a_typo(
+    capsys: pytest.CaptureFixture[str], override: str, where: str, plus: str
+) -> None:
+    """Hydra's + / ++ add keys; outside an open mapping (sweep.params) an added key is a typo, not a new knob."""
+    code, out, err = run(capsys, "config", plus + override)
+    assert (code, out) == (1, "")
+    key = override.split("=")[0]
+    valid = ", ".join(schema_keys(where))
+    assert err == f"error: unknown config key '{key}'. Valid keys of {where or 'the root'}: {valid}\n"
+    assert run(capsys, "config", override)[2] == err  # exactly what the key gets without +
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+sweep.params.train.lora.r=[8,16]", "++sweep.params.mix.ratio=[0.05,0.1]"],
+        ["+sweep.params={train.lora.r:[8,16],mix.ratio:[0.05,0.1]}"],
+        ["+sweep.params={train.lora.r:[8,16]}", "+sweep.params={mix.ratio:[0.05,0.1]}"],
+    ],
+)
+def test_config_sweep_params_is_an_open_mapping(capsys: pytest.CaptureFixture[str], overrides: list[str]) -> None:
+    code, out, err = run(capsys, "config", *overrides)
+    assert (code, err) == (0, "")
+    assert yaml.safe_load(out)["sweep"]["params"] == {"train.lora.r": [8, 16], "mix.ratio": [0.05, 0.1]}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_failures=-5", "train.max_failures=-5 must be >= -1"),
+        ("train.lora.r=0", "train.lora.r=0 must be >= 1"),
+        ("eval.forgetting_budget=-1", "eval.forgetting_budget=-1.0 must be >= 0"),
+    ],
+)
+def test_config_out_of_range_value(capsys: pytest.CaptureFixture[str], override: str, message: str) -> None:
+    assert run(capsys, "config", override) == (1, "", f"error: {message}\n")
 
 
 # --- preview ------------------------------------------------------------------------------------------------------

@@ -265,14 +265,98 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
         ("mix.ratio=1", "mix.ratio=1.0 must be in [0, 1)"),
         ("mix.ratio=-0.1", "mix.ratio=-0.1 must be in [0, 1)"),
         ("data.val_fraction=1", "data.val_fraction=1.0 must be in [0, 1)"),
-        ("data.max_seq_len=4", "data.max_seq_len=4 is too small (minimum 8)"),
-        ("mix.window_len=2", "mix.window_len=2 is too small (minimum 8)"),
+        ("data.max_seq_len=4", "data.max_seq_len=4 must be >= 8"),
+        ("mix.window_len=2", "mix.window_len=2 must be >= 8"),
         ("data.sources=[]", "data.sources is empty: give at least one source"),
     ],
 )
 def test_invalid_values(tmp_path: Path, override: str, message: str) -> None:
     # the ValueError of the dataclass's __post_init__ is the whole message: it names the key and the valid values
     assert compose_error([override], tmp_path) == message
+
+
+OUT_OF_RANGE = [
+    ("seed=-1", "seed=-1 must be >= 0"),
+    ("data.val_fraction=-0.1", "data.val_fraction=-0.1 must be in [0, 1)"),
+    ("data.max_seq_len=7", "data.max_seq_len=7 must be >= 8"),
+    ("data.pack_group_size=0", "data.pack_group_size=0 must be >= 1"),
+    ("data.num_actors=0", "data.num_actors=0 must be >= 1"),
+    ("data.cpus_per_actor=0", "data.cpus_per_actor=0.0 must be > 0"),
+    ("mix.ratio=1", "mix.ratio=1.0 must be in [0, 1)"),
+    ("mix.window_len=7", "mix.window_len=7 must be >= 8"),
+    ("mix.heldout_fraction=1", "mix.heldout_fraction=1.0 must be in [0, 1)"),
+    ("mix.max_heldout_windows=0", "mix.max_heldout_windows=0 must be >= 1"),
+    ("train.lora.r=0", "train.lora.r=0 must be >= 1"),
+    ("train.lora.alpha=0", "train.lora.alpha=0 must be > 0"),
+    ("train.lora.dropout=1", "train.lora.dropout=1.0 must be in [0, 1)"),
+    ("train.lora.dropout=-0.1", "train.lora.dropout=-0.1 must be in [0, 1)"),
+    ("train.num_workers=0", "train.num_workers=0 must be >= 1"),
+    ("train.cpus_per_worker=0", "train.cpus_per_worker=0.0 must be > 0"),
+    ("train.epochs=0", "train.epochs=0 must be >= 1"),
+    ("train.lr=0", "train.lr=0.0 must be > 0"),
+    ("train.weight_decay=-0.01", "train.weight_decay=-0.01 must be >= 0"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio=1.5 must be in [0, 1]"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0 must be >= 0"),
+    ("train.micro_batch_size=0", "train.micro_batch_size=0 must be >= 1"),
+    ("train.grad_accum=0", "train.grad_accum=0 must be >= 1"),
+    ("train.neftune_alpha=-5", "train.neftune_alpha=-5.0 must be >= 0"),
+    ("train.eval_every_steps=-1", "train.eval_every_steps=-1 must be >= 0"),
+    ("train.max_failures=-5", "train.max_failures=-5 must be >= -1"),
+    ("train.log_every_steps=0", "train.log_every_steps=0 must be >= 1"),
+    ("train.fail_at_step=0", "train.fail_at_step=0 must be >= 1"),
+    ("eval.num_probes=-1", "eval.num_probes=-1 must be >= 0"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens=0 must be >= 1"),
+    ("eval.max_new_tokens_cap=0", "eval.max_new_tokens_cap=0 must be >= 1"),
+    ("eval.forgetting_budget=-1", "eval.forgetting_budget=-1.0 must be >= 0"),
+    ("eval.max_eval_rows=0", "eval.max_eval_rows=0 must be >= 1"),
+    ("sweep.lr.values=[1e-3,0]", "sweep.lr.values[1]=0.0 must be > 0"),
+    ("sweep.lr.values=[] sweep.lr.low=0 sweep.lr.high=1e-3", "sweep.lr.low=0.0 must be > 0"),
+    ("sweep.lr.values=[] sweep.lr.low=1e-3 sweep.lr.high=1e-4", "sweep.lr.high=0.0001 must be > 0.001"),
+    ("sweep.epochs=[1,0]", "sweep.epochs[1]=0 must be >= 1"),
+    ("sweep.num_samples=0", "sweep.num_samples=0 must be >= 1"),
+    ("sweep.max_concurrent_trials=0", "sweep.max_concurrent_trials=0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_out_of_range_values(tmp_path: Path, overrides: str, message: str) -> None:
+    """Each message names the key, the value given and the allowed range."""
+    assert compose_error(overrides.split(" "), tmp_path) == message
+
+
+def _numeric_keys(cls: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every int/float field (optional ones and lists of numbers included) below ``cls``."""
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        kinds = {a for a in typing.get_args(hint) if a is not type(None)} or {hint}
+        if typing.get_origin(hint) is list:
+            kinds = set(typing.get_args(hint))
+        if dataclasses.is_dataclass(hint):
+            out += _numeric_keys(hint, f"{prefix}{f.name}.")
+        elif kinds and kinds <= {int, float}:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_every_numeric_knob_has_a_range_check() -> None:
+    checked = {re.sub(r"\[\d+\]$", "", message.split("=")[0]) for _, message in OUT_OF_RANGE}
+    numeric = set(_numeric_keys(Config))
+    assert {"train.lora.r", "train.max_failures", "sweep.epochs", "sweep.lr.low", "seed"} <= numeric
+    assert numeric <= checked, f"numeric knobs without a range check: {sorted(numeric - checked)}"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.max_failures=-1", "train.lora.dropout=0", "train.warmup_ratio=1", "train.max_grad_norm=0"],
+        ["eval.num_probes=0", "eval.select_metric=val/loss", "eval.forgetting_budget=0", "mix.ratio=0", "seed=0"],
+        ["train.fail_at_step=1", "train.eval_every_steps=0", "data.val_fraction=0", "mix.heldout_fraction=0"],
+        ["sweep.lr.values=[]", "sweep.lr.low=1e-5", "sweep.lr.high=1e-3", "sweep.max_concurrent_trials=1"],
+    ],
+)
+def test_range_edges_are_accepted(tmp_path: Path, overrides: list[str]) -> None:
+    compose(overrides, tmp_path)
 
 
 def test_unknown_group_option_lists_available(tmp_path: Path) -> None:
@@ -370,7 +454,8 @@ def test_schema_keys() -> None:
     assert {"seed", "model", "data", "mix", "paths"} <= set(schema_keys(""))
     assert set(GROUPS) <= set(schema_keys(""))
     assert schema_keys("data") == DATA_KEYS
-    assert schema_keys("data.sources") == ["path", "format", "split", "subset", "text_field"]
+    assert schema_keys("data.sources") == [f.name for f in dataclasses.fields(SourceConfig)]
+    assert schema_keys("data.sources")[:5] == ["path", "format", "split", "subset", "text_field"]
     assert schema_keys("mix.sources") == schema_keys("data.sources")
     assert schema_keys("data.max_seq_len") is None
     assert schema_keys("nope") is None

@@ -143,7 +143,7 @@ def measure_overhead(
         outcome = run_sweep(sweep_cfg, prepared=prepared, base_model=str(model_dir))
         if not outcome.best:
             raise RuntimeError(f"the bench sweep's trial did not finish: {outcome.trials}")
-        trial = _first_step(sorted((work_dir / "out" / "sweeps" / "runs").glob("bench-*/epoch_01")), tokens=tokens)
+        trial = _first_step(sorted((work_dir / "out" / "sweeps" / "runs").glob("*/bench-*/epoch_01")), tokens=tokens)
         rows.append(_row(SWEEP_ROW, trial["first_step"] - started, note="upper bound; warm driver process"))
     return rows
 

@@ -85,12 +85,15 @@ def encode_chat(
     assistant turn with its end-of-turn marker), ``last_assistant`` or ``all`` (no masking, e.g. for
     conversation simulators). ``max_length`` truncates; an assistant turn cut by the truncation is left
     untrained, so every trained span is a complete, verified turn. Raises ``MessageError`` for malformed input
-    or a template that rejects it and ``MaskError`` when no valid mask remains; both name ``example_id``.
+    (``assistant_first`` when an assistant turn precedes every user turn, unless ``train_on="all"``) or a template
+    that rejects it and ``MaskError`` when no valid mask remains; both name ``example_id``.
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}; valid values: {', '.join(TRAIN_ON)}")
     where = _where(example_id, messages)
     msgs = validate_messages(messages, example_id=where)
+    if train_on != "all":
+        _require_prompt(msgs, where=where)
     if not getattr(tokenizer, "is_fast", False):
         raise MaskError(f"{where}: tokenizer {type(tokenizer).__name__} is not a fast tokenizer; masks need offsets")
 
@@ -166,6 +169,16 @@ def _where(example_id: str | None, messages: Any = None) -> str:
         first = str(messages[0].get("content", ""))[:40]
         return f"conversation starting {first!r}"
     return "conversation"
+
+
+def _require_prompt(msgs: list[dict], *, where: str) -> None:
+    """An assistant turn before any user turn answers nothing (and its prefix is empty: templates reject it)."""
+    first = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
+    if first is not None and msgs[first]["role"] == "assistant":
+        raise MessageError(
+            f"{where}: message {first} (assistant) starts the conversation: there is no prompt for it to answer",
+            reason="assistant_first",
+        )
 
 
 def _reject_control_text(tokenizer: Any, msgs: list[dict], *, where: str) -> None:

@@ -2,10 +2,12 @@
 
 Pure functions. Each format is recognised by its keys (``detect_format``) and converted by ``to_messages``;
 a record that does not fit raises ``FormatError`` saying which keys were expected and which were found.
+A source whose records use other names (``columns``, ``roles``) is first renamed by ``rename_fields``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sftray.data.errors import FormatError, MessageError
@@ -21,6 +23,8 @@ FORMAT_KEYS = {
     "text": ("text",),
 }
 """Keys that identify each format; ``detect_format`` tries them in this order."""
+TURN_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value")}
+"""Keys of one turn of the formats whose records hold a list of turns (under their first ``FORMAT_KEYS`` key)."""
 
 
 def detect_format(record: dict[str, Any], *, where: str = "record") -> str:
@@ -33,6 +37,46 @@ def detect_format(record: dict[str, Any], *, where: str = "record") -> str:
         f"{where}: cannot detect the format from keys {sorted(record)}; expected one of ({known})",
         reason="unknown_format",
     )
+
+
+def rename_fields(
+    record: Any,
+    fmt: str,
+    *,
+    columns: Mapping[str, str],
+    roles: Mapping[str, str] | None = None,
+    where: str = "record",
+) -> Any:
+    """``record`` with a source's own names made ``fmt``'s: ``columns`` maps a field of ``fmt`` to the record's key
+    (turn keys included), ``roles`` a role value to system/user/assistant. Unchanged without either.
+
+    Raises ``FormatError`` (``missing_column``) naming the keys the record has when a mapped key of a field
+    ``to_messages`` needs is absent; optional fields (alpaca's input) may be absent.
+    """
+    if not (columns or roles) or not isinstance(record, dict):
+        return record  # to_messages reports a non-object
+    turn_keys = TURN_KEYS.get(fmt, ())
+    out = _rename(record, {k: v for k, v in columns.items() if k not in turn_keys}, FORMAT_KEYS[fmt], where=where)
+    turn_columns = {k: v for k, v in columns.items() if k in turn_keys}
+    list_key = FORMAT_KEYS[fmt][0]
+    if turn_keys and (turn_columns or roles) and isinstance(out.get(list_key), list):
+        role_key = turn_keys[0]
+        turns = []
+        for i, turn in enumerate(out[list_key]):
+            if isinstance(turn, dict):
+                turn = _rename(turn, turn_columns, turn_keys, where=f"{where}: {list_key}[{i}]", what="it")
+                if roles and isinstance(turn.get(role_key), str):
+                    turn[role_key] = roles.get(turn[role_key], turn[role_key])
+            turns.append(turn)
+        out[list_key] = turns
+    return out
+
+
+def renamed_for_detection(record: dict[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """``record`` with every mapped top-level key that it has renamed (``detect_format`` then sees a format's keys)."""
+    turn_keys = {k for keys in TURN_KEYS.values() for k in keys}
+    theirs = {v: k for k, v in columns.items() if v in record and k not in turn_keys}
+    return {theirs.get(k, k): v for k, v in record.items()}
 
 
 def to_messages(
@@ -73,6 +117,28 @@ def to_messages(
     if system_prompt and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return messages
+
+
+def _rename(
+    record: dict[str, Any],
+    columns: Mapping[str, str],
+    required: tuple[str, ...],
+    *,
+    where: str,
+    what: str = "the record",
+) -> dict[str, Any]:
+    """Keys ``columns.values()`` of ``record`` renamed to ``columns.keys()``; a required one absent raises."""
+    for field, key in columns.items():
+        if key not in record and field in required:
+            raise FormatError(
+                f"{where}: no field {key!r} (columns: {field} -> {key}); "
+                f"{what} has {', '.join(sorted(map(str, record))) or 'no keys'}",
+                reason="missing_column",
+            )
+    mapped = set(columns.values())
+    out = {k: v for k, v in record.items() if k not in mapped}
+    out.update({field: record[key] for field, key in columns.items() if key in record})
+    return out
 
 
 def _as_list(value: Any, key: str, where: str) -> list:

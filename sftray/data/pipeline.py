@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shutil
 import uuid
 from collections import Counter
@@ -30,8 +31,9 @@ from sftray.data.mixing import chunk_windows, in_fraction, pretrain_token_target
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, pack_examples, pad_examples
 from sftray.data.sources import (
     ResolvedSource,
+    canonical_record,
     fingerprint_files,
-    iter_file_records,
+    iter_source_records,
     load_hub_split,
     record_text,
     resolve_source,
@@ -39,7 +41,7 @@ from sftray.data.sources import (
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 """Bumped whenever the stored row schema or any transform changes; part of the fingerprint."""
 POLICY_DROPS = frozenset({"too_long"})
 """Drop reasons decided by policy (data.overlength), not by malformed input: counted, never raised."""
@@ -215,31 +217,27 @@ def _run(
     picked = select_windows(pool_meta["n_tokens"].tolist(), pool_meta["key"].tolist(), target_tokens=target)
     takes = {int(pool_meta["key"].iloc[i]): n for i, n in picked}
     heldout_meta = wok[wok["heldout"]].nsmallest(mix.max_heldout_windows, "key")
-    heldout_keys = set(heldout_meta["key"].astype("uint64").tolist())
+    heldout_keys = sorted(heldout_meta["key"].astype("uint64").tolist())
 
-    examples = encoded.select_columns(_EXAMPLE_COLUMNS + ["reason", "split"])
-    train_ex = examples.map_batches(_keep, fn_kwargs={"split": "train"}, batch_format="pyarrow")
-    if takes:  # a union with an empty (schema-less) dataset fails in Arrow
-        train_ex = train_ex.union(
-            windows.select_columns(_EXAMPLE_COLUMNS + ["reason", "split"]).map_batches(
-                _take_windows, fn_kwargs={"takes": takes}, batch_format="pyarrow"
-            )
-        )
-    val_ex = examples.map_batches(_keep, fn_kwargs={"split": "val"}, batch_format="pyarrow")
-    heldout_ex = windows.select_columns(_EXAMPLE_COLUMNS).map_batches(
-        _keep_keys, fn_kwargs={"keys": heldout_keys}, batch_format="pyarrow"
-    )
-
-    # 4. Pack (or pad) each split in seeded key-range groups, then write Parquet.
-    train_keys = sorted(train_meta["key"].tolist() + list(takes))
-    splits = {
-        "train": (train_ex, train_keys),
-        "val": (val_ex, sorted(val_meta["key"].tolist())),
-        "pretrain_heldout": (heldout_ex, sorted(heldout_keys)),
+    # 4. Tag every example with its split and seeded key-range pack group, pack each (split, group) after ONE
+    #    shuffle, and write Parquet partitioned by split. No row is filtered out before the shuffle: a block that a
+    #    filter empties loses its schema, and Ray's hash shuffle then fails ("Schema at index N was different").
+    keys = {
+        "train": sorted(train_meta["key"].tolist() + list(takes)),
+        "val": sorted(val_meta["key"].tolist()),
+        "pretrain_heldout": heldout_keys,
     }
-    stats: dict[str, dict] = {}
-    for name, (ds, keys) in splits.items():
-        stats[name] = _pack_and_write(ds, keys=keys, data=data, seed=cfg.seed, path=out / name)
+    plan = _SplitPlan(
+        bounds={name: _group_bounds(k, data.pack_group_size) for name, k in keys.items()},
+        take_keys=np.asarray(sorted(takes), dtype=np.uint64),
+        take_lens=np.asarray([takes[k] for k in sorted(takes)], dtype=np.int64),
+        heldout_keys=np.asarray(heldout_keys, dtype=np.uint64),
+    )
+    examples = encoded.select_columns(_EXAMPLE_COLUMNS + ["reason", "split"])
+    if not wmeta.empty:  # a union with an empty (schema-less) dataset fails in Arrow
+        examples = examples.union(windows.select_columns(_EXAMPLE_COLUMNS + ["reason", "split"]))
+    _pack_and_write(examples, plan=plan, data=data, seed=cfg.seed, out=out)
+    stats = {name: _split_stats(out / name, examples=len(k), max_seq_len=data.max_seq_len) for name, k in keys.items()}
 
     _write_drops(out / "drops.jsonl", meta, wmeta)
     return report_mod.build(
@@ -253,32 +251,59 @@ def _run(
     )
 
 
-def _pack_and_write(ds: Any, *, keys: list[int], data: DataConfig, seed: int, path: Path) -> dict[str, int]:
-    """Groups examples by key range (``pack_group_size`` per group), packs each group, writes Parquet."""
-    path.mkdir(parents=True, exist_ok=True)
-    if not keys:
-        return {"examples": 0, "rows": 0, "tokens": 0, "trained_tokens": 0, "pretrain_tokens": 0, "slots": 0}
-    bounds = np.asarray(keys[:: data.pack_group_size][1:], dtype=np.uint64)
-    num_groups = len(bounds) + 1
-    grouped = ds.map_batches(_assign_group, fn_kwargs={"bounds": bounds}, batch_format="pyarrow")
+@dataclass(frozen=True, kw_only=True)
+class _SplitPlan:
+    """The driver's decisions, shipped to every tagging task: which examples each split takes, and its groups."""
+
+    bounds: dict[str, np.ndarray]
+    """Per split: the first key of each pack group but the first (``searchsorted`` gives the group)."""
+    take_keys: np.ndarray
+    """Sorted keys of the pretraining windows mixed into train..."""
+    take_lens: np.ndarray
+    """...and how many of each window's tokens it takes (the last one is cut to the exact remainder)."""
+    heldout_keys: np.ndarray
+    """Sorted keys of the held-out pretraining windows (the forgetting measure)."""
+
+
+def _group_bounds(keys: list[int], group_size: int) -> np.ndarray:
+    return np.asarray(keys[::group_size][1:], dtype=np.uint64)
+
+
+def _pack_and_write(ds: Any, *, plan: _SplitPlan, data: DataConfig, seed: int, out: Path) -> None:
+    """Tags, groups by (split, pack group), packs each group and writes ``out/<split>/*.parquet``."""
+    num_groups = sum(len(b) + 1 for b in plan.bounds.values())
+    tagged = ds.map_batches(_tag_splits, fn_kwargs={"plan": plan}, batch_format="pyarrow")
+    rows_dir = out / "_rows"
     # One shuffle partition per group (capped): Ray's default of 200 costs seconds of task overhead here.
-    grouped.groupby("group", num_partitions=min(num_groups, 64)).map_groups(
+    tagged.groupby(["split", "group"], num_partitions=min(num_groups, 64)).map_groups(
         _pack_group,
         fn_kwargs={"max_seq_len": data.max_seq_len, "packing": data.packing, "seed": seed},
         batch_format="pyarrow",
-    ).write_parquet(str(path))
+    ).write_parquet(str(rows_dir), partition_cols=["split"])
+    for name in plan.bounds:
+        written = rows_dir / f"split={name}"
+        if written.is_dir():
+            written.rename(out / name)
+        else:
+            (out / name).mkdir(parents=True)  # a split with no rows (e.g. no held-out window) stays readable
+    shutil.rmtree(rows_dir, ignore_errors=True)
+
+
+def _split_stats(path: Path, *, examples: int, max_seq_len: int) -> dict[str, int]:
     import pyarrow.parquet as pq
 
-    counts = pq.read_table(path, columns=["num_tokens", "num_trained", "num_pretrain_tokens"])
-    rows = counts.num_rows
-    total = {name: int(counts[name].to_numpy().sum()) for name in counts.column_names}
+    files = sorted(path.glob("*.parquet"))
+    columns = ["num_tokens", "num_trained", "num_pretrain_tokens"]
+    counts = pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
+    rows = counts.num_rows if counts is not None else 0
+    total = {c: int(counts[c].to_numpy().sum()) if counts is not None else 0 for c in columns}
     return {
-        "examples": len(keys),
+        "examples": examples,
         "rows": rows,
         "tokens": total["num_tokens"],
         "trained_tokens": total["num_trained"],
         "pretrain_tokens": total["num_pretrain_tokens"],
-        "slots": rows * data.max_seq_len,
+        "slots": rows * max_seq_len,
     }
 
 
@@ -292,13 +317,16 @@ def _read_all(sources: list[tuple[ResolvedSource, str]]) -> Any:
     for src, split in sources:
         if src.kind == "hub":
             hf = load_hub_split(src)
+            wheres = [f"{src.paths[0]}[{src.split}] row {i + 1}" for i in range(len(hf))]
+            records = [canonical_record(src, r, fmt=src.fmt, where=w) for w, r in zip(wheres, hf)]
+            bad = [isinstance(r, DataError) for r in records]
             table = pa.table(
                 {
-                    "where": [f"{src.paths[0]}[{src.split}] row {i + 1}" for i in range(len(hf))],
+                    "where": wheres,
                     "source": [src.label] * len(hf),
-                    "record": [json.dumps(r, default=str) for r in hf],
-                    "reason": [""] * len(hf),
-                    "error": [""] * len(hf),
+                    "record": ["" if b else json.dumps(r, default=str) for r, b in zip(records, bad)],
+                    "reason": [r.reason if b else "" for r, b in zip(records, bad)],
+                    "error": [str(r) if b else "" for r, b in zip(records, bad)],
                     "split": [split] * len(hf),
                     "fmt": [src.fmt] * len(hf),
                     "text_field": [src.text_field] * len(hf),
@@ -316,9 +344,10 @@ def _read_all(sources: list[tuple[ResolvedSource, str]]) -> Any:
 
 
 def _parse_files(batch: pa.Table, *, src: ResolvedSource, split: str) -> pa.Table:
+    """File bytes -> raw rows: each record renamed to its file's format's fields (``iter_source_records``)."""
     out: dict[str, list] = {name: [] for name in _RAW.names}
     for path, data in zip(batch["path"].to_pylist(), batch["bytes"].to_pylist()):
-        for row, record in iter_file_records(path, data):
+        for row, fmt, record in iter_source_records(src, path, data):
             bad = isinstance(record, DataError)
             out["where"].append(f"{path}:{row}")
             out["source"].append(src.label)
@@ -326,7 +355,7 @@ def _parse_files(batch: pa.Table, *, src: ResolvedSource, split: str) -> pa.Tabl
             out["reason"].append(record.reason if bad else "")
             out["error"].append(str(record) if bad else "")
             out["split"].append(split)
-            out["fmt"].append(src.fmt)
+            out["fmt"].append(fmt)
             out["text_field"].append(src.text_field)
     return pa.table(out, schema=_RAW)
 
@@ -465,52 +494,54 @@ def _meta(ds: Any) -> Any:
     return ds.select_columns(_META_COLUMNS).to_pandas()
 
 
-def _keep(batch: pa.Table, *, split: str) -> pa.Table:
+def _tag_splits(batch: pa.Table, *, plan: _SplitPlan) -> pa.Table:
+    """Each example -> the same row with its output ``split`` and pack ``group``; one row out per row in.
+
+    Conversations keep the split the encoder gave them; pretraining windows go to train (cut to the tokens the mix
+    takes) or to pretrain_heldout by key. A row that no split takes (a drop, an unused window) keeps its key with
+    ``split=""`` and no tokens, so blocks never empty out before the shuffle.
+    """
     import pyarrow.compute as pc
 
-    mask = pc.and_(pc.equal(batch["reason"], ""), pc.equal(batch["split"], split))
-    return batch.filter(mask).select(_EXAMPLE_COLUMNS)
-
-
-def _keep_keys(batch: pa.Table, *, keys: set[int]) -> pa.Table:
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.is_in(batch["key"], value_set=pa.array(sorted(keys), type=pa.uint64())))
-
-
-def _take_windows(batch: pa.Table, *, takes: dict[int, int]) -> pa.Table:
-    """Training windows picked by the mix, the last one cut to the exact remainder."""
-    rows = []
-    for r in batch.to_pylist():
-        n = takes.get(r["key"])
-        if n and r["reason"] == "" and r["split"] == "pretrain":
-            rows.append(
-                {"input_ids": r["input_ids"][:n], "labels": r["labels"][:n], "kind": r["kind"], "key": r["key"]}
-            )
-    return _examples_table(rows)
-
-
-def _examples_table(rows: list[dict]) -> pa.Table:
+    keys = batch["key"].to_numpy().astype(np.uint64)
+    ok = np.asarray(pc.equal(batch["reason"], "").to_numpy(zero_copy_only=False), dtype=bool)
+    source_split = np.asarray(batch["split"].to_numpy(zero_copy_only=False), dtype=object)
+    pretrain = source_split == "pretrain"
+    take_at = np.minimum(np.searchsorted(plan.take_keys, keys), max(len(plan.take_keys) - 1, 0))
+    taken = ok & pretrain & (plan.take_keys[take_at] == keys) if len(plan.take_keys) else np.zeros(len(keys), bool)
+    heldout = ok & pretrain & np.isin(keys, plan.heldout_keys)
+    split = np.where(ok & ~pretrain, source_split, "")
+    split = np.where(taken, "train", split)
+    split = np.where(heldout, "pretrain_heldout", split)
+    group = np.full(len(keys), -1, dtype=np.int64)
+    for name, bounds in plan.bounds.items():
+        mine = split == name
+        group[mine] = np.searchsorted(bounds, keys[mine], side="right")
+    input_ids, labels = batch["input_ids"].to_pylist(), batch["labels"].to_pylist()
+    for i in range(len(keys)):
+        if not split[i]:
+            input_ids[i], labels[i] = [], []
+        elif taken[i]:
+            n = int(plan.take_lens[take_at[i]])
+            input_ids[i], labels[i] = input_ids[i][:n], labels[i][:n]
     return pa.table(
         {
-            "input_ids": pa.array([r["input_ids"] for r in rows], type=pa.list_(pa.int32())),
-            "labels": pa.array([r["labels"] for r in rows], type=pa.list_(pa.int32())),
-            "kind": pa.array([r["kind"] for r in rows], type=pa.int8()),
-            "key": pa.array([r["key"] for r in rows], type=pa.uint64()),
+            "input_ids": pa.array(input_ids, type=pa.list_(pa.int32())),
+            "labels": pa.array(labels, type=pa.list_(pa.int32())),
+            "kind": batch["kind"],
+            "key": batch["key"],
+            "split": pa.array(split.astype(str), type=pa.string()),
+            "group": pa.array(group, type=pa.int64()),
         }
     )
 
 
-def _assign_group(batch: pa.Table, *, bounds: np.ndarray) -> pa.Table:
-    keys = batch["key"].to_numpy()
-    return batch.append_column("group", pa.array(np.searchsorted(bounds, keys, side="right"), type=pa.int64()))
-
-
 def _pack_group(batch: pa.Table, *, max_seq_len: int, packing: bool, seed: int) -> pa.Table:
-    examples = sorted(batch.to_pylist(), key=lambda r: r["key"])  # arrival order must not matter
+    split = batch["split"][0].as_py() if batch.num_rows else ""
+    examples = sorted(batch.to_pylist(), key=lambda r: r["key"]) if split else []  # arrival order must not matter
     group = examples[0]["group"] if examples else 0
     rows = pack_examples(examples, max_seq_len=max_seq_len, seed=seed + group) if packing else pad_examples(examples)
-    return pa.table(
+    table = pa.table(
         {
             "input_ids": [r["input_ids"] for r in rows],
             "labels": [r["labels"] for r in rows],
@@ -525,17 +556,33 @@ def _pack_group(batch: pa.Table, *, max_seq_len: int, packing: bool, seed: int) 
         },
         schema=ROW_SCHEMA,
     )
+    return table.append_column("split", pa.array([split] * table.num_rows, type=pa.string()))
 
 
 # --- drops, fingerprint -----------------------------------------------------------------------------------------
 
 
+def first_bad_row(meta: Any) -> Any:
+    """The first malformed row of ``meta`` (policy drops aside) by file, then line: ``f:2`` before ``f:11`` (hub
+    rows by row number); ``None`` when there is none."""
+    errors = meta[(meta["reason"] != "") & ~meta["reason"].isin(POLICY_DROPS)]
+    if errors.empty:
+        return None
+
+    def location(where: str) -> tuple[str, int]:  # "path:line" / "id[split] row N" -> (path, line) / (id, N)
+        m = re.fullmatch(r"(.*?)(\d+)", where)
+        return (m[1], int(m[2])) if m else (where, -1)
+
+    keys = [location(w) for w in errors["where"]]
+    return errors.iloc[min(range(len(keys)), key=keys.__getitem__)]
+
+
 def _check_drops(meta: Any, *, on_error: str, what: str) -> Counter:
-    """Counts drops by reason; with ``on_error=raise`` the first malformed row (by location) raises."""
+    """Counts drops by reason; with ``on_error=raise`` the first malformed row (``first_bad_row``) raises."""
     bad = meta[meta["reason"] != ""]
     errors = bad[~bad["reason"].isin(POLICY_DROPS)]
-    if on_error == "raise" and not errors.empty:
-        first = errors.sort_values("where").iloc[0]
+    first = first_bad_row(meta)
+    if on_error == "raise" and first is not None:
         more = f" ({len(errors) - 1} more bad {what}s)" if len(errors) > 1 else ""
         raise DataError(
             f"{first['error']}{more}. Fix the data or set data.on_error=drop to skip and count them.",

@@ -30,7 +30,9 @@ def build(
                 "path": src.label,
                 "kind": src.kind,
                 "format": src.fmt,
+                "formats": sorted(set(src.fmts)),  # a folder of mixed formats detects each file's own
                 "files": len(src.paths),
+                "ignored_files": list(src.ignored),  # files in a folder source that no reader takes
                 "records_in": int(rows["where"].nunique()),
                 "records_dropped": int(rows[rows["reason"] != ""]["where"].nunique()),
             }

@@ -7,23 +7,28 @@ bytes (``iter_file_records``); ``sftray.data.pipeline`` runs it inside Ray Data.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import json
+import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sftray.config import SourceConfig
+from sftray.data.chat import ROLES
 from sftray.data.errors import DataError
-from sftray.data.formats import detect_format
+from sftray.data.formats import detect_format, rename_fields, renamed_for_detection
+
+log = logging.getLogger(__name__)
 
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".txt")
 """File extensions a local source may have."""
 CHAT_FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet")
-"""File extensions that can hold conversations (a folder of chats ignores the rest, e.g. notes.txt)."""
+"""File extensions that can hold conversations (a folder of chats ignores the rest, e.g. notes.txt, with a warning)."""
 HF_PREFIX = "hf:"
 """Forces a path to load through ``datasets.load_dataset`` (also works for local dataset folders)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -31,7 +36,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 @dataclass(frozen=True, kw_only=True)
 class ResolvedSource:
-    """A source ready to read: concrete files (or a hub id) and a concrete format."""
+    """A source ready to read: concrete files (or a hub id) and a concrete format for each."""
 
     label: str
     """The path as configured (reports and errors use it)."""
@@ -40,15 +45,43 @@ class ResolvedSource:
     paths: tuple[str, ...]
     """Absolute file paths (files) or the dataset id (hub)."""
     fmt: str
-    """Concrete format: messages | sharegpt | alpaca | prompt_completion | text."""
+    """Concrete format: messages | sharegpt | alpaca | prompt_completion | text (a mixed folder: its first file's)."""
+    fmts: tuple[str, ...] = ()
+    """The format of each of ``paths`` (format auto detects each file's); empty: every file is ``fmt``."""
     split: str = "train"
     subset: str | None = None
     text_field: str = "text"
+    columns: dict[str, str] = field(default_factory=dict)
+    """{format's field: the records' key}, applied by ``canonical_record``."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """{the records' role value: system | user | assistant}, applied by ``canonical_record``."""
+    ignored: tuple[str, ...] = ()
+    """Files of a folder source that no reader takes (e.g. notes.txt in a chat folder); logged, never read."""
+
+    def format_of(self, path: str) -> str:
+        """The format of ``path``, one of the source's files (a hub source's dataset id: ``fmt``)."""
+        if not self.fmts:
+            return self.fmt
+        if path not in self.paths:
+            raise ValueError(f"{path} is not a file of source {self.label!r}")
+        return self.fmts[self.paths.index(path)]
 
 
 def resolve_source(src: SourceConfig, *, cache_dir: Path, what: str, text: bool = False) -> ResolvedSource:
-    """Finds the files behind ``src`` and its format. ``what`` names it in errors (e.g. ``data.sources[0]``)."""
+    """Finds the files behind ``src`` and the format of each. ``what`` names it in errors (e.g. ``data.sources[0]``).
+
+    ``format: auto`` detects each file's format from its first record (after renaming by ``src.columns``), so a
+    folder may mix formats; a file whose first record fits no format takes the format of the first that does
+    (its rows then fail one by one, by line). A folder's files that no reader takes are logged and listed in
+    ``ignored``.
+    """
     path = src.path
+    if text:
+        # a text source's only field is its text: columns {text: body} is text_field: body
+        src = dataclasses.replace(src, text_field=src.columns.get("text", src.text_field), columns={}, roles={})
+    for value, role in src.roles.items():
+        if role not in ROLES:
+            raise ValueError(f"{what}.roles: {value!r} -> {role!r}; a role is one of {', '.join(ROLES)}")
     if path.startswith("builtin:"):
         from sftray.data.builtin import resolve_builtin
 
@@ -57,54 +90,101 @@ def resolve_source(src: SourceConfig, *, cache_dir: Path, what: str, text: bool 
         hub_id = path.removeprefix(HF_PREFIX)
         fmt = "text" if text else src.format
         if fmt == "auto":
-            fmt = _chat_format(
-                detect_format(_hub_first_row(hub_id, src, what=what), where=f"{what} ({hub_id})"), what=what
-            )
+            first = renamed_for_detection(_hub_first_row(hub_id, src, what=what), src.columns)
+            fmt = _chat_format(detect_format(first, where=f"{what} ({hub_id})"), what=what)
+            _check_mapping(src, [fmt], what=what)
         return ResolvedSource(
             label=src.path,
             kind="hub",
             paths=(hub_id,),
             fmt=fmt,
+            fmts=(fmt,),
             split=src.split,
             subset=src.subset,
             text_field=src.text_field,
+            columns=dict(src.columns),
+            roles=dict(src.roles),
         )
-    files = _local_files(path, what=what, types=FILE_TYPES if text else CHAT_FILE_TYPES)
+    types = FILE_TYPES if text else CHAT_FILE_TYPES
+    files, ignored = _local_files(path, what=what, types=types)
+    if ignored:
+        shown = ", ".join(ignored[:10]) + (f", ... and {len(ignored) - 10} more" if len(ignored) > 10 else "")
+        log.warning(
+            "%s: ignoring %d file(s) of folder %r that no reader takes (a %s source reads %s): %s",
+            what,
+            len(ignored),
+            path,
+            "text" if text else "chat",
+            ", ".join(types),
+            shown,
+        )
     fmt = "text" if text else src.format
     if fmt == "text" and not text:
         raise ValueError(f"{what}: format 'text' is for mix.sources; conversations need a chat format")
     if fmt == "auto":
-        fmt = _chat_format(_detect_file_format(files, what=what), what=what)
-    return ResolvedSource(label=src.path, kind="files", paths=tuple(files), fmt=fmt, text_field=src.text_field)
+        fmts = _detect_file_formats(files, what=what, columns=src.columns)
+        for f, detected in zip(files, fmts):
+            _chat_format(detected, what=f"{what}: {f}" if len(files) > 1 else what)
+        _check_mapping(src, fmts, what=what)
+    else:
+        fmts = [fmt] * len(files)
+    return ResolvedSource(
+        label=src.path,
+        kind="files",
+        paths=tuple(files),
+        fmt=fmts[0],
+        fmts=tuple(fmts),
+        text_field=src.text_field,
+        columns=dict(src.columns),
+        roles=dict(src.roles),
+        ignored=tuple(ignored),
+    )
+
+
+def iter_source_records(src: ResolvedSource, path: str, data: bytes) -> Iterator[tuple[int, str, Any]]:
+    """Yields ``(row, fmt, record)`` for one file of ``src``: ``iter_file_records`` with the file's format, each
+    record renamed to that format's fields (``canonical_record``); a bad record is a ``DataError``."""
+    fmt = src.format_of(path)
+    for row, record in iter_file_records(path, data):
+        if not isinstance(record, DataError):
+            record = canonical_record(src, record, fmt=fmt, where=f"{path}:{row}")
+        yield row, fmt, record
+
+
+def canonical_record(src: ResolvedSource, record: Any, *, fmt: str, where: str) -> Any:
+    """``record`` with the source's ``columns`` and ``roles`` applied (as it is without them), or the
+    ``DataError`` (``missing_column``, naming ``where`` and the keys the record has) when a mapped key is absent."""
+    if not (src.columns or src.roles):
+        return record
+    try:
+        return rename_fields(record, fmt, columns=src.columns, roles=src.roles, where=where)
+    except DataError as exc:
+        return exc
 
 
 def iter_file_records(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
     """Yields ``(row, record)`` for each record of a file's bytes; a bad record yields ``(row, DataError)``.
 
     ``.txt`` files are one document: ``{"text": ...}``. Blank lines of JSONL are skipped (they hold no data).
+    Text must be UTF-8: a JSONL line (or a .txt / .json file) that is not yields ``bad_encoding`` naming the line.
     """
     suffix = Path(path).suffix.lower()
     if not data.strip():
         yield 0, DataError(f"{path}: file is empty", reason="empty_file")
         return
     if suffix in (".jsonl", ".ndjson"):
-        for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield (
-                    lineno,
-                    DataError(
-                        f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})", reason="invalid_json"
-                    ),
-                )
+        # bytes.splitlines splits at \n, \r\n and \r only: U+2028 or U+0085 inside a JSON string is no line end
+        for lineno, line in enumerate(data.splitlines(), start=1):
+            if line.strip():
+                yield lineno, _jsonl_record(path, lineno, line)
     elif suffix == ".json":
         try:
             doc = json.loads(data)
         except json.JSONDecodeError as exc:
             yield exc.lineno, DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", reason="invalid_json")
+            return
+        except UnicodeDecodeError as exc:
+            yield _bad_encoding(path, data, exc)
             return
         items = doc if isinstance(doc, list) else doc.get("data") if isinstance(doc, dict) else None
         if not isinstance(items, list):
@@ -116,7 +196,10 @@ def iter_file_records(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
 
         yield from enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1)
     elif suffix == ".txt":
-        yield 1, {"text": data.decode("utf-8", errors="replace")}
+        try:
+            yield 1, {"text": data.decode("utf-8")}
+        except UnicodeDecodeError as exc:
+            yield _bad_encoding(path, data, exc)
     else:
         yield 0, DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
 
@@ -171,14 +254,22 @@ def _chat_format(fmt: str, *, what: str) -> str:
     return fmt
 
 
-def _local_files(path: str, *, what: str, types: tuple[str, ...]) -> list[str]:
+def _local_files(path: str, *, what: str, types: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The files of ``path`` that a reader takes, and a folder's others (hidden ones, e.g. .git/, left out)."""
     p = Path(path).expanduser()
+    ignored: list[str] = []
     if any(ch in path for ch in "*?["):
         files = sorted(str(Path(f).resolve()) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
         if not files:
             raise FileNotFoundError(f"{what}: no files match {path!r}")
     elif p.is_dir():
-        files = sorted(str(f.resolve()) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in types)
+        found = [f for f in p.rglob("*") if f.is_file()]
+        files = sorted(str(f.resolve()) for f in found if f.suffix.lower() in types)
+        ignored = sorted(
+            str(f.resolve())
+            for f in found
+            if f.suffix.lower() not in types and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
         if not files:
             raise FileNotFoundError(f"{what}: folder {path!r} has no {', '.join(types)} files")
     elif p.is_file():
@@ -190,23 +281,54 @@ def _local_files(path: str, *, what: str, types: tuple[str, ...]) -> list[str]:
         raise ValueError(f"{what}: {bad[0]} is plain text; conversations need JSONL, JSON or Parquet")
     if bad:
         raise ValueError(f"{what}: unsupported file type of {bad[0]!r}; use one of {', '.join(types)}")
-    return files
+    return files, ignored
 
 
-def _detect_file_format(files: list[str], *, what: str) -> str:
-    """Format from the first readable record of the first non-empty file."""
+def _detect_file_formats(files: list[str], *, what: str, columns: dict[str, str]) -> list[str]:
+    """Each file's format, from its first record. An empty file, or one whose first record fits no format, takes
+    the first detected format (with a warning for the latter); when no file has one, the first file's error."""
+    fmts: list[str | None] = []
+    errors: list[tuple[str, ValueError]] = []
     for f in files:
-        if f.endswith(".txt"):
-            raise ValueError(f"{what}: {f} is plain text; conversations need JSONL, JSON or Parquet")
-        for row, record in _peek(f):
-            if isinstance(record, DataError):
-                if record.reason == "empty_file":
-                    break  # the next file may hold the first record
-                raise ValueError(f"{what}: cannot detect the format: {record}")
-            if not isinstance(record, dict):
-                raise ValueError(f"{what}: {f}:{row}: expected a JSON object, got {type(record).__name__}")
-            return detect_format(record, where=f"{what}: {f}:{row}")
-    raise ValueError(f"{what}: every file is empty: {', '.join(files)}")
+        try:
+            fmts.append(_detect_one(f, what=what, columns=columns))
+        except ValueError as exc:  # DataError included
+            fmts.append(None)
+            errors.append((f, exc))
+    first = next((fmt for fmt in fmts if fmt is not None), None)
+    if first is None:
+        if errors:
+            raise errors[0][1]
+        raise ValueError(f"{what}: every file is empty: {', '.join(files)}")
+    for f, exc in errors:
+        log.warning("%s: %s; reading %s as %s, row by row", what, exc, f, first)
+    return [fmt or first for fmt in fmts]
+
+
+def _detect_one(f: str, *, what: str, columns: dict[str, str]) -> str | None:
+    """The format of one file from its first record (``None``: the file is empty)."""
+    if f.endswith(".txt"):
+        raise ValueError(f"{what}: {f} is plain text; conversations need JSONL, JSON or Parquet")
+    for row, record in _peek(f):
+        if isinstance(record, DataError):
+            if record.reason == "empty_file":
+                return None
+            raise ValueError(f"{what}: cannot detect the format: {record}")
+        if not isinstance(record, dict):
+            raise ValueError(f"{what}: {f}:{row}: expected a JSON object, got {type(record).__name__}")
+        return detect_format(renamed_for_detection(record, columns), where=f"{what}: {f}:{row}")
+    return None
+
+
+def _check_mapping(src: SourceConfig, fmts: list[str], *, what: str) -> None:
+    """With format auto, ``columns`` and ``roles`` must fit some detected format (config time knew no format)."""
+    fields = {f for fmt in set(fmts) for f in SourceConfig.FIELDS[fmt]}
+    for key in src.columns:
+        if key not in fields:
+            valid = "; ".join(f"{fmt}: {', '.join(SourceConfig.FIELDS[fmt])}" for fmt in sorted(set(fmts)))
+            raise ValueError(f"{what}.columns: {key!r} is not a field of the detected format(s) ({valid})")
+    if src.roles and not {"messages", "sharegpt"} & set(fmts):
+        raise ValueError(f"{what}.roles: only messages and sharegpt records have roles; detected {', '.join(fmts)}")
 
 
 def _peek(path: str) -> Iterator[tuple[int, Any]]:
@@ -216,7 +338,7 @@ def _peek(path: str) -> Iterator[tuple[int, Any]]:
         with open(path, "rb") as fh:
             for lineno, line in enumerate(fh, start=1):
                 if line.strip():
-                    yield from _one_jsonl(path, lineno, line)
+                    yield lineno, _jsonl_record(path, lineno, line)
                     return
         return
     if suffix == ".parquet":
@@ -229,11 +351,27 @@ def _peek(path: str) -> Iterator[tuple[int, Any]]:
     yield from iter_file_records(path, Path(path).read_bytes())
 
 
-def _one_jsonl(path: str, lineno: int, line: bytes) -> Iterator[tuple[int, Any]]:
+def _jsonl_record(path: str, lineno: int, line: bytes) -> Any:
+    """One JSONL line's record, or the ``DataError`` (``bad_encoding``, ``invalid_json``) naming file:line."""
     try:
-        yield lineno, json.loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return DataError(
+            f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})",
+            reason="bad_encoding",
+        )
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        yield lineno, DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})", reason="invalid_json")
+        return DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})", reason="invalid_json")
+
+
+def _bad_encoding(path: str, data: bytes, exc: UnicodeDecodeError) -> tuple[int, DataError]:
+    """``(line, DataError)`` for the first byte of ``data`` that is not UTF-8."""
+    lineno = data.count(b"\n", 0, exc.start) + 1
+    column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    message = f"{path}:{lineno}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column})"
+    return lineno, DataError(message, reason="bad_encoding")
 
 
 def _hub_first_row(hub_id: str, src: SourceConfig, *, what: str) -> dict:

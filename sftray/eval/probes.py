@@ -83,3 +83,49 @@ def judge(
 
 def _normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
+
+
+GENERATION_PERCENTILE = 95
+"""Reference answers whose length sizes the generation limit (a few very long outliers should not set it)."""
+GENERATION_SLACK = (1.25, 8)
+"""Limit = percentile length x 1.25 + 8 tokens: room for a model that phrases the answer a little longer."""
+GENERATION_FALLBACK = 64
+"""The limit when no reference answer is known at all."""
+
+
+def generation_limit(reference_lengths: list[int], *, configured: int | None, cap: int) -> tuple[int, str]:
+    """The probes' ``max_new_tokens`` and a warning (empty when none is due).
+
+    ``reference_lengths`` are token counts of the answers the probes expect, end-of-turn included. ``configured``
+    (``eval.max_new_tokens``) wins when set; None sizes the limit to the data, at most ``cap``. A probe whose
+    reference is longer than the limit can never comply: the warning says how many, since format compliance then
+    cannot exceed the rest (with all of them out of reach it is 0 for every checkpoint and selection degenerates).
+    """
+    import math
+
+    lengths = sorted(reference_lengths)
+    if configured is not None:
+        limit, source = configured, f"eval.max_new_tokens={configured}"
+    elif lengths:
+        at = lengths[min(len(lengths) - 1, math.ceil(GENERATION_PERCENTILE / 100 * len(lengths)) - 1)]
+        scale, extra = GENERATION_SLACK
+        limit = min(cap, math.ceil(at * scale) + extra)
+        source = (
+            f"the generation limit sized from the reference answers ({limit} tokens, eval.max_new_tokens_cap={cap})"
+        )
+    else:
+        return min(cap, GENERATION_FALLBACK), ""
+    out_of_reach = sum(1 for n in lengths if n > limit)
+    if not out_of_reach:
+        return limit, ""
+    return limit, (
+        f"{out_of_reach} of {len(lengths)} generation probes have reference answers longer than {source}: they "
+        f"cannot comply, so eval/format_compliance is at most {1 - out_of_reach / len(lengths):.0%}; raise "
+        "eval.max_new_tokens (or eval.max_new_tokens_cap), or set eval.max_new_tokens=null to size it from the data"
+    )
+
+
+def reference_lengths(probes: list[dict], *, tokenizer: Any) -> list[int]:
+    """Token count of each probe's reference answer plus its end-of-turn token (probes without one are skipped)."""
+    refs = [p["reference"] for p in probes if p.get("reference")]
+    return [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in refs]

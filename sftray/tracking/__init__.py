@@ -9,13 +9,10 @@ from sftray.config import Config
 
 def trial_callbacks(cfg: Config, *, parent_id: str, data_report: dict[str, Any]) -> list[Any]:
     """The Tune callbacks that record every trial: MLflow child runs under ``parent_id``, plus W&B when enabled."""
-    from sftray.tracking import mlflow_logger
+    from sftray.tracking.mlflow_callback import MlflowTrialLogger
+    from sftray.tracking.mlflow_logger import base_tags
 
-    callbacks: list[Any] = [
-        mlflow_logger.MlflowTrialLogger(
-            cfg, parent_id=parent_id, tags=mlflow_logger.base_tags(cfg, data_report=data_report)
-        )
-    ]
+    callbacks: list[Any] = [MlflowTrialLogger(cfg, parent_id=parent_id, tags=base_tags(cfg, data_report=data_report))]
     if cfg.tracking.wandb.enabled:
         from sftray.tracking.wandb_logger import wandb_callback
 

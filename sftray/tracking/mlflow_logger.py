@@ -1,8 +1,8 @@
 """MLflow tracking of a sweep, from the Tune driver only (many writers would lock a SQLite store).
 
 One experiment per sweep name; a parent run for the sweep (resolved config, search space, best trial) and a
-child run per trial (flattened params, metrics per epoch, artifacts, tags). The callback creates child runs as
-trials start and logs each ``ray.train.report`` as it reaches Tune.
+child run per trial (flattened params, metrics per epoch, artifacts, tags). This module owns the store, the names
+and the parent run; the Tune callback that writes the child runs is ``sftray.tracking.mlflow_callback``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import re
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
-
-from ray.tune import Callback
 
 from sftray.config import Config
 
@@ -25,11 +22,34 @@ log = logging.getLogger("sftray.tracking")
 SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
 """Params whose key contains one of these are never logged."""
 _URL_PASSWORD = re.compile(r"(://[^/:@\s]+):[^/@\s]+@")  # scheme://user:password@host
+ARTIFACTS_DIRNAME = "mlartifacts"
+"""Beside a SQLite store: the artifacts of the experiments sftray creates in it (``make mlflow-ui`` serves it too)."""
 
 
 def tracking_uri(cfg: Config) -> str:
     """The configured URI, or the offline SQLite store in the output folder (absolute: Tune trials chdir)."""
     return cfg.tracking.uri or f"sqlite:///{Path(cfg.paths.output_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store (an absolute file: URI), so runs and their
+    files stay together whatever the cwd (MLflow's default is ./mlruns); None for any other store (a server keeps
+    its own artifact store)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / ARTIFACTS_DIRNAME).as_uri()
+
+
+def describe_domain(domain: Any) -> str:
+    """A Tune search-space entry as people read it: ``grid_search([0.001, 0.005])``, ``choice([8, 16])``,
+    ``loguniform(1e-05, 0.001)``."""
+    if isinstance(domain, dict) and "grid_search" in domain:
+        return f"grid_search({domain['grid_search']})"
+    if hasattr(domain, "categories"):
+        return f"choice({domain.categories})"
+    if hasattr(domain, "lower") and hasattr(domain, "upper"):
+        return f"{str(domain.sampler).lower()}({domain.lower}, {domain.upper})"
+    return str(domain)
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -89,10 +109,15 @@ def start_parent(cfg: Config, *, space: dict[str, Any], data_report: dict[str, A
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.sweep.name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.sweep.name)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(cfg.sweep.name, artifact_location=artifact_location(uri))
+    )
     marker = sweep_dir / "mlflow_parent_run_id"
     if cfg.sweep.resume and marker.is_file():
         return marker.read_text().strip()
@@ -101,11 +126,13 @@ def start_parent(cfg: Config, *, space: dict[str, Any], data_report: dict[str, A
         run_name=f"{cfg.sweep.name} (sweep)",
         tags={**base_tags(cfg, data_report=data_report), "sftray.role": "sweep"},
     )
-    for key, value in flatten(cfg).items():
-        client.log_param(run.info.run_id, key, _param(value))
+    searched = {key: describe_domain(domain) for key, domain in space.items()}
+    # A swept key shows what its trials tried, not the base value none of them used.
+    for key, value in {**flatten(cfg), **searched}.items():
+        client.log_param(run.info.run_id, key, param_value(value))
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
-        (Path(tmp) / "search_space.json").write_text(json.dumps({k: str(v) for k, v in space.items()}, indent=1))
+        (Path(tmp) / "search_space.json").write_text(json.dumps(searched, indent=1))
         (Path(tmp) / "data_report.json").write_text(json.dumps(data_report, indent=1, default=str))
         client.log_artifacts(run.info.run_id, tmp)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -113,12 +140,14 @@ def start_parent(cfg: Config, *, space: dict[str, Any], data_report: dict[str, A
     return run.info.run_id
 
 
-# Selected-epoch metrics of a trial -> the names its child run and the sweep's parent run carry them under.
+# Selected-epoch metrics of a trial -> the names its child run and the sweep's parent run carry them under (every
+# metric eval.select_metric may name, so the report ranks trials by the sweep's rule).
 BEST_NAMES = {
     "eval/score": "best/score",
     "eval/format_compliance": "best/format_compliance",
     "eval/exact_match": "best/exact_match",
     "eval/forgetting": "best/forgetting",
+    "eval/pretrain_loss": "best/pretrain_loss",
     "val/loss": "best/val_loss",
     "epoch": "best/epoch",
 }
@@ -143,93 +172,6 @@ def finish_parent(cfg: Config, *, parent_id: str, best: dict[str, Any] | None, t
     client.set_terminated(parent_id, "FINISHED")
 
 
-class MlflowTrialLogger(Callback):
-    """Tune callback: one MLflow child run per trial, metrics as results arrive, artifacts when it ends."""
-
-    def __init__(self, cfg: Config, *, parent_id: str, tags: dict[str, str]) -> None:
-        self.cfg, self.parent_id, self.tags = cfg, parent_id, tags
-        self.runs: dict[str, str] = {}
-
-    def _client(self) -> Any:
-        from mlflow import MlflowClient
-
-        return MlflowClient(tracking_uri(self.cfg))
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        client = self._client()
-        parent = client.get_run(self.parent_id)
-        existing = client.search_runs([parent.info.experiment_id], filter_string=f"tags.trial_id = '{trial.trial_id}'")
-        if existing:  # a resumed sweep restarting an unfinished trial
-            self.runs[trial.trial_id] = existing[0].info.run_id
-            return
-        run = client.create_run(
-            parent.info.experiment_id,
-            run_name=f"trial {trial.trial_id}",
-            tags={
-                **self.tags,
-                "mlflow.parentRunId": self.parent_id,
-                "trial_id": trial.trial_id,
-                "sftray.role": "trial",
-            },
-        )
-        self.runs[trial.trial_id] = run.info.run_id
-        params = flatten(self.cfg)
-        params.update({k: v for k, v in (trial.config or {}).items()})
-        for key, value in params.items():
-            client.log_param(run.info.run_id, key, _param(value))
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
-            return
-        from mlflow.entities import Metric
-
-        step = int(result.get("step", result.get("epoch", 0)) or 0)
-        ts = int(result.get("timestamp", 0) * 1000)
-        metrics = [
-            Metric(k, float(v), ts, step)
-            for k, v in result.items()
-            if "/" in k and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-        ]
-        metrics.append(Metric("epoch", float(result.get("epoch", 0)), ts, step))
-        self._client().log_batch(run_id, metrics=metrics)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "FAILED")
-
-    def _close(self, trial: Any, status: str) -> None:
-        from sftray.tune.sweep import OUTCOME_FILE
-
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
-            return
-        client = self._client()
-        outcome_file = Path(trial.local_path or "") / OUTCOME_FILE if getattr(trial, "local_path", None) else None
-        if outcome_file is not None and outcome_file.is_file():
-            outcome = json.loads(outcome_file.read_text())
-            client.set_tag(run_id, "best_checkpoint", outcome["best_checkpoint"])
-            client.set_tag(run_id, "best_reason", outcome["reason"])
-            # The selected epoch's figures under the parent's names, so runs compare on one column each.
-            for key, value in (outcome.get("best_metrics") or {}).items():
-                name = BEST_NAMES.get(key)
-                if name and isinstance(value, int | float) and math.isfinite(value):
-                    client.log_metric(run_id, name, float(value))
-            client.log_text(run_id, json.dumps(dataclasses.asdict(self.cfg), indent=1, default=str), "config.json")
-            client.log_text(run_id, json.dumps(trial.config, indent=1, default=str), "overrides.json")
-            client.log_text(run_id, json.dumps(outcome, indent=1, default=str), "outcome.json")
-            report = Path(outcome["data_report"])
-            if report.is_file():
-                client.log_artifact(run_id, str(report))
-            best = Path(outcome["best_checkpoint"])
-            for name in ("probes.json", "probes_base.json"):
-                if (best / name).is_file():
-                    client.log_artifact(run_id, str(best / name), artifact_path="generations")
-        client.set_terminated(run_id, status)
-
-
-def _param(value: Any) -> str:
+def param_value(value: Any) -> str:
     text = "null" if value is None else str(value)
     return text[:6000]  # MLflow's param value limit

@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
 from sftray.train.parallel import unwrap
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+STATE_FILE = "train_state.pt"
+"""The training state's file in a checkpoint folder: its presence marks a complete checkpoint."""
 
 
 def save(
@@ -49,9 +51,9 @@ def save(
     hf = unwrap(model)
     hf.save_pretrained(directory / "model", state_dict=model_sd, safe_serialization=True)
     tokenizer.save_pretrained(directory / "model")
-    torch.save({**state, "optimizer": optim_sd}, directory / "train_state.pt")
     for name, table in tables.items():
         (directory / f"{name}.json").write_text(json.dumps(table, indent=1))
+    torch.save({**state, "optimizer": optim_sd}, directory / STATE_FILE)
     if merged_from is not None:
         export_merged(
             base_path=merged_from, adapter_dir=directory / "model", out_dir=directory / "merged", tokenizer=tokenizer
@@ -72,7 +74,7 @@ def export_merged(*, base_path: str, adapter_dir: Path, out_dir: Path, tokenizer
 
 def load_state(directory: Path) -> dict[str, Any]:
     """The training state of a checkpoint (every rank reads it)."""
-    return torch.load(directory / "train_state.pt", map_location="cpu", weights_only=False)
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
 
 
 def restore_optimizer(model: Any, optimizer: Any, optim_sd: dict[str, Any]) -> None:

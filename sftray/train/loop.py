@@ -2,8 +2,9 @@
 
 Runs inside each Ray Train worker. Every rank executes the same number of optimizer steps, evals and
 ``ray.train.report`` calls (report is a barrier); metrics are all-reduced before rank 0's dict travels on.
-A run resumes at an epoch boundary from ``ray.train.get_checkpoint()`` (after a worker failure, or an explicit
-``train.resume_from``); per-epoch seeding makes the resumed epochs draw the same randomness as uninterrupted ones.
+A run resumes at an epoch boundary from ``ray.train.get_checkpoint()`` (after a worker failure) or from the folder
+``train.resume_from`` names (a checkpoint of an earlier run); per-epoch seeding makes the resumed epochs draw the
+same randomness as uninterrupted ones.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from sftray.config import Config
 from sftray.data.collate import LENGTH_GROUP, collate_rows, grouped_micro_batches
+from sftray.eval.metrics import with_forgetting
 
 log = logging.getLogger("sftray.train")
 
@@ -40,6 +42,8 @@ class WorkerJob:
     rows_per_rank: int
     """Training rows each rank reads per epoch (the dataset is padded so every rank gets the same count)."""
     probes: list[dict] = field(default_factory=list)
+    max_new_tokens: int = 32
+    """Generation limit of the probes (``eval.max_new_tokens``, or sized to their reference answers)."""
     end_of_turn_id: int = 0
     user_opener: str = ""
 
@@ -70,8 +74,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
 
+    # This run's own latest checkpoint (after a worker-group restart) wins over train.resume_from, which seeds
+    # only the first attempt: Train V2 has no resume_from_checkpoint, so the worker loads the folder itself.
     checkpoint = ray.train.get_checkpoint()
-    fresh_start = checkpoint is None
+    fresh_start = checkpoint is None and not t.resume_from  # fault injection fires on a fresh run's first attempt
+    if checkpoint is None and t.resume_from:
+        checkpoint = ray.train.Checkpoint.from_directory(t.resume_from)
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckdir:
         state = ckpt_mod.load_state(Path(ckdir)) if ckdir else None
         model = _build_model(job, tokenizer=tokenizer, checkpoint_dir=Path(ckdir) if ckdir else None)
@@ -205,6 +213,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 # --- pieces -----------------------------------------------------------------------------------------------------
 
 
+def _with_forgetting(metrics: dict[str, float], base: dict[str, Any], cfg: Config) -> dict[str, float]:
+    return with_forgetting(
+        metrics,
+        base_pretrain_loss=base["pretrain_loss"],
+        metric=cfg.eval.select_metric,
+        budget=cfg.eval.forgetting_budget,
+    )
+
+
 def _build_model(job: WorkerJob, *, tokenizer: Any, checkpoint_dir: Path | None) -> Any:
     """Base model (or a checkpoint's weights), LoRA applied; identical on every rank (seeded)."""
     from sftray.models.loading import load_model
@@ -316,24 +333,12 @@ class _Evaluator:
                 self.job.probes,
                 tokenizer=self.tokenizer,
                 device=self.device,
-                max_new_tokens=self.job.cfg.eval.max_new_tokens,
+                max_new_tokens=self.job.max_new_tokens,
                 end_of_turn_id=self.job.end_of_turn_id,
                 user_opener=self.job.user_opener,
             )
             metrics.update(probe_metrics)
         return metrics, table
-
-
-def _with_forgetting(metrics: dict[str, float], base: dict[str, Any], cfg: Config) -> dict[str, float]:
-    """Adds eval/forgetting (relative rise of held-out pretraining loss vs the base) and the selection score."""
-    base_loss = base["pretrain_loss"]
-    forgetting = (metrics["eval/pretrain_loss"] - base_loss) / base_loss if base_loss > 0 else 0.0
-    out = {**metrics, "eval/base_pretrain_loss": base_loss, "eval/forgetting": forgetting}
-    select = out.get(cfg.eval.select_metric, float("nan"))
-    # Within the forgetting budget the score is the metric (in [0, 1]); beyond it, always below any such run.
-    out["eval/score"] = select if forgetting <= cfg.eval.forgetting_budget else select - 1.0 - forgetting
-    out["eval/within_budget"] = float(forgetting <= cfg.eval.forgetting_budget)
-    return out
 
 
 def _report(

@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 
 from sftray.config import Config, TrainConfig
 from sftray.data.pipeline import ROW_SCHEMA, Prepared
-from sftray.eval.selection import select_best
+from sftray.eval.metrics import check_select_metric, select_best
+from sftray.train.checkpoint import STATE_FILE as CHECKPOINT_STATE
+from sftray.train.checkpoint import load_state
 from sftray.train.loop import WorkerJob, train_fn_per_worker
 
 log = logging.getLogger("sftray.train")
@@ -79,12 +81,14 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[Work
         table = pa.concat_tables([table, _filler(fill, pad_id=tokenizer.pad_token_id)])
         rows[name] = table.num_rows
         datasets[name] = ray.data.from_arrow(table).materialize()
+    probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
     job = WorkerJob(
         cfg=cfg,
         base_model=base_model,
         tokenizer_dir=str(prepared.tokenizer_dir),
         rows_per_rank=rows["train"] // world,
-        probes=_probes(cfg, prepared=prepared, tokenizer=tokenizer),
+        probes=probes,
+        max_new_tokens=_generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer),
         end_of_turn_id=tokenizer.convert_tokens_to_ids(markers["end_of_turn"]),
         user_opener=markers["user_opener"],
     )
@@ -102,7 +106,10 @@ def run_training(
     t = cfg.train
     check_resources(t, available=ray.cluster_resources())
     check_validation(prepared.report)
+    check_select_metric(cfg.eval.select_metric, probes=cfg.eval.num_probes > 0)
     job, datasets = build_job(cfg, prepared=prepared, base_model=base_model)
+    if t.resume_from:
+        check_resumable(Path(t.resume_from), cfg=cfg, steps_per_epoch=job.steps_per_epoch)
     log.info(
         "training %s (%s, %s) on %d worker(s): %d rows/rank, %d steps/epoch x %d epochs",
         cfg.model.name_or_path,
@@ -128,10 +135,11 @@ def run_training(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # keep all: selection is by eval
         ),
         datasets=datasets,
-        resume_from_checkpoint=ray.train.Checkpoint(t.resume_from) if t.resume_from else None,
     )
     result = trainer.fit()
     checkpoints = sorted(((c.path, m) for c, m in (result.best_checkpoints or [])), key=lambda cm: cm[1]["epoch"])
+    if t.resume_from:  # the earlier run's epochs are candidates too: selection is over the whole training
+        checkpoints = prior_checkpoints(Path(t.resume_from)) + checkpoints
     if not checkpoints:
         raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
     choice = select_best(
@@ -147,6 +155,44 @@ def run_training(
         best_metrics=best_metrics,
         best_reason=choice.reason,
     )
+
+
+def check_resumable(checkpoint: Path, *, cfg: Config, steps_per_epoch: int) -> None:
+    """Fails before any worker starts when ``train.resume_from`` cannot continue this run's configuration."""
+    what = f"train.resume_from={checkpoint}"
+    if not (checkpoint / CHECKPOINT_STATE).is_file() or not (checkpoint / "model").is_dir():
+        raise ValueError(f"{what} is not a complete sftray checkpoint (it needs {CHECKPOINT_STATE} and model/)")
+    lora = (checkpoint / "model" / "adapter_config.json").is_file()
+    if lora != (cfg.train.method == "lora"):
+        raise ValueError(f"{what} holds a {'LoRA' if lora else 'full'} model but train.method={cfg.train.method}")
+    state = load_state(checkpoint)
+    if state["epoch"] >= cfg.train.epochs:
+        raise ValueError(
+            f"{what} ends epoch {state['epoch']} and train.epochs={cfg.train.epochs}: nothing left to train "
+            "(raise train.epochs)"
+        )
+    if state["step"] != state["epoch"] * steps_per_epoch:
+        raise ValueError(
+            f"{what} took {state['step']} steps in {state['epoch']} epoch(s), but this configuration takes "
+            f"{steps_per_epoch} per epoch: resume with the data and batch settings of the run that wrote it"
+        )
+
+
+def prior_checkpoints(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The epoch checkpoints up to and including ``checkpoint`` in its run folder, with their epoch-end metrics."""
+    history = load_state(checkpoint)["history"]
+    out = []
+    for metrics in history:
+        folder = checkpoint.parent / f"epoch_{metrics['epoch']:02d}"
+        if metrics["epoch"] > 0 and "train/loss" in metrics and (folder / CHECKPOINT_STATE).is_file():
+            out.append((str(folder), metrics))
+    return out
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete epoch checkpoint below ``run_dir`` (a run folder or a folder of runs), if any."""
+    done = [p.parent for p in Path(run_dir).glob("**/epoch_*/" + CHECKPOINT_STATE) if (p.parent / "model").is_dir()]
+    return max(done, key=lambda p: p.stat().st_mtime) if done else None
 
 
 def summary(outcome: TrainOutcome) -> str:
@@ -212,6 +258,24 @@ def check_validation(report: dict[str, Any]) -> None:
             f"no validation conversations in {report.get('out_dir')} ({conversations.get('train', 0)} train, "
             f"data.val_fraction={fraction}): raise data.val_fraction or give data.val_sources"
         )
+
+
+def _generation_limit(cfg: Config, *, probes: list[dict], prepared: Prepared, tokenizer: Any) -> int:
+    """``max_new_tokens`` of the probes: configured, or sized to their reference answers (warns when out of reach)."""
+    from sftray.eval.probes import generation_limit, probes_from_rows, reference_lengths
+
+    e = cfg.eval
+    if not probes:
+        return e.max_new_tokens or 1
+    lengths = reference_lengths(probes, tokenizer=tokenizer)
+    if not lengths:  # probes without references: the validation answers' lengths stand in
+        rows = _read_rows(prepared.val_dir, limit=e.max_eval_rows).to_pylist()
+        lengths = reference_lengths(probes_from_rows(rows, tokenizer=tokenizer, limit=256), tokenizer=tokenizer)
+    limit, warning = generation_limit(lengths, configured=e.max_new_tokens, cap=e.max_new_tokens_cap)
+    if warning:
+        log.warning(warning)
+    log.info("%d generation probes, at most %d new tokens each", len(probes), limit)
+    return limit
 
 
 def _probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:

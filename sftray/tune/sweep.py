@@ -20,10 +20,11 @@ from ray.train import UserCallback
 
 from sftray.config import Config
 from sftray.data.pipeline import Prepared
+from sftray.eval.metrics import OBJECTIVE_MODE, SCORE, check_select_metric, rank
 
 log = logging.getLogger("sftray.sweep")
 
-OBJECTIVE = "eval/score"
+OBJECTIVE = SCORE
 OUTCOME_FILE = "outcome.json"
 """Written by each trial into its Tune trial folder: best checkpoint, why, and the metric history."""
 TRIAL_DRIVER_CPUS = 0.01
@@ -52,6 +53,11 @@ def override(cfg: Config, dotted: str, value: Any) -> Config:
     if not dataclasses.is_dataclass(child):
         raise ValueError(f"config key '{head}' has no sub-keys (asked for '{dotted}')")
     return dataclasses.replace(cfg, **{head: override(child, rest, value)})
+
+
+def trial_runs_dir(cfg: Config) -> Path:
+    """Where the trials' Train runs (and their checkpoints) of this sweep live: one folder per trial below it."""
+    return Path(cfg.paths.output_dir) / "sweeps" / "runs" / cfg.sweep.name
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -100,6 +106,7 @@ def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: li
     from sftray.train.run import check_validation
 
     check_validation(prepared.report)  # once here, not once per failing trial
+    check_select_metric(cfg.eval.select_metric, probes=cfg.eval.num_probes > 0)
     storage = str(Path(cfg.paths.output_dir) / "sweeps")
     resources, concurrent = trial_resources(cfg, cluster=ray.cluster_resources())
     trainable = tune.with_resources(
@@ -118,7 +125,7 @@ def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: li
             param_space=search_space(cfg),
             tune_config=tune.TuneConfig(
                 metric=OBJECTIVE,
-                mode="max",
+                mode=OBJECTIVE_MODE,
                 num_samples=cfg.sweep.num_samples,
                 max_concurrent_trials=concurrent,
                 scheduler=_scheduler(cfg),
@@ -134,7 +141,11 @@ def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: li
     grid = tuner.fit()
     rows = [_trial_row(r) for r in grid]
     done = [r for r in rows if r["status"] == "finished" and r.get("score") is not None]
-    best = max(done, key=lambda r: (r["score"], -r.get("forgetting", 0.0))) if done else None
+    e = cfg.eval
+    order = rank(
+        [r["outcome"]["best_metrics"] for r in done], metric=e.select_metric, forgetting_budget=e.forgetting_budget
+    )
+    best = done[order[0]] if done else None
     return SweepOutcome(path=str(path), trials=rows, best=best)
 
 
@@ -183,7 +194,7 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
         prepared=prepared,
         base_model=base_model,
         name=f"{base_cfg.sweep.name}-{ctx.get_trial_id()}",
-        storage_path=str(Path(cfg.paths.output_dir) / "sweeps" / "runs"),
+        storage_path=str(trial_runs_dir(cfg)),
     )
     record = {
         "overrides": config,

@@ -10,6 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -19,10 +25,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftray.cli import compose_config
+from sftray.cli import compose_config, main
 from sftray.data.collate import collate_rows
 from sftray.data.pipeline import prepare
 from sftray.eval.evaluate import heldout_loss
+from sftray.train.checkpoint import load_state
 from sftray.train.run import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -46,32 +53,29 @@ def setup(ray_local, cache_dir, tmp_path_factory, random_base):
     root = tmp_path_factory.mktemp("train")
     data = root / "chats.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in _conversations()))
-    cfg = compose_config(
-        [
-            f"paths.cache_dir={cache_dir}",
-            f"paths.output_dir={root / 'out'}",
-            "data=files",
-            f"data.sources=[{{path:'{data}'}}]",
-            "data.max_seq_len=64",
-            "data.val_fraction=0.2",
-            "mix.ratio=0.1",
-            "eval.num_probes=4",
-            "eval.max_new_tokens=6",
-            "train.method=full",
-            "train.lr=1e-3",
-            "train.warmup_ratio=0",
-            "train.schedule=constant",
-            "train.epochs=3",
-            "train.cpus_per_worker=0.5",
-            "train.lora.dropout=0",
-            "train.lora.target_modules=[q_proj,v_proj]",
-            "eval.forgetting_budget=10",
-        ],
-        conf=CONF,
-        base=root,
-    )
+    overrides = [
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={root / 'out'}",
+        "data=files",
+        f"data.sources=[{{path:'{data}'}}]",
+        "data.max_seq_len=64",
+        "data.val_fraction=0.2",
+        "mix.ratio=0.1",
+        "eval.num_probes=4",
+        "eval.max_new_tokens=6",
+        "train.method=full",
+        "train.lr=1e-3",
+        "train.warmup_ratio=0",
+        "train.schedule=constant",
+        "train.epochs=3",
+        "train.cpus_per_worker=0.5",
+        "train.lora.dropout=0",
+        "train.lora.target_modules=[q_proj,v_proj]",
+        "eval.forgetting_budget=10",
+    ]
+    cfg = compose_config(overrides, conf=CONF, base=root)
     prepared = prepare(cfg)
-    return cfg, prepared, str(random_base), root
+    return cfg, prepared, str(random_base), root, overrides
 
 
 def _one_step_per_epoch(cfg, prepared, *, workers: int, **train):
@@ -82,7 +86,7 @@ def _one_step_per_epoch(cfg, prepared, *, workers: int, **train):
 
 
 def _run(setup, name, **train):
-    cfg, prepared, base, root = setup
+    cfg, prepared, base, root, _ = setup
     run_cfg = _one_step_per_epoch(cfg, prepared, **train)
     return run_training(run_cfg, prepared=prepared, base_model=base, name=name, storage_path=str(root / "runs"))
 
@@ -120,7 +124,7 @@ def test_one_worker_fsdp_and_ddp_match_two_worker_fsdp(setup, fsdp2):
 
 
 def test_full_checkpoint_reloads_with_from_pretrained_and_reproduces_the_model(setup, fsdp2):
-    cfg, prepared, _, _ = setup
+    cfg, prepared, _, _, _ = setup
     assert len(fsdp2.checkpoints) == 3  # one per epoch
     for path, metrics in fsdp2.checkpoints:
         model = AutoModelForCausalLM.from_pretrained(Path(path) / "model")
@@ -131,7 +135,7 @@ def test_full_checkpoint_reloads_with_from_pretrained_and_reproduces_the_model(s
 
 
 def test_lora_trains_only_adapters_and_exports_a_merged_model(setup):
-    cfg, prepared, base_path, _ = setup
+    cfg, prepared, base_path, _, _ = setup
     outcome = _run(setup, "lora", workers=2, parallelism="fsdp", method="lora", epochs=2, export_merged=True)
     path, metrics = outcome.checkpoints[-1]
     adapter = Path(path) / "model" / "adapter_model.safetensors"
@@ -160,3 +164,87 @@ def test_worker_failure_resumes_from_the_last_checkpoint(setup, fsdp2):
     ref = _epochs(fsdp2)
     assert epochs[-1]["train/loss"] == pytest.approx(ref[-1]["train/loss"], rel=RTOL)
     assert epochs[-1]["val/loss"] == pytest.approx(ref[-1]["val/loss"], rel=RTOL)
+
+
+def _cli_args(setup, *, workers: int = 2) -> list[str]:
+    """The fixture's run as a user types it: the same overrides, one optimizer step per epoch."""
+    cfg, prepared, base, _, overrides = setup
+    per_rank = math.ceil(prepared.report["splits"]["train"]["rows"] / workers)
+    return [
+        *overrides,
+        f"model.name_or_path={base}",
+        f"train.num_workers={workers}",
+        f"train.micro_batch_size={per_rank}",
+    ]
+
+
+def _new_run(runs: Path, before: set[Path]) -> Path:
+    (run,) = set(runs.iterdir()) - before
+    return run
+
+
+def test_resume_from_continues_an_interrupted_run_to_the_uninterrupted_result(setup, fsdp2, capsys):
+    """A 3-epoch run stopped in epoch 3 and resumed from epoch_02 with the command the CLI prints ends at the same
+    step with the same losses as the uninterrupted run (``fsdp2``), to RTOL."""
+    _, _, _, root, _ = setup
+    runs = root / "out" / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    before = set(runs.iterdir())
+    # The last worker dies at step 3 (epoch 3) and no restart is allowed: the run stops after epoch 2.
+    assert main(["train", *_cli_args(setup), "train.fail_at_step=3", "train.max_failures=0"]) == 1
+    failed = _new_run(runs, before)
+    err = capsys.readouterr().err
+    assert f"training failed; last complete checkpoint: {failed / 'epoch_02'}" in err
+    command = next(line for line in err.splitlines() if line.startswith("resume with:"))
+    argv = shlex.split(command.removeprefix("resume with:"))
+    assert argv[:2] == ["sftray", "train"] and argv[-1] == f"train.resume_from={failed / 'epoch_02'}"
+
+    before = set(runs.iterdir())
+    assert main(argv[1:]) == 0
+    resumed = _new_run(runs, before)
+    assert sorted(p.name for p in resumed.glob("epoch_*")) == ["epoch_03"]  # only what was left
+    history = load_state(resumed / "epoch_03")["history"]
+    epochs = [m for m in history if m["epoch"] > 0]
+    ref = _epochs(fsdp2)
+    assert [m["step"] for m in epochs] == [m["step"] for m in ref] == [1, 2, 3]
+    assert epochs[-1]["train/restarts"] == 1
+    for key in ("train/loss", "val/loss", "eval/pretrain_loss"):
+        assert epochs[-1][key] == pytest.approx(ref[-1][key], rel=RTOL), key
+    # Selection covers the whole training: the earlier run's epochs are candidates too.
+    out = capsys.readouterr().out
+    best = Path(out.split("best checkpoint: ")[1].split()[0])
+    assert best in {failed / "epoch_01", failed / "epoch_02", resumed / "epoch_03"}
+
+
+def test_ctrl_c_prints_the_last_checkpoint_and_the_command_that_resumes_it(setup, ray_local):
+    """``sftray train`` in its own process, joined to the test cluster; SIGINT once its first checkpoint exists."""
+    _, _, _, root, _ = setup
+    runs = root / "out" / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    before = set(runs.iterdir())
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sftray.cli", "train", *_cli_args(setup), "train.epochs=30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=root,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not [
+        p for p in runs.glob("*/epoch_01/train_state.pt") if p.parents[1] not in before
+    ]:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    err = err.decode()
+    assert proc.returncode == 130, err[-3000:]
+    run = _new_run(runs, before)
+    line = next(line for line in err.splitlines() if "last complete checkpoint:" in line)
+    last = Path(line.split("last complete checkpoint: ")[1])
+    assert line.startswith("training interrupted") and last.parent == run and (last / "train_state.pt").is_file()
+    assert last.name != "epoch_30"  # it did stop early
+    command = next(line for line in err.splitlines() if line.startswith("resume with:"))
+    assert shlex.split(command.removeprefix("resume with:"))[-1] == f"train.resume_from={last}"
+    assert f"resume_from={last}" in next(line for line in err.splitlines() if "make train" in line)

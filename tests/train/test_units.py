@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sftray.config import LoraConfig, ModelConfig, TrainConfig
+from sftray.eval.metrics import select_best
 from sftray.eval.probes import judge
-from sftray.eval.selection import select_best
 from sftray.models.loading import add_template_tokens, load_model, load_tokenizer
 from sftray.models.lora import apply_lora
 from sftray.models.tiny import CHATML_TEMPLATE, ensure_tiny_tokenizer, tiny_llama_config
@@ -93,11 +93,11 @@ def test_a_run_without_validation_conversations_fails_before_any_worker_starts()
 def test_select_best_prefers_the_metric_within_the_forgetting_budget():
     epochs = [
         {"eval/format_compliance": 0.9, "eval/forgetting": 0.40, "val/loss": 1.0},  # best metric, forgot too much
-        {"eval/format_compliance": 0.7, "eval/forgetting": 0.05, "val/loss": 1.2},
-        {"eval/format_compliance": 0.7, "eval/forgetting": 0.02, "val/loss": 1.3},  # tie: less forgetting wins
+        {"eval/format_compliance": 0.7, "eval/forgetting": 0.05, "val/loss": 1.2},  # tie: lower val/loss wins
+        {"eval/format_compliance": 0.7, "eval/forgetting": 0.02, "val/loss": 1.3},
     ]
     choice = select_best(epochs, metric="eval/format_compliance", forgetting_budget=0.1)
-    assert choice.index == 2 and "within the forgetting budget" in choice.reason
+    assert choice.index == 1 and "within the forgetting budget" in choice.reason
     choice = select_best(epochs[:1], metric="eval/format_compliance", forgetting_budget=0.1)
     assert choice.index == 0 and "no candidate within" in choice.reason
     with pytest.raises(ValueError, match="available metrics"):

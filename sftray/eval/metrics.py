@@ -1,0 +1,156 @@
+"""Eval metrics: their names, each one's direction, the selection score and the rule that ranks candidates (pure).
+
+A candidate is one eval's metrics (an epoch of a run, or a sweep trial's selected epoch). The rule, used for the
+best checkpoint of a run, for the best trial of a sweep and for the analysis notebook's "best first" table:
+
+1. candidates whose ``eval/forgetting`` is within ``eval.forgetting_budget`` come first, best ``eval.select_metric``
+   first (in that metric's direction: a loss is better lower, a rate higher);
+2. when the metric ties among them, the lower ``val/loss`` (a learning signal) decides, then less forgetting;
+3. candidates beyond the budget follow, least forgetting first.
+
+``eval/score`` folds the rule into one number that is higher-is-better for every metric (Tune's objective, and
+ASHA's): within the budget it is the metric's *goodness* in [0, 1] (a rate as it is, a loss as exp(-loss), i.e.
+1/perplexity); beyond the budget it is ``goodness - 1 - forgetting``, below every candidate within it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+VAL_LOSS = "val/loss"
+PRETRAIN_LOSS = "eval/pretrain_loss"
+BASE_PRETRAIN_LOSS = "eval/base_pretrain_loss"
+FORGETTING = "eval/forgetting"
+FORMAT_COMPLIANCE = "eval/format_compliance"
+EXACT_MATCH = "eval/exact_match"
+SCORE = "eval/score"
+WITHIN_BUDGET = "eval/within_budget"
+
+MAX, MIN = "max", "min"
+DIRECTIONS = {
+    VAL_LOSS: MIN,
+    PRETRAIN_LOSS: MIN,
+    FORGETTING: MIN,
+    FORMAT_COMPLIANCE: MAX,
+    EXACT_MATCH: MAX,
+}
+"""Metrics an eval produces that ``eval.select_metric`` may name, and which way is better."""
+PROBE_METRICS = (FORMAT_COMPLIANCE, EXACT_MATCH)
+"""Produced only when generation probes run (``eval.num_probes > 0``)."""
+OBJECTIVE_MODE = MAX
+"""Tune's mode for ``eval/score``: the score already carries the selection metric's direction."""
+TIE_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice:
+    index: int
+    """Position of the winner in the candidates."""
+    reason: str
+    """Why it won, for people: which rule decided."""
+
+
+def direction(metric: str) -> str:
+    """``"max"`` or ``"min"``: which way ``metric`` is better."""
+    if metric not in DIRECTIONS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(DIRECTIONS)}")
+    return DIRECTIONS[metric]
+
+
+def selectable(*, probes: bool) -> list[str]:
+    """The metrics a run produces at every eval, so ``eval.select_metric`` may name them."""
+    return [m for m in DIRECTIONS if probes or m not in PROBE_METRICS]
+
+
+def check_select_metric(metric: str, *, probes: bool) -> None:
+    """Fails at config time when the run will not produce ``metric`` (a typo would cost the whole run)."""
+    valid = selectable(probes=probes)
+    if metric in valid:
+        return
+    hint = " (it needs generation probes: eval.num_probes > 0)" if metric in PROBE_METRICS else ""
+    listed = ", ".join(f"{m} ({'higher' if DIRECTIONS[m] == MAX else 'lower'} is better)" for m in valid)
+    raise ValueError(f"eval.select_metric={metric!r} is not a metric this run produces{hint}; valid: {listed}")
+
+
+def goodness(metric: str, value: float) -> float:
+    """``value`` mapped so that higher is better: rates as they are, losses as exp(-loss)."""
+    return float(value) if direction(metric) == MAX else math.exp(-float(value))
+
+
+def score(metrics: dict[str, Any], *, metric: str, forgetting_budget: float) -> float:
+    """``eval/score`` of one eval: goodness within the forgetting budget, below every such eval beyond it."""
+    value = metrics.get(metric, float("nan"))
+    g = goodness(metric, value) if value is not None else float("nan")
+    forgetting = metrics[FORGETTING]
+    return g if forgetting <= forgetting_budget else g - 1.0 - forgetting
+
+
+def with_forgetting(metrics: dict[str, float], *, base_pretrain_loss: float, metric: str, budget: float) -> dict:
+    """Adds eval/forgetting (relative rise of held-out pretraining loss vs the base) and the selection score."""
+    loss = metrics[PRETRAIN_LOSS]
+    forgetting = (loss - base_pretrain_loss) / base_pretrain_loss if base_pretrain_loss > 0 else 0.0
+    out = {**metrics, BASE_PRETRAIN_LOSS: base_pretrain_loss, FORGETTING: forgetting}
+    out[SCORE] = score(out, metric=metric, forgetting_budget=budget)
+    out[WITHIN_BUDGET] = float(forgetting <= budget)
+    return out
+
+
+def rank(candidates: Sequence[dict[str, Any]], *, metric: str, forgetting_budget: float) -> list[int]:
+    """Indices of ``candidates``, best first, by the rule in the module docstring."""
+
+    def key(i: int) -> tuple:
+        c = candidates[i]
+        forgetting = _num(c.get(FORGETTING), math.inf)
+        g = _num(goodness(metric, c[metric]) if c.get(metric) is not None else None, -math.inf)
+        val = _num(c.get(VAL_LOSS), math.inf)
+        if forgetting <= forgetting_budget:
+            return (0, -g, val, forgetting)
+        return (1, forgetting, -g, val)
+
+    return sorted(range(len(candidates)), key=key)
+
+
+def select_best(candidates: Sequence[dict[str, Any]], *, metric: str, forgetting_budget: float) -> Choice:
+    """The best candidate by ``rank``, and which rule decided."""
+    if not candidates:
+        raise ValueError("no candidates to select from (no epoch finished an eval)")
+    missing = [k for k in (metric, FORGETTING) if k not in candidates[0]]
+    if missing:
+        raise ValueError(f"candidates lack {missing}; available metrics: {sorted(candidates[0])}")
+    order = rank(candidates, metric=metric, forgetting_budget=forgetting_budget)
+    best = order[0]
+    c = candidates[best]
+    feasible = [i for i in order if candidates[i][FORGETTING] <= forgetting_budget]
+    if not feasible:
+        return Choice(
+            index=best,
+            reason=(
+                f"no candidate within the forgetting budget {forgetting_budget:.0%}; least forgetting "
+                f"({c[FORGETTING]:+.1%}, {metric} {c[metric]:.3f})"
+            ),
+        )
+    better = "lowest" if direction(metric) == MIN else "highest"
+    within = (
+        f"among {len(feasible)} of {len(candidates)} candidates within the forgetting budget {forgetting_budget:.0%}"
+    )
+    tied = [
+        i
+        for i in feasible
+        if abs(goodness(metric, candidates[i][metric]) - goodness(metric, c[metric])) <= TIE_TOLERANCE
+    ]
+    if len(tied) == 1:
+        rule = f"{better} {metric} ({c[metric]:.3f})"
+    elif metric != VAL_LOSS and len({_num(candidates[i].get(VAL_LOSS), math.inf) for i in tied}) > 1:
+        rule = f"{metric} tied at {c[metric]:.3f} by {len(tied)} candidates; the tie broken by lowest {VAL_LOSS} ({c.get(VAL_LOSS, float('nan')):.4f})"
+    else:
+        rule = f"{metric} tied at {c[metric]:.3f} by {len(tied)} candidates; the tie broken by least forgetting"
+    return Choice(index=best, reason=f"{rule} {within} (its forgetting: {c[FORGETTING]:+.1%})")
+
+
+def _num(value: Any, default: float) -> float:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return default
+    return float(value)

@@ -1,0 +1,106 @@
+"""The Tune callback that records each trial as an MLflow child run of the sweep's parent run.
+
+It creates the child run as a trial starts (flattened params with the trial's sampled values on top), logs each
+``ray.train.report`` as it reaches Tune, and when the trial ends its selected epoch's metrics (``best/*``), outcome,
+config and generation tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from sftray.config import Config
+from sftray.tracking.mlflow_logger import BEST_NAMES, flatten, param_value, tracking_uri
+
+
+class MlflowTrialLogger(Callback):
+    """Tune callback: one MLflow child run per trial, metrics as results arrive, artifacts when it ends."""
+
+    def __init__(self, cfg: Config, *, parent_id: str, tags: dict[str, str]) -> None:
+        self.cfg, self.parent_id, self.tags = cfg, parent_id, tags
+        self.runs: dict[str, str] = {}
+
+    def _client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri(self.cfg))
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        client = self._client()
+        parent = client.get_run(self.parent_id)
+        existing = client.search_runs([parent.info.experiment_id], filter_string=f"tags.trial_id = '{trial.trial_id}'")
+        if existing:  # a resumed sweep restarting an unfinished trial
+            self.runs[trial.trial_id] = existing[0].info.run_id
+            return
+        run = client.create_run(
+            parent.info.experiment_id,
+            run_name=f"trial {trial.trial_id}",
+            tags={
+                **self.tags,
+                "mlflow.parentRunId": self.parent_id,
+                "trial_id": trial.trial_id,
+                "sftray.role": "trial",
+            },
+        )
+        self.runs[trial.trial_id] = run.info.run_id
+        params = flatten(self.cfg)
+        params.update({k: v for k, v in (trial.config or {}).items()})
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, param_value(value))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        step = int(result.get("step", result.get("epoch", 0)) or 0)
+        ts = int(result.get("timestamp", 0) * 1000)
+        metrics = [
+            Metric(k, float(v), ts, step)
+            for k, v in result.items()
+            if "/" in k and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        metrics.append(Metric("epoch", float(result.get("epoch", 0)), ts, step))
+        self._client().log_batch(run_id, metrics=metrics)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "FAILED")
+
+    def _close(self, trial: Any, status: str) -> None:
+        from sftray.tune.sweep import OUTCOME_FILE
+
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        client = self._client()
+        outcome_file = Path(trial.local_path or "") / OUTCOME_FILE if getattr(trial, "local_path", None) else None
+        if outcome_file is not None and outcome_file.is_file():
+            outcome = json.loads(outcome_file.read_text())
+            client.set_tag(run_id, "best_checkpoint", outcome["best_checkpoint"])
+            client.set_tag(run_id, "best_reason", outcome["reason"])
+            # The selected epoch's figures under the parent's names, so runs compare on one column each.
+            for key, value in (outcome.get("best_metrics") or {}).items():
+                name = BEST_NAMES.get(key)
+                if name and isinstance(value, int | float) and math.isfinite(value):
+                    client.log_metric(run_id, name, float(value))
+            client.log_text(run_id, json.dumps(dataclasses.asdict(self.cfg), indent=1, default=str), "config.json")
+            client.log_text(run_id, json.dumps(trial.config, indent=1, default=str), "overrides.json")
+            client.log_text(run_id, json.dumps(outcome, indent=1, default=str), "outcome.json")
+            report = Path(outcome["data_report"])
+            if report.is_file():
+                client.log_artifact(run_id, str(report))
+            best = Path(outcome["best_checkpoint"])
+            for name in ("probes.json", "probes_base.json"):
+                if (best / name).is_file():
+                    client.log_artifact(run_id, str(best / name), artifact_path="generations")
+        client.set_terminated(run_id, status)

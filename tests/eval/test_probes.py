@@ -1,0 +1,32 @@
+"""``sftray.eval.probes``: the generation limit sized to the reference answers, and the warning when probes cannot
+comply within it (pure)."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from sftray.eval.probes import generation_limit, reference_lengths
+from sftray.models.tiny import ensure_tiny_tokenizer
+
+
+def test_long_answers_get_a_limit_they_fit_in(cache_dir):
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache_dir))
+    # Worked solutions of ~190 tokens: a fixed 32-token limit makes every probe non-compliant.
+    answers = [" ".join(f"step {i} adds {j} to the total" for j in range(24 + i % 5)) for i in range(40)]
+    lengths = reference_lengths([{"reference": a} for a in answers] + [{"reference": None}], tokenizer=tok)
+    assert len(lengths) == 40 and min(lengths) > 150
+    limit, warning = generation_limit(lengths, configured=None, cap=512)
+    assert limit >= max(lengths) and not warning
+    limit, warning = generation_limit(lengths, configured=32, cap=512)
+    assert limit == 32
+    assert "40 of 40 generation probes have reference answers longer than eval.max_new_tokens=32" in warning
+    assert "eval/format_compliance is at most 0%" in warning
+
+
+def test_the_cap_bounds_the_sized_limit_and_says_what_it_costs():
+    limit, warning = generation_limit([10] * 19 + [400], configured=None, cap=64)
+    assert limit == 21  # 95th percentile (10) x 1.25 + 8: one outlier does not set the limit
+    assert "1 of 20 generation probes" in warning and "at most 95%" in warning
+    limit, warning = generation_limit([300] * 4, configured=None, cap=64)
+    assert limit == 64 and "eval.max_new_tokens_cap=64" in warning
+    assert generation_limit([], configured=None, cap=512) == (64, "")

@@ -1,0 +1,69 @@
+"""The sweep's parent run in a real SQLite MLflow store: where its artifacts land, and the params it records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from mlflow import MlflowClient
+
+from sftray.cli import compose_config
+from sftray.eval.metrics import DIRECTIONS, SCORE
+from sftray.tracking.mlflow_logger import BEST_NAMES, artifact_location, start_parent, tracking_uri
+from sftray.tune.sweep import search_space
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _parent(tmp_path: Path, overrides: list[str]) -> tuple[MlflowClient, str, Path]:
+    out = tmp_path / "out"
+    cfg = compose_config([f"paths.output_dir={out}", "sweep.name=store", *overrides], conf=CONF, base=tmp_path)
+    parent = start_parent(cfg, space=search_space(cfg), data_report={"fingerprint": "f"}, sweep_dir=out / "sweeps")
+    return MlflowClient(tracking_uri(cfg)), parent, out
+
+
+def test_sqlite_store_keeps_artifacts_beside_it_whatever_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    client, parent, out = _parent(tmp_path, [])
+    run = client.get_run(parent)
+    artifacts = Path(urlparse(run.info.artifact_uri).path)
+    assert urlparse(run.info.artifact_uri).scheme == "file"
+    assert artifacts.is_relative_to(out / "mlartifacts"), run.info.artifact_uri
+    assert {"config.json", "search_space.json", "data_report.json"} <= {p.name for p in artifacts.iterdir()}
+    assert list(elsewhere.iterdir()) == []  # no ./mlruns
+
+
+def test_artifact_location_only_for_sqlite_stores(tmp_path: Path) -> None:
+    assert artifact_location(f"sqlite:///{tmp_path}/o/mlflow.db") == (tmp_path / "o" / "mlartifacts").as_uri()
+    assert artifact_location("http://mlflow:5000") is None  # a server keeps its own artifact store
+    assert artifact_location("https://user:pw@mlflow.example.com") is None
+
+
+def test_trials_carry_every_metric_the_selection_may_use() -> None:
+    assert set(DIRECTIONS) | {SCORE} <= set(BEST_NAMES)
+
+
+def test_parent_params_show_the_search_space_of_swept_keys(tmp_path: Path) -> None:
+    client, parent, _ = _parent(
+        tmp_path, ["sweep.lr.values=[1e-3,5e-3]", "sweep.epochs=[1,2]", "+sweep.params={train.lora.r:[8,16]}"]
+    )
+    params = client.get_run(parent).data.params
+    assert params["train.lr"] == "grid_search([0.001, 0.005])"  # not the base train.lr no trial used
+    assert params["train.epochs"] == "grid_search([1, 2])"
+    assert params["train.lora.r"] == "grid_search([8, 16])"
+    assert params["train.method"] == "lora" and params["eval.forgetting_budget"] == "0.25"  # the rest as configured
+    space = json.loads(Path(client.download_artifacts(parent, "search_space.json", str(tmp_path))).read_text())
+    assert space == {k: params[k] for k in ("train.lr", "train.epochs", "train.lora.r")}
+
+
+def test_parent_params_show_sampled_search_spaces(tmp_path: Path) -> None:
+    client, parent, _ = _parent(
+        tmp_path, ["sweep.search=optuna", "sweep.lr.values=[]", "sweep.lr.low=1e-5", "sweep.lr.high=1e-3"]
+    )
+    params = client.get_run(parent).data.params
+    assert params["train.lr"] == "loguniform(1e-05, 0.001)"
+    assert params["train.epochs"] == "choice([1, 2])"
