@@ -20,7 +20,7 @@ from ray.train import UserCallback
 
 from sftray.config import Config
 from sftray.data.pipeline import Prepared
-from sftray.eval.metrics import OBJECTIVE_MODE, SCORE, check_select_metric, rank
+from sftray.eval.metrics import OBJECTIVE_MODE, SCORE, check_select_metric, select_best
 
 log = logging.getLogger("sftray.sweep")
 
@@ -39,6 +39,8 @@ class SweepOutcome:
     """One row per trial: its overrides, final and best metrics, status, checkpoint."""
     best: dict[str, Any] | None
     """The winning trial's row (None if every trial failed)."""
+    best_reason: str = ""
+    """Why that trial ranks first among the finished ones (which rule decided)."""
 
 
 def override(cfg: Config, dotted: str, value: Any) -> Config:
@@ -141,12 +143,14 @@ def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: li
     grid = tuner.fit()
     rows = [_trial_row(r) for r in grid]
     done = [r for r in rows if r["status"] == "finished" and r.get("score") is not None]
+    if not done:
+        return SweepOutcome(path=str(path), trials=rows, best=None)
     e = cfg.eval
-    order = rank(
+    # Trials are ranked by their selected epochs with the rule that selected those epochs.
+    choice = select_best(
         [r["outcome"]["best_metrics"] for r in done], metric=e.select_metric, forgetting_budget=e.forgetting_budget
     )
-    best = done[order[0]] if done else None
-    return SweepOutcome(path=str(path), trials=rows, best=best)
+    return SweepOutcome(path=str(path), trials=rows, best=done[choice.index], best_reason=choice.reason)
 
 
 def table(outcome: SweepOutcome) -> str:
@@ -165,8 +169,9 @@ def table(outcome: SweepOutcome) -> str:
         b = outcome.best
         lines += [
             f"best trial: {b['trial_id']} ({', '.join(f'{k}={v}' for k, v in b['overrides'].items())})",
+            f"  ranked first: {outcome.best_reason}",
             f"  checkpoint: {b['checkpoint']}",
-            f"  why: {b['reason']}",
+            f"  why this epoch: {b['reason']}",
         ]
     else:
         lines.append("no trial finished")

@@ -7,6 +7,7 @@ The trials are records of what Tune would hand the callback (id, sampled config,
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -138,6 +139,8 @@ def _make_report(out: Path, uri: str, sweep: str) -> subprocess.CompletedProcess
         capture_output=True,
         text=True,
         timeout=600,
+        # A top-level make, as a user's: under `make test` the parent's level would turn "make:" into "make[1]:".
+        env={k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")},
     )
 
 

@@ -33,7 +33,8 @@ from sftray.train.checkpoint import load_state
 from sftray.train.run import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-CONF = Path(__file__).resolve().parents[2] / "conf"
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
 RTOL = 1e-4
 """Relative tolerance between parallel layouts: float32 sums in a different order differ by ~1e-6."""
 
@@ -183,9 +184,9 @@ def _new_run(runs: Path, before: set[Path]) -> Path:
     return run
 
 
-def test_resume_from_continues_an_interrupted_run_to_the_uninterrupted_result(setup, fsdp2, capsys):
-    """A 3-epoch run stopped in epoch 3 and resumed from epoch_02 with the command the CLI prints ends at the same
-    step with the same losses as the uninterrupted run (``fsdp2``), to RTOL."""
+def test_resume_from_continues_an_interrupted_run_to_the_uninterrupted_result(setup, fsdp2, capsys, ray_local):
+    """A 3-epoch run stopped in epoch 3 and resumed from epoch_02 with ``make train resume_from=...`` as the CLI
+    prints it ends at the same step with the same losses as the uninterrupted run (``fsdp2``), to RTOL."""
     _, _, _, root, _ = setup
     runs = root / "out" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -199,8 +200,13 @@ def test_resume_from_continues_an_interrupted_run_to_the_uninterrupted_result(se
     argv = shlex.split(command.removeprefix("resume with:"))
     assert argv[:2] == ["sftray", "train"] and argv[-1] == f"train.resume_from={failed / 'epoch_02'}"
 
+    make = next(line for line in err.splitlines() if "make train" in line).split("or:", 1)[1].strip()
+    assert make.startswith("make train ARGS=") and make.endswith(f"resume_from={failed / 'epoch_02'}")
+
     before = set(runs.iterdir())
-    assert main(argv[1:]) == 0
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    done = subprocess.run(make, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     resumed = _new_run(runs, before)
     assert sorted(p.name for p in resumed.glob("epoch_*")) == ["epoch_03"]  # only what was left
     history = load_state(resumed / "epoch_03")["history"]
@@ -211,7 +217,7 @@ def test_resume_from_continues_an_interrupted_run_to_the_uninterrupted_result(se
     for key in ("train/loss", "val/loss", "eval/pretrain_loss"):
         assert epochs[-1][key] == pytest.approx(ref[-1][key], rel=RTOL), key
     # Selection covers the whole training: the earlier run's epochs are candidates too.
-    out = capsys.readouterr().out
+    out = done.stdout
     best = Path(out.split("best checkpoint: ")[1].split()[0])
     assert best in {failed / "epoch_01", failed / "epoch_02", resumed / "epoch_03"}
 

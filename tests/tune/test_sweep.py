@@ -128,7 +128,8 @@ def test_sweep_tracks_every_trial_survives_a_crash_and_resumes(sweep_cfg, swept)
     assert outcome.best is not None and outcome.best["status"] == "finished"
     assert Path(outcome.best["checkpoint"], "model").is_dir()
     text = table(outcome)
-    assert f"best trial: {outcome.best['trial_id']}" in text and "why: highest" in text
+    assert f"best trial: {outcome.best['trial_id']}" in text and "why this epoch: highest" in text
+    assert "ranked first: " in text and "within the forgetting budget" in outcome.best_reason
 
     client = MlflowClient(cfg.tracking.uri)
     experiment = client.get_experiment_by_name("tiny")
