@@ -1,19 +1,19 @@
-"""Command line: the only module that sees Hydra. ``sftray <command> [key=value ...]``.
+"""Command line: argument parsing only; it composes the config and calls a recipe. ``sftray <command> [k=v ...]``.
 
-Hydra's compose API turns conf/ + overrides into the typed ``Config``; a misspelled key fails here with the
-valid keys listed. Everything below receives dataclasses.
+``sftray.config.compose_config`` turns conf/ + overrides into the typed ``Config`` (a misspelled key fails with
+the valid keys listed); everything below receives dataclasses.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
 import sys
 from pathlib import Path
 
-from sftray.config import Config, open_mappings, register_configs, schema_keys, unknown_key_message, unknown_keys
+from sftray.config import Config, ConfigError
+from sftray.config import compose_config as compose_schema
 from sftray.eval.metrics import check_select_metric
 
 USAGE = """usage: sftray COMMAND [key=value ...] [flags]
@@ -32,85 +32,15 @@ overrides use Hydra syntax, e.g.  sftray prep data.max_seq_len=512 mix.ratio=0.0
 log = logging.getLogger("sftray")
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be composed or fails validation."""
-
-
-def config_dir() -> Path:
-    """conf/ beside the package (a source checkout), or $SFTRAY_CONF."""
-    env = os.environ.get("SFTRAY_CONF")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(f"no config.yaml in {path}; set SFTRAY_CONF to the folder holding sftray's conf/")
-    return path
-
-
-def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path | None = None) -> Config:
-    """conf/ + Hydra overrides -> a validated ``Config`` with absolute paths (relative to ``base`` or cwd)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    # Below an open mapping the rest of a dotted key is one key: +sweep.params.train.lora.r=[8,16] adds the entry
-    # "train.lora.r" (Hydra would nest train: {lora: {r: ...}}), as +sweep.params={train.lora.r:[8,16]} does.
-    mappings = "|".join(re.escape(m) for m in open_mappings())
-    overrides = [re.sub(rf"^(\+*)({mappings})\.([^=]+)=(.*)$", r"\1\2={\3:\4}", o, flags=re.S) for o in overrides]
+def compose_config(overrides: list[str]) -> Config:
+    """``sftray.config.compose_config`` plus the checks that need a higher layer than config (the metrics the
+    run will produce), so a misspelled ``eval.select_metric`` fails before any data or training."""
+    cfg = compose_schema(overrides)
     try:
-        with initialize_config_dir(config_dir=str(Path(conf or config_dir()).resolve()), version_base="1.3"):
-            composed = compose("config", overrides=overrides)
-        # Hydra's +key / ++key adds keys the schema lacks, and to_object would drop them silently.
-        if unknown := unknown_keys(OmegaConf.to_container(composed)):
-            raise ConfigError(unknown_key_message(unknown[0]))
-        cfg = OmegaConf.to_object(composed)
-    except Exception as exc:  # Hydra/OmegaConf raise several types; all become one readable message
-        raise ConfigError(explain_config_error(exc)) from exc
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"conf/config.yaml did not compose to a Config (got {type(cfg).__name__})")
-    try:  # a metric the run will not produce would otherwise fail only after training, in every trial
         check_select_metric(cfg.eval.select_metric, probes=cfg.eval.num_probes > 0)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return cfg.resolved_paths(base or Path.cwd())
-
-
-def explain_config_error(exc: BaseException) -> str:
-    """The deepest useful message of a config error, with the valid keys when a key is unknown."""
-    chain, e = [], exc
-    while e is not None:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    message = str(exc).strip()
-    if len(chain) > 1 and str(chain[-1]).strip() not in message:
-        message = f"{message}\n  cause: {str(chain[-1]).strip()}"
-    for err in chain:
-        full_key = getattr(err, "full_key", None)
-        object_type = getattr(err, "object_type", None)
-        parent = re.sub(r"\[\d+\]", "", full_key or "").rpartition(".")[0]
-        if (
-            full_key
-            and "not in" in str(err)
-            and dataclasses.is_dataclass(object_type)
-            and (schema_keys(parent) != [f.name for f in dataclasses.fields(object_type)])
-        ):
-            # Inside a list item, full_key is relative to the item: its own type names the valid keys, and
-            # Hydra's outer message names the overridden list.
-            valid = [f.name for f in dataclasses.fields(object_type)]
-            outer = re.search(r"override '([\w.]+)'", str(exc))
-            where = outer.group(1) if outer else object_type.__name__
-            return f"unknown config key '{full_key}'. Valid keys of {where}: {', '.join(valid)}"
-        if full_key and type(err).__name__ == "ValidationError":
-            return f"invalid value for config key '{full_key}': {str(err).splitlines()[0]}"
-        if full_key and "missing mandatory value" in str(err):
-            return (
-                f"config value '{full_key}' is required but not set (??? in conf/); pass {full_key.split('[')[0]}=..."
-            )
-        if full_key and ("not in struct" in str(err) or "Key '" in str(err)) and schema_keys(parent) is not None:
-            return unknown_key_message(full_key)
-    if isinstance(chain[-1], ValueError) and len(chain) > 1:
-        return f"invalid configuration: {chain[-1]}"
-    return message
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,39 +105,32 @@ def init_ray() -> None:
 
 
 def _prep(cfg: Config, *, force: bool) -> int:
-    from sftray.data.pipeline import prepare
     from sftray.data.report import summary
+    from sftray.recipes.prep import prep
 
     init_ray()
-    prepared = prepare(cfg, force=force)
-    print(summary(prepared.report))
+    print(summary(prep(cfg, force=force).report))
     return 0
 
 
 def _train(cfg: Config, *, force: bool, overrides: list[str]) -> int:
-    """prep (cached) -> base model (built on first use for the builtin) -> one Ray Train run -> summary."""
-    import time
+    """The train recipe, its summary, and on Ctrl-C or failure the command that resumes it."""
+    from ray.exceptions import RayActorError
 
-    from sftray.data.pipeline import prepare
-    from sftray.models.loading import resolve_base_model_path
-    from sftray.train.run import run_training, summary
+    from sftray.recipes.train import run_name, runs_dir, train
+    from sftray.train.run import summary
 
     init_ray()
-    prepared = prepare(cfg, force=force)
-    base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
-    name = f"train-{cfg.data.name}-{cfg.train.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(cfg.paths.output_dir) / "runs"
+    name = run_name(cfg)
     try:
-        outcome = run_training(cfg, prepared=prepared, base_model=base, name=name, storage_path=str(storage))
+        outcome = train(cfg, force=force, name=name)
     except (KeyboardInterrupt, SystemExit, Exception) as exc:
         # Train V2 turns Ctrl-C into an aborted controller (SystemExit or an actor error here). However the run
         # ends early, say where it got to and the command that goes on from there.
-        from ray.exceptions import RayActorError
-
         interrupted = isinstance(exc, KeyboardInterrupt | SystemExit | RayActorError)
         if not interrupted:
             log.error("training failed: %s", exc)
-        print(_train_resume_hint(storage / name, overrides, interrupted=interrupted), file=sys.stderr)
+        print(_train_resume_hint(runs_dir(cfg) / name, overrides, interrupted=interrupted), file=sys.stderr)
         return 130 if interrupted else 1
     print(summary(outcome))
     return 0
@@ -232,32 +155,22 @@ def _train_resume_hint(run_dir: Path, overrides: list[str], *, interrupted: bool
 
 
 def _sweep(cfg: Config, *, overrides: list[str]) -> int:
-    """prep (cached) -> base model -> Tune trials, each a Ray Train run, tracked in MLflow -> ranked table."""
-    from sftray.data.pipeline import prepare
-    from sftray.models.loading import resolve_base_model_path
-    from sftray.tracking import mlflow_logger, trial_callbacks
-    from sftray.tune.sweep import run_sweep, search_space, table
+    """The sweep recipe and its ranked table; on Ctrl-C the command that resumes it."""
+    from sftray.recipes.sweep import sweep, unfinished
+    from sftray.tracking.mlflow_logger import tracking_uri
+    from sftray.tune.sweep import table
 
     init_ray()
-    prepared = prepare(cfg)
-    base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
-    sweep_dir = Path(cfg.paths.output_dir) / "sweeps" / cfg.sweep.name
-    parent = mlflow_logger.start_parent(cfg, space=search_space(cfg), data_report=prepared.report, sweep_dir=sweep_dir)
-    callbacks = trial_callbacks(cfg, parent_id=parent, data_report=prepared.report)
     try:
-        outcome = run_sweep(cfg, prepared=prepared, base_model=base, callbacks=callbacks)
+        outcome = sweep(cfg)
     except (KeyboardInterrupt, SystemExit):
         print(_sweep_resume_hint(cfg, overrides, unfinished=None), file=sys.stderr)
         return 130
-    text = table(outcome)
-    unfinished = [r for r in outcome.trials if r["status"] == "stopped"]
-    if unfinished:  # Tune ends the loop on Ctrl-C and returns the trials as they were
-        print(text)
-        print(_sweep_resume_hint(cfg, overrides, unfinished=len(unfinished)), file=sys.stderr)
+    print(table(outcome))
+    if stopped := unfinished(outcome):  # Tune ends the loop on Ctrl-C and returns the trials as they were
+        print(_sweep_resume_hint(cfg, overrides, unfinished=len(stopped)), file=sys.stderr)
         return 130
-    mlflow_logger.finish_parent(cfg, parent_id=parent, best=outcome.best, table_text=text)
-    uri = mlflow_logger.tracking_uri(cfg)
-    print(text)
+    uri = tracking_uri(cfg)
     print(f"\nbrowse: make mlflow-ui MLFLOW_URI={uri}   (experiment '{cfg.sweep.name}')")
     print(
         f"report: make report SWEEP={cfg.sweep.name} MLFLOW_URI={uri}   "

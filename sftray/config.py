@@ -1,13 +1,16 @@
-"""Typed configuration: the dataclass schemas behind conf/, registered in Hydra's ConfigStore, checked on creation.
+"""Typed configuration: the dataclass schemas (every default, checked on creation) and ``compose_config``.
 
-Library code below the CLI takes these dataclasses (they pickle to Ray workers); only ``sftray.cli`` sees Hydra.
-Each field's docstring is its documentation; conf/*.yaml repeat it as trailing comments.
+The schema is the one home of every default and its documentation (each field's docstring); conf/ group files set
+only the values an option changes, with a trailing comment each. ``compose_config`` is the only place Hydra runs:
+the CLI, the tests and the bench all get their ``Config`` from it. Library code takes the dataclasses (they pickle
+to Ray workers).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -123,11 +126,12 @@ class DataConfig:
     """Validation conversations; when empty, val_fraction of the training rows is held out instead."""
     val_fraction: float = 0.05
     """Share of training rows held out for validation (hash of source+row: stable across runs)."""
-    probes: str | None = None
-    """Generation probes: JSONL of {"prompt", "reference"} or builtin:demo-heldout; None: the val rows' last turns."""
+    probes: str | None = "builtin:demo-heldout"
+    """Generation probes: JSONL of {"prompt", "reference"} or builtin:demo-heldout (unseen prompts with checkable
+    answers); None: the last turn of the validation conversations."""
     system_prompt: str | None = None
     """System prompt added to conversations that have none (None: leave them as they are)."""
-    max_seq_len: int = 512
+    max_seq_len: int = 256
     """Tokens per training row."""
     packing: bool = True
     """Pack several examples per row (isolated by position_ids); false: one example per padded row."""
@@ -165,7 +169,9 @@ class MixConfig:
 
     ratio: float = 0.1
     """Share of training tokens (non-pad) that come from the pretraining corpus; 0 disables mixing."""
-    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(path="builtin:pydoc_topics")])
+    sources: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig(path="builtin:pydoc_topics", format="text")]
+    )
     """Pretraining text: .txt files (one document per file) or a text column."""
     window_len: int | None = None
     """Tokens per pretraining window; None: data.max_seq_len."""
@@ -192,7 +198,7 @@ class LoraConfig:
     """Scaling numerator (scale = alpha / r)."""
     dropout: float = 0.05
     """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names that get adapters; ["all-linear"] targets every linear layer."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapters (e.g. lm_head)."""
@@ -215,12 +221,13 @@ class TrainConfig:
     """Ray Train workers (processes); one GPU each when use_gpu."""
     use_gpu: bool = False
     """Train on GPUs (NCCL, bf16 autocast) instead of CPUs (gloo, float32)."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.8
     """CPUs reserved per worker (fractions allowed); also its torch thread count (at least 1)."""
     epochs: int = 2
     """Passes over the training rows; a checkpoint and an eval after each."""
-    lr: float = 2e-4
-    """Peak learning rate (SFT: 2-10x below pretraining; LoRA tolerates higher)."""
+    lr: float = 5e-3
+    """Peak learning rate (SFT: 2-10x below pretraining). LoRA adapters take ~10x the full fine-tuning LR; 5e-3 is
+    the demo's measured best of 1e-3..5e-3 (conf/train/full.yaml: 1e-4)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     warmup_ratio: float = 0.05
@@ -310,11 +317,11 @@ class LrSpace:
 class SweepConfig:
     """A Ray Tune sweep: each trial is one training run with some config keys changed."""
 
-    name: str = "sweep"
-    """Sweep folder and MLflow experiment name."""
-    lr: LrSpace = field(default_factory=LrSpace)
+    name: str = "demo"
+    """Sweep folder and MLflow experiment name (the default sweep: LoRA LR x epochs on the demo)."""
+    lr: LrSpace = field(default_factory=lambda: LrSpace(values=[1e-3, 5e-3]))
     """Learning-rate search space (train.lr)."""
-    epochs: list[int] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=lambda: [1, 2])
     """train.epochs values, tried as a grid; empty keeps train.epochs."""
     params: dict[str, list[Any]] = field(default_factory=dict)
     """Any other dotted config key -> values tried as a grid, e.g. {train.lora.r: [8, 16]}."""
@@ -369,10 +376,10 @@ class TrackingConfig:
 class PathsConfig:
     """Where things go. Relative paths are resolved against the launch directory by the CLI."""
 
-    output_dir: str = "outputs"
-    """Prepared data, runs and the MLflow store."""
-    cache_dir: str = "~/.cache/sftray"
-    """Built offline assets (tiny tokenizer/model, builtin data)."""
+    output_dir: str = field(default_factory=lambda: os.environ.get("SFTRAY_OUTPUT", "outputs"))
+    """Prepared data, runs and the MLflow store ($SFTRAY_OUTPUT; relative: the launch directory)."""
+    cache_dir: str = field(default_factory=lambda: os.environ.get("SFTRAY_CACHE", "~/.cache/sftray"))
+    """Built offline assets: tiny tokenizer/model, builtin data ($SFTRAY_CACHE)."""
 
 
 @dataclass(kw_only=True)
@@ -386,7 +393,7 @@ class Config:
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    sweep: SweepConfig = field(default_factory=lambda: SweepConfig(lr=LrSpace(values=[1e-3])))
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -406,6 +413,20 @@ class Config:
             cache_dir=str(cache if cache.is_absolute() else base / cache),
         )
         return dataclasses.replace(self, paths=paths)
+
+
+def override(cfg: Config, dotted: str, value: Any) -> Config:
+    """A copy of ``cfg`` with the dotted key set (``train.lora.r``); unknown keys list the valid ones."""
+    head, _, rest = dotted.partition(".")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if head not in fields:
+        raise ValueError(f"unknown config key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    child = getattr(cfg, head)
+    if not dataclasses.is_dataclass(child):
+        raise ValueError(f"config key '{head}' has no sub-keys (asked for '{dotted}')")
+    return dataclasses.replace(cfg, **{head: override(child, rest, value)})
 
 
 def register_configs() -> None:
@@ -472,3 +493,83 @@ def _field_type(cls: Any, name: str) -> Any:
     if typing.get_origin(hint) is list and args:
         return args[0]
     return hint
+
+
+# --- composition (Hydra) ---------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be composed or fails validation."""
+
+
+def config_dir() -> Path:
+    """conf/ beside the package (a source checkout), or $SFTRAY_CONF."""
+    env = os.environ.get("SFTRAY_CONF")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {path}; set SFTRAY_CONF to the folder holding sftray's conf/")
+    return path
+
+
+def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path | None = None) -> Config:
+    """conf/ + Hydra overrides -> a validated ``Config`` with absolute paths (relative to ``base`` or cwd)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    # Below an open mapping the rest of a dotted key is one key: +sweep.params.train.lora.r=[8,16] adds the entry
+    # "train.lora.r" (Hydra would nest train: {lora: {r: ...}}), as +sweep.params={train.lora.r:[8,16]} does.
+    mappings = "|".join(re.escape(m) for m in open_mappings())
+    overrides = [re.sub(rf"^(\+*)({mappings})\.([^=]+)=(.*)$", r"\1\2={\3:\4}", o, flags=re.S) for o in overrides]
+    try:
+        with initialize_config_dir(config_dir=str(Path(conf or config_dir()).resolve()), version_base="1.3"):
+            composed = compose("config", overrides=overrides)
+        # Hydra's +key / ++key adds keys the schema lacks, and to_object would drop them silently.
+        if unknown := unknown_keys(OmegaConf.to_container(composed)):
+            raise ConfigError(unknown_key_message(unknown[0]))
+        cfg = OmegaConf.to_object(composed)
+    except Exception as exc:  # Hydra/OmegaConf raise several types; all become one readable message
+        raise ConfigError(explain_config_error(exc)) from exc
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"conf/config.yaml did not compose to a Config (got {type(cfg).__name__})")
+    return cfg.resolved_paths(base or Path.cwd())
+
+
+def explain_config_error(exc: BaseException) -> str:
+    """The deepest useful message of a config error, with the valid keys when a key is unknown."""
+    chain, e = [], exc
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    message = str(exc).strip()
+    if len(chain) > 1 and str(chain[-1]).strip() not in message:
+        message = f"{message}\n  cause: {str(chain[-1]).strip()}"
+    for err in chain:
+        full_key = getattr(err, "full_key", None)
+        object_type = getattr(err, "object_type", None)
+        parent = re.sub(r"\[\d+\]", "", full_key or "").rpartition(".")[0]
+        if (
+            full_key
+            and "not in" in str(err)
+            and dataclasses.is_dataclass(object_type)
+            and (schema_keys(parent) != [f.name for f in dataclasses.fields(object_type)])
+        ):
+            # Inside a list item, full_key is relative to the item: its own type names the valid keys, and
+            # Hydra's outer message names the overridden list.
+            valid = [f.name for f in dataclasses.fields(object_type)]
+            outer = re.search(r"override '([\w.]+)'", str(exc))
+            where = outer.group(1) if outer else object_type.__name__
+            return f"unknown config key '{full_key}'. Valid keys of {where}: {', '.join(valid)}"
+        if full_key and type(err).__name__ == "ValidationError":
+            return f"invalid value for config key '{full_key}': {str(err).splitlines()[0]}"
+        if full_key and "missing mandatory value" in str(err):
+            return (
+                f"config value '{full_key}' is required but not set (??? in conf/); pass {full_key.split('[')[0]}=..."
+            )
+        if full_key and ("not in struct" in str(err) or "Key '" in str(err)) and schema_keys(parent) is not None:
+            return unknown_key_message(full_key)
+    if isinstance(chain[-1], ValueError) and len(chain) > 1:
+        return f"invalid configuration: {chain[-1]}"
+    return message

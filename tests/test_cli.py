@@ -1,10 +1,12 @@
-"""``sftray.cli.main`` in-process (help, config, preview; no Ray) and ``sftray.preview.render_example``."""
+"""The ``sftray`` command in-process through its console-script entry point (help, config, preview; no Ray),
+and ``sftray.preview.render_example``."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,12 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from sftray.cli import main
 from sftray.config import SourceConfig, schema_keys
 from sftray.data.chat import encode_chat
 from sftray.models.tiny import ensure_tiny_tokenizer
 from sftray.preview import MASKED_TTY, RESET, TRAINED_TTY, render_example
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 TRAINED = re.compile(r"\{\+(.*?)\+\}", re.S)
 
@@ -264,5 +267,6 @@ def test_render_example_plain_and_color(tok: Any) -> None:
     assert plain == prompt + "{+a<|im_end|>+}\n"
     colored = render_example(enc["input_ids"], enc["labels"], tok, color=True)
     assert colored == f"{MASKED_TTY}{prompt}{RESET}{TRAINED_TTY}a<|im_end|>{RESET}{MASKED_TTY}\n{RESET}"
-    assert TRAINED_TTY == "\x1b[1;32m" and RESET == "\x1b[0m" and MASKED_TTY == "\x1b[2m"
+    assert re.sub(r"\x1b\[[\d;]*m", "", colored) == prompt + "a<|im_end|>\n"  # the same text, styled: no markers
+    assert TRAINED_TTY != MASKED_TTY  # trained and masked tokens look different
     assert "{+" not in colored

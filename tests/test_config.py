@@ -1,9 +1,9 @@
-"""Config composition: every shipped conf/ combination, typo and validation messages, documented knobs."""
+"""Config composition: every shipped conf/ option, typo and validation messages, documented knobs."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import functools
 import re
 import shutil
 import typing
@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 import yaml
 
-from sftray.cli import ConfigError, compose_config
 from sftray.config import (
     Config,
+    ConfigError,
     DataConfig,
-    MixConfig,
     ModelConfig,
     PathsConfig,
     SourceConfig,
+    compose_config,
     schema_keys,
 )
 
@@ -47,116 +47,82 @@ def compose_error(overrides: list[str], base: Path, conf: Path = CONF) -> str:
     return str(info.value)
 
 
-# --- expectations read from the YAML files themselves (independent of Hydra) ------------------------------------------
+# --- every shipped option ---------------------------------------------------------------------------------------------
 
-
-def _yaml_option(group: str, option: str) -> dict[str, Any]:
-    """conf/GROUP/OPTION.yaml with its same-group defaults chain applied (lists replace, as in Hydra)."""
-    doc = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
-    defaults = doc.pop("defaults", ["_self_"])
-    if "_self_" not in defaults:
-        defaults = [*defaults, "_self_"]
-    merged: dict[str, Any] = {}
-    for entry in defaults:
-        merged.update(doc if entry == "_self_" else _yaml_option(group, entry))
-    return merged
-
-
-def _root_defaults() -> dict[str, str]:
-    doc = yaml.safe_load((CONF / "config.yaml").read_text())
-    return {k: v for d in doc["defaults"] if isinstance(d, dict) for k, v in d.items()}
-
-
-_ENV = re.compile(r"^\$\{oc\.env:(\w+),(.*)\}$")
-
-
-def _build(cls: Any, values: dict[str, Any]) -> Any:
-    """The dataclass ``cls`` from YAML values (nested dataclasses and lists of them; ${oc.env:X,default} resolved)."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        hint = hints[key]
-        args = typing.get_args(hint)
-        if isinstance(value, str) and (m := _ENV.match(value)):
-            value = os.environ.get(m.group(1), m.group(2).strip("'"))
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value)
-        elif typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]):
-            value = [_build(args[0], v) for v in value]
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-# --- every shipped combination ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mix", ["pydoc", "none"])
-@pytest.mark.parametrize("data", ["demo", "files"])
-@pytest.mark.parametrize("model", ["tiny"])
-def test_compose_every_combination(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, data: str, mix: str
-) -> None:
-    chats = tmp_path / "chats.jsonl"
-    if data == "files":
-        monkeypatch.setenv("SFTRAY_DATA", str(chats))
-    cfg = compose([f"model={model}", f"data={data}", f"mix={mix}"], tmp_path)
-
-    assert type(cfg) is Config
-    assert type(cfg.model) is ModelConfig and type(cfg.data) is DataConfig
-    assert type(cfg.mix) is MixConfig and type(cfg.paths) is PathsConfig
-    assert all(type(s) is SourceConfig for s in cfg.data.sources + cfg.mix.sources)
-    assert cfg.seed == 0
-
-    # every value is the YAML's (inherited through the group's defaults) or the dataclass default
-    assert cfg.model == _build(ModelConfig, _yaml_option("model", model))
-    assert cfg.data == _build(DataConfig, _yaml_option("data", data))
-    assert cfg.mix == _build(MixConfig, _yaml_option("mix", mix))
-
-    # and the values the docs promise
-    assert cfg.model.name_or_path == "builtin:tiny-llama"
-    if data == "demo":
-        assert (cfg.data.name, cfg.data.max_seq_len) == ("demo", 256)
-        assert cfg.data.sources == [SourceConfig(path="builtin:demo", format="auto")]
-    else:  # files inherits every demo knob, overriding name, sources and max_seq_len
-        assert (cfg.data.name, cfg.data.max_seq_len) == ("files", 1024)
-        assert cfg.data.sources == [SourceConfig(path=str(chats), format="auto")]
-    assert (cfg.data.packing, cfg.data.train_on, cfg.data.on_error, cfg.data.overlength) == (
-        True,
-        "all_assistant",
-        "raise",
-        "drop",
-    )
-    assert (cfg.data.val_sources, cfg.data.val_fraction, cfg.data.system_prompt) == ([], 0.05, None)
-    assert cfg.mix.ratio == (0.1 if mix == "pydoc" else 0.0)
-    assert cfg.mix.sources == [SourceConfig(path="builtin:pydoc_topics", format="text", text_field="text")]
-    assert cfg.mix.window_len is None and cfg.window_len == cfg.data.max_seq_len
-
-    out = Path(cfg.paths.output_dir)
-    assert out.is_absolute() and out == tmp_path / "outputs"
-    assert cfg.paths.cache_dir == str(Path("~/.cache/sftray").expanduser())
+CHATS = "/data/chats.jsonl"  # data=files takes its source from SFTRAY_DATA here
+PYDOC = [SourceConfig(path="builtin:pydoc_topics", format="text", text_field="text")]
+OPTION_OVERRIDES = {("model", "hf"): ["model.name_or_path=org/model"]}  # a required key
+OPTION_VALUES: dict[tuple[str, str], dict[str, Any]] = {
+    ("data", "demo"): {
+        "data.name": "demo",
+        "data.max_seq_len": 256,
+        "data.sources": [SourceConfig(path="builtin:demo", format="auto")],
+        "data.probes": "builtin:demo-heldout",
+        "data.val_sources": [],
+        "data.val_fraction": 0.05,
+        "data.system_prompt": None,
+    },
+    ("data", "files"): {  # as demo but for name, sources, max_seq_len and probes
+        "data.name": "files",
+        "data.max_seq_len": 1024,
+        "data.sources": [SourceConfig(path=CHATS, format="auto")],
+        "data.probes": None,
+        "data.val_fraction": 0.05,
+        "data.packing": True,
+        "data.train_on": "all_assistant",
+        "data.on_error": "raise",
+        "data.overlength": "drop",
+    },
+    ("eval", "default"): {
+        "eval.select_metric": "eval/format_compliance",
+        "eval.forgetting_budget": 0.25,
+        "eval.num_probes": 64,
+    },
+    ("mix", "pydoc"): {"mix.ratio": 0.1, "mix.sources": PYDOC, "mix.window_len": None},
+    ("mix", "none"): {"mix.ratio": 0.0, "mix.sources": PYDOC},  # the corpus stays: forgetting is still measured
+    ("model", "hf"): {"model.name_or_path": "org/model", "model.trust_remote_code": False},
+    ("model", "tiny"): {"model.name_or_path": "builtin:tiny-llama", "model.chat_template": None},
+    ("sweep", "demo"): {"sweep.name": "demo", "sweep.lr.values": [1e-3, 5e-3], "sweep.epochs": [1, 2]},
+    ("tracking", "mlflow"): {"tracking.uri": None, "tracking.wandb.enabled": False},
+    ("train", "full"): {  # as lora but for method and lr
+        "train.method": "full",
+        "train.lr": 1e-4,
+        "train.epochs": 2,
+        "train.lora.r": 16,
+    },
+    ("train", "lora"): {"train.method": "lora", "train.lr": 5e-3, "train.epochs": 2, "train.lora.r": 16},
+}
+"""A few values each shipped option sets (itself or through its group's defaults), as the docs promise."""
 
 
 def _options() -> list[tuple[str, str]]:
     return [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
-@pytest.mark.parametrize(("group", "option"), _options(), ids=lambda x: str(x))
-def test_every_group_option_composes_to_its_yaml(
+def test_every_shipped_option_has_values_to_check() -> None:
+    assert sorted(OPTION_VALUES) == _options()
+
+
+@pytest.mark.parametrize(("group", "option"), sorted(OPTION_VALUES), ids=lambda x: str(x))
+def test_every_shipped_option_composes_with_its_values(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: str, option: str
 ) -> None:
-    """Each option of each group (alone, the rest at their defaults) composes to exactly its YAML values."""
-    monkeypatch.setenv("SFTRAY_DATA", str(tmp_path / "chats.jsonl"))
-    values = _yaml_option(group, option)
-    required = [k for k, v in values.items() if v == "???"]
-    overrides = [f"{group}={option}"] + [f"{group}.{k}=given/{k}" for k in required]
-    values.update({k: f"given/{k}" for k in required})
-    cfg = compose(overrides, tmp_path)
-    cls = typing.get_type_hints(Config)[group]
-    assert getattr(cfg, group) == _build(cls, values)
-    # the other groups stay at the root defaults
-    for other, default in _root_defaults().items():
-        if other != group:
-            assert getattr(cfg, other) == _build(typing.get_type_hints(Config)[other], _yaml_option(other, default))
+    """Each option of each group, alone through the real compose_config: its values, the rest at the defaults."""
+    monkeypatch.setenv("SFTRAY_DATA", CHATS)
+    cfg = compose([f"{group}={option}", *OPTION_OVERRIDES.get((group, option), [])], tmp_path)
+    expected = OPTION_VALUES[group, option]
+    assert {key: functools.reduce(getattr, key.split("."), cfg) for key in expected} == expected
+    defaults = compose([], tmp_path)
+    assert [getattr(cfg, g) for g in GROUPS if g != group] == [getattr(defaults, g) for g in GROUPS if g != group]
+
+
+def test_root_values(tmp_path: Path) -> None:
+    cfg = compose([], tmp_path)
+    assert type(cfg) is Config and cfg.seed == 0
+    assert cfg.paths == PathsConfig(
+        output_dir=str(tmp_path / "outputs"), cache_dir=str(Path("~/.cache/sftray").expanduser())
+    )
+    assert cfg.mix.window_len is None and cfg.window_len == cfg.data.max_seq_len  # null = data.max_seq_len
 
 
 def test_defaults_without_overrides(tmp_path: Path) -> None:
@@ -219,24 +185,23 @@ def test_typo_in_other_groups(tmp_path: Path, override: str, group: str, keys: s
     assert compose_error([override], tmp_path) == f"unknown config key '{key}'. Valid keys of {group}: {keys}"
 
 
-def _conf_copy(tmp_path: Path, rel: str, old: str, new: str) -> Path:
+def _conf_with_line(tmp_path: Path, rel: str, line: str) -> Path:
+    """A copy of conf/ with ``line`` appended to the file ``rel``."""
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
     f = conf / rel
-    text = f.read_text()
-    assert old in text
-    f.write_text(text.replace(old, new, 1))
+    f.write_text(f.read_text().rstrip("\n") + f"\n{line}\n")
     return conf
 
 
 def test_typo_inside_yaml_group(tmp_path: Path) -> None:
-    conf = _conf_copy(tmp_path, "data/demo.yaml", "\nmax_seq_len: 256", "\nmax_seqlen: 256")
+    conf = _conf_with_line(tmp_path, "data/demo.yaml", "max_seqlen: 256  # tokens per training row")
     msg = compose_error([], tmp_path, conf)
     assert msg == f"unknown config key 'data.max_seqlen'. Valid keys of data: {', '.join(DATA_KEYS)}"
 
 
 def test_typo_inside_yaml_root(tmp_path: Path) -> None:
-    conf = _conf_copy(tmp_path, "config.yaml", "\nseed: 0", "\nsead: 0")
+    conf = _conf_with_line(tmp_path, "config.yaml", "sead: 0  # seeds every shuffle")
     assert compose_error([], tmp_path, conf) == f"unknown config key 'sead'. Valid keys of the root: {ROOT_KEYS}"
 
 
@@ -403,16 +368,9 @@ def _knob_lines(path: Path) -> list[tuple[int, str, str]]:
     return out
 
 
-def test_yaml_files_found() -> None:
-    rel = {str(p.relative_to(CONF)) for p in YAMLS}
-    assert {"config.yaml", "data/demo.yaml", "data/files.yaml", "mix/pydoc.yaml", "mix/none.yaml"} <= rel
-    assert "model/tiny.yaml" in rel
-
-
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(CONF)))
 def test_every_knob_has_a_comment(path: Path) -> None:
-    knobs = _knob_lines(path)
-    assert knobs, f"no knobs parsed in {path}"
+    knobs = _knob_lines(path)  # none when the file sets no value (test_knob_parser_sees_undocumented_lines)
     undocumented = [f"{path.name}:{n}: {line}" for n, _, line in knobs if not re.search(r" # \S", line)]
     assert not undocumented, "\n".join(undocumented)
 
@@ -444,7 +402,6 @@ def test_every_yaml_key_is_in_the_schema(path: Path) -> None:
     group = "" if len(rel.parts) == 1 else rel.parts[0]
     assert schema_keys(group) is not None, f"conf/{rel.parts[0]}/ is not a Config field"
     keys = _yaml_keys(yaml.safe_load(path.read_text()), group)
-    assert keys
     unknown = [f"{where or 'root'}.{key}" for where, key in keys if key not in (schema_keys(where) or [])]
     assert not unknown, f"{rel}: keys not in the schema: {unknown}"
 

@@ -7,12 +7,14 @@ steps) so the suite stays within its time budget; everything else is the default
 from __future__ import annotations
 
 import json
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
-from sftray.cli import main
 from sftray.models.pretrain import ensure_tiny_model
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

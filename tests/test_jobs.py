@@ -17,12 +17,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sftray.cli import compose_config
+from sftray.config import compose_config
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"

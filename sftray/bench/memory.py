@@ -2,8 +2,9 @@
 
 Each configuration runs in a fresh Python process (a peak RSS is a lifetime maximum, so processes are not shared)
 that does what a Ray Train worker does per step: load the model with ``sftray.models.loading.load_model``, apply
-LoRA from the shipped ``conf/train/lora.yaml`` (``sftray.models.lora.apply_lora``), AdamW over the trainable
-parameters, then ``memory_steps`` of the loop's ``_optimizer_step`` on packed rows collated as the loop does.
+LoRA from the shipped ``conf/train/lora.yaml`` (``sftray.models.lora.apply_lora``), the loop's optimizer over the
+trainable parameters (``sftray.train.step.build_optimizer``), then ``memory_steps`` of the loop's
+``optimizer_step`` on packed rows collated as the loop does.
 Peak RSS is the process's high-water mark ``VmHWM`` from ``/proc/self/status``, not ``getrusage().ru_maxrss``:
 Linux carries the parent's resident size across fork + exec into ``ru_maxrss``, so a child of the (large) bench
 process would report the parent's footprint. The process holds no Ray runtime: a Ray worker adds its own fixed
@@ -28,7 +29,7 @@ def measure_memory(
     *, model_dir: Path, rows: list[dict], rows_per_step: int, max_seq_len: int, steps: int, threads: int
 ) -> list[dict]:
     """One row per method: peak RSS, RSS after imports and after model load, and trainable parameters (MiB)."""
-    from sftray.cli import compose_config
+    from sftray.config import compose_config
 
     lora = dataclasses.asdict(compose_config(["train=lora"]).train.lora)
     out = []
@@ -68,11 +69,11 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from sftray.config import LoraConfig
+    from sftray.config import LoraConfig, TrainConfig
     from sftray.data.collate import collate_rows
     from sftray.models.loading import load_model
     from sftray.models.lora import apply_lora
-    from sftray.train.loop import _optimizer_step
+    from sftray.train.step import build_optimizer, optimizer_step
 
     def peak_mib() -> float:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -90,7 +91,8 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     model.train()
     after_load = peak_mib()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    cfg = TrainConfig(method=job["method"], parallelism="ddp", lr=1e-4, weight_decay=0.0, max_grad_norm=1.0)
+    optimizer = build_optimizer(params, cfg=cfg)
     rows = json.loads(Path(job["rows"]).read_text())
     n = job["rows_per_step"]
     for step in range(job["steps"]):
@@ -101,16 +103,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             packed=True,
             pad_to=job["max_seq_len"],  # the widest micro-batch the loop can build: the peak to plan for
         )
-        _optimizer_step(
-            model,
-            optimizer,
-            [batch],
-            device=torch.device("cpu"),
-            world=1,
-            bf16=False,
-            max_grad_norm=1.0,
-            parallelism="ddp",
-        )
+        optimizer_step(model, optimizer, [batch], cfg=cfg, device=torch.device("cpu"), world=1, bf16=False)
     return {
         "peak_rss_mib": peak_mib(),
         "after_imports_mib": after_imports,

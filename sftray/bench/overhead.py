@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sftray.bench.workload import NO_MIX, SEED, demo_conversations
+from sftray.eval.metrics import TRAIN_TOKENS_PER_S
 
 SECTION = "overhead"
 TRAIN_ROW = "sftray train: process start -> first optimizer step"
@@ -82,8 +83,8 @@ def measure_overhead(
     """One ``sftray train`` subprocess and (with ``sweep``) one one-trial sweep; Ray must be initialised."""
     import ray
 
-    from sftray.cli import compose_config
-    from sftray.data.pipeline import prepare
+    from sftray.config import compose_config
+    from sftray.recipes.prep import prep
 
     work_dir = Path(work_dir)
     for previous in ("runs", "sweeps"):  # earlier bench runs' checkpoints: the latest run must be this one
@@ -95,7 +96,7 @@ def measure_overhead(
         cache_dir=cache_dir, out_dir=work_dir / "out", chats=chats, model_dir=model_dir, max_seq_len=max_seq_len
     )
     cfg = compose_config(args, base=work_dir)
-    prepared = prepare(cfg)  # cached for the runs below: they measure start-up, not data preparation
+    prepared = prep(cfg)  # cached for the runs below: they measure start-up, not data preparation
     tokens = prepared.report["splits"]["train"]["tokens"]
 
     rows = [
@@ -158,13 +159,13 @@ def _first_step(checkpoints: list[Path], *, tokens: int) -> dict[str, Any]:
     written = min(f.stat().st_mtime for f in checkpoint.rglob("*") if f.is_file())
     state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False)
     epoch = next(m for m in state["history"] if m.get("epoch") == 1)
-    seconds = tokens / epoch["train/tokens_per_s"]
+    seconds = tokens / epoch[TRAIN_TOKENS_PER_S]
     steps = max(1, int(epoch["step"]))
     loop_start = written - seconds
     return {
         "loop_start": loop_start,
         "first_step": loop_start + seconds / steps,
-        "tokens_per_s": epoch["train/tokens_per_s"],
+        "tokens_per_s": epoch[TRAIN_TOKENS_PER_S],
     }
 
 

@@ -1,7 +1,7 @@
 """Preprocessing throughput: conversations/s through templating, masking and packing, Ray Data versus one process.
 
-sftray's pipeline (``sftray.data.pipeline.prepare`` with ``force=True``: read JSONL, render + mask every
-conversation in tokenizer actors, pack per key group, write Parquet and the report) runs with 1 and with 2
+sftray's pipeline as ``sftray prep`` runs it (``sftray.recipes.prep.prep`` with ``force=True``: read JSONL, render +
+mask every conversation in tokenizer actors, pack per key group, write Parquet and the report) runs with 1 and 2
 tokenizer actors (1 and 2 cores of tokenization: an actor uses a whole core while busy; each reserves 0.5 logical
 CPU, sftray's default, so that the read and pack tasks still fit beside two actors on a 2-CPU cluster). The
 baseline does the same work in one process with ``datasets``: read the JSONL, ``Dataset.map`` of ``encode_chat``
@@ -47,8 +47,8 @@ def measure_preprocess(
 ) -> list[dict]:
     """Rows for each pipeline layout and the baseline: median conversations/s and the ratio to the baseline.
     Ray must be initialised."""
-    from sftray.cli import compose_config
-    from sftray.data.pipeline import prepare
+    from sftray.config import compose_config
+    from sftray.recipes.prep import prep
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def measure_preprocess(
                 base=work_dir,
             )
             started = time.perf_counter()
-            prepared = prepare(cfg, force=True)
+            prepared = prep(cfg, force=True)
             seconds = time.perf_counter() - started
             name = pipeline_name(num_actors=actors)
             runs.setdefault(name, []).append(seconds)

@@ -5,10 +5,11 @@ the same number of optimizer steps, with the same optimizer (``torch.optim.AdamW
 learning rate, gradient clipping at 1.0 and no gradient checkpointing:
 
 - sftray packed / padded: sftray's own per-step code, in this process: micro-batches exactly as
-  ``sftray.train.loop`` builds them (length-grouped, padded to the longest row) and the loop's ``_optimizer_step`` (``forward_logits``,
-  ``token_losses``, ``scaled_loss``, clipping, AdamW). In-process rather than through ``run_training`` because a
-  Ray Train run adds worker start-up, evals and checkpoints that TRL's loop does not have; those costs are measured
-  apart (``sftray.bench.overhead``), and the step math is the same function;
+  ``sftray.train.loop`` builds them (length-grouped, padded to the longest row), the optimizer of
+  ``sftray.train.step.build_optimizer`` and the loop's ``optimizer_step`` (``forward_logits``, ``token_losses``,
+  ``scaled_loss``, clipping, AdamW). In-process rather than through ``run_training`` because a Ray Train run adds
+  worker start-up, evals and checkpoints that TRL's loop does not have; those costs are measured apart
+  (``sftray.bench.overhead``), and the step math is the same function;
 - TRL default (padding), TRL packing (BFD, which implies padding-free batches) and TRL padding_free: ``SFTTrainer``
   with a pre-tokenized dataset (``input_ids`` + ``labels``), so it trains on exactly the tokens sftray trains on.
 
@@ -168,10 +169,11 @@ def _sftray_epoch(
     import torch
 
     from sftray.bench.packing import sftray_micro_batches
+    from sftray.config import TrainConfig
+    from sftray.core.loss import count_targets
     from sftray.data.packing import pack_examples, pad_examples
     from sftray.models.loading import load_model
-    from sftray.train.loop import _optimizer_step
-    from sftray.train.loss import count_targets
+    from sftray.train.step import build_optimizer, optimizer_step
 
     rows = pack_examples(examples, max_seq_len=max_seq_len, seed=SEED) if packed else pad_examples(examples)
     if not packed:
@@ -180,21 +182,13 @@ def _sftray_epoch(
     torch.manual_seed(SEED)
     model, _ = load_model(str(model_dir), tokenizer=tokenizer)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, betas=(0.9, 0.999))  # as loop.py
+    cfg = TrainConfig(method="full", parallelism="ddp", lr=LR, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg=cfg)
     device = torch.device("cpu")
     targets = tokens = slots = done = 0
     started = time.perf_counter()
     for batch in sftray_micro_batches(rows, size=per_step, pad_id=tokenizer.pad_token_id, packed=packed):
-        _optimizer_step(
-            model,
-            optimizer,
-            [batch],
-            device=device,
-            world=1,
-            bf16=False,
-            max_grad_norm=MAX_GRAD_NORM,
-            parallelism="ddp",
-        )
+        optimizer_step(model, optimizer, [batch], cfg=cfg, device=device, world=1, bf16=False)
         targets += count_targets(batch["labels"])
         tokens += int((batch["token_kind"] > 0).sum())
         slots += batch["input_ids"].numel()
@@ -231,7 +225,7 @@ class _CountingCollator:
         mask = batch.get("attention_mask")
         self.batches.append(
             {
-                # Targets after the causal shift, as sftray.train.loss.count_targets counts them.
+                # Targets after the causal shift, as sftray.core.loss.count_targets counts them.
                 "target_tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
                 "tokens": int(mask.sum()) if mask is not None else batch["input_ids"].numel(),  # padding-free: none
                 "slots": batch["input_ids"].numel(),

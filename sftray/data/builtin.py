@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from sftray.atomic import write_text_atomic
 
 __all__ = [
     "BUILTIN_NAMES",
@@ -277,19 +277,6 @@ def generate_demo_heldout(n: int, *, seed: int) -> list[dict]:
 # builtin: URIs
 
 
-def _write_atomic(*, path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file + os.replace so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -316,5 +303,5 @@ def resolve_builtin(uri: str, cache_dir: Path) -> Path:
         text = _jsonl(generate_demo_heldout(_DEMO_HELDOUT_SIZE, seed=_DEMO_HELDOUT_SEED))
     else:
         text = pydoc_topics_text()
-    _write_atomic(path=path, text=text)
+    write_text_atomic(path, text)
     return path

@@ -67,13 +67,6 @@ def pad_examples(examples: Sequence[dict[str, Any]]) -> list[dict]:
     return [_concat([ex]) for ex in examples]
 
 
-def row_stats(rows: Sequence[dict], *, max_seq_len: int) -> dict[str, int]:
-    """Token counts of rows as a fixed-shape loader sees them (each row padded to ``max_seq_len``)."""
-    tokens = sum(len(r["input_ids"]) for r in rows)
-    trained = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows)
-    return {"rows": len(rows), "tokens": tokens, "trained_tokens": trained, "slots": len(rows) * max_seq_len}
-
-
 def _concat(examples: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
     row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": [], "seq_kinds": []}
     for ex in examples:

@@ -8,14 +8,9 @@ the driver cuts the key space into pack groups, and each group is packed on its 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
-import re
 import shutil
-import uuid
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +18,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from sftray.atomic import atomic_dir
 from sftray.config import Config, DataConfig
 from sftray.data import report as report_mod
-from sftray.data.chat import template_hash
+from sftray.data.chat import IGNORE_INDEX, template_hash
+from sftray.data.drops import check_drops, write_drops
+from sftray.data.encoding import encode_record
 from sftray.data.errors import DataError
+from sftray.data.fingerprint import fingerprint as data_fingerprint
 from sftray.data.mixing import chunk_windows, in_fraction, pretrain_token_target, select_windows, stable_key
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, pack_examples, pad_examples
+from sftray.data.schema import EXAMPLE_COLUMNS, META_COLUMNS, RAW_SCHEMA, ROW_SCHEMA
 from sftray.data.sources import (
     ResolvedSource,
     canonical_record,
-    fingerprint_files,
     iter_source_records,
     load_hub_split,
     record_text,
@@ -40,39 +39,6 @@ from sftray.data.sources import (
 )
 
 log = logging.getLogger(__name__)
-
-DATA_VERSION = 2
-"""Bumped whenever the stored row schema or any transform changes; part of the fingerprint."""
-POLICY_DROPS = frozenset({"too_long"})
-"""Drop reasons decided by policy (data.overlength), not by malformed input: counted, never raised."""
-
-_RAW = pa.schema(
-    [
-        ("where", pa.string()),
-        ("source", pa.string()),
-        ("record", pa.string()),
-        ("reason", pa.string()),
-        ("error", pa.string()),
-        ("split", pa.string()),
-        ("fmt", pa.string()),
-        ("text_field", pa.string()),
-    ]
-)
-_EXAMPLE_COLUMNS = ["input_ids", "labels", "kind", "key"]
-ROW_SCHEMA = pa.schema(
-    [
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("position_ids", pa.list_(pa.int32())),
-        ("seq_lens", pa.list_(pa.int32())),
-        ("seq_kinds", pa.list_(pa.int8())),
-        ("num_tokens", pa.int32()),
-        ("num_trained", pa.int32()),
-        ("num_pretrain_tokens", pa.int32()),
-    ]
-)
-"""Schema of a stored training row (train, val and pretrain_heldout alike)."""
-_META_COLUMNS = ["where", "source", "split", "reason", "error", "truncated", "n_tokens", "n_trained", "key", "heldout"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,16 +74,14 @@ def load_prepared(out_dir: Path) -> Prepared:
     return Prepared(out_dir=Path(out_dir), report=json.loads(report.read_text()))
 
 
-def prepare(cfg: Config, *, force: bool = False) -> Prepared:
-    """Runs the pipeline for ``cfg`` (Ray must be initialised) unless an identical dataset exists already."""
+def prepare(cfg: Config, *, tokenizer: Any, force: bool = False) -> Prepared:
+    """Runs the pipeline for ``cfg`` with ``tokenizer`` (Ray must be initialised) unless an identical dataset
+    exists already. ``sftray.recipes.prep`` loads the tokenizer of ``cfg.model`` and calls this."""
     import ray.data
-
-    from sftray.models.loading import load_tokenizer
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     cache_dir = Path(cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(cfg.model, cache_dir=cache_dir)
     sft = [resolve_source(s, cache_dir=cache_dir, what=f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
     val = [
         resolve_source(s, cache_dir=cache_dir, what=f"data.val_sources[{i}]")
@@ -128,15 +92,13 @@ def prepare(cfg: Config, *, force: bool = False) -> Prepared:
         for i, s in enumerate(cfg.mix.sources)
     ]
 
-    fingerprint = _fingerprint(cfg, tokenizer, sft + val + text)
+    fingerprint = data_fingerprint(cfg, tokenizer, sft + val + text)
     out_dir = Path(cfg.paths.output_dir) / "data" / f"{cfg.data.name}-{fingerprint[:12]}"
     if (out_dir / "report.json").is_file() and not force:
         log.info("prepared data is up to date: %s", out_dir)
         return load_prepared(out_dir)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir, replace=True) as tmp:  # a crash never leaves a folder that looks prepared
         tokenizer.save_pretrained(tmp / "tokenizer")
         report = _run(
             cfg, tokenizer_dir=tmp / "tokenizer", sft=sft, val=val, text=text, out=tmp, eos_id=tokenizer.eos_token_id
@@ -148,11 +110,6 @@ def prepare(cfg: Config, *, force: bool = False) -> Prepared:
             out_dir=str(out_dir),
         )
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(out_dir=out_dir, report=report)
 
 
@@ -186,7 +143,7 @@ def _run(
         _ChatEncoder, fn_constructor_kwargs={**common, "hash_split": not val}, **pool
     ).materialize()
     meta = _meta(encoded)
-    drops = _check_drops(meta, on_error=data.on_error, what="conversation")
+    drops = check_drops(meta, on_error=data.on_error, what="conversation")
 
     # 2. Pretraining text -> windows (train side and held-out side).
     windows = (
@@ -204,7 +161,7 @@ def _run(
         .materialize()
     )
     wmeta = _meta(windows)
-    drops.update(_check_drops(wmeta, on_error=data.on_error, what="pretraining record"))
+    drops.update(check_drops(wmeta, on_error=data.on_error, what="pretraining record"))
     wok = wmeta[wmeta["reason"] == ""]
 
     # 3. Exact token-ratio selection of training windows (driver side: only keys and lengths travel).
@@ -233,13 +190,13 @@ def _run(
         take_lens=np.asarray([takes[k] for k in sorted(takes)], dtype=np.int64),
         heldout_keys=np.asarray(heldout_keys, dtype=np.uint64),
     )
-    examples = encoded.select_columns(_EXAMPLE_COLUMNS + ["reason", "split"])
+    examples = encoded.select_columns(EXAMPLE_COLUMNS + ["reason", "split"])
     if not wmeta.empty:  # a union with an empty (schema-less) dataset fails in Arrow
-        examples = examples.union(windows.select_columns(_EXAMPLE_COLUMNS + ["reason", "split"]))
+        examples = examples.union(windows.select_columns(EXAMPLE_COLUMNS + ["reason", "split"]))
     _pack_and_write(examples, plan=plan, data=data, seed=cfg.seed, out=out)
     stats = {name: _split_stats(out / name, examples=len(k), max_seq_len=data.max_seq_len) for name, k in keys.items()}
 
-    _write_drops(out / "drops.jsonl", meta, wmeta)
+    write_drops(out / "drops.jsonl", meta, wmeta)
     return report_mod.build(
         cfg=cfg,
         sources=sft + val + text,
@@ -331,7 +288,7 @@ def _read_all(sources: list[tuple[ResolvedSource, str]]) -> Any:
                     "fmt": [src.fmt] * len(hf),
                     "text_field": [src.text_field] * len(hf),
                 },
-                schema=_RAW,
+                schema=RAW_SCHEMA,
             )
             parts.append(ray.data.from_arrow(table))
         else:
@@ -345,7 +302,7 @@ def _read_all(sources: list[tuple[ResolvedSource, str]]) -> Any:
 
 def _parse_files(batch: pa.Table, *, src: ResolvedSource, split: str) -> pa.Table:
     """File bytes -> raw rows: each record renamed to its file's format's fields (``iter_source_records``)."""
-    out: dict[str, list] = {name: [] for name in _RAW.names}
+    out: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
     for path, data in zip(batch["path"].to_pylist(), batch["bytes"].to_pylist()):
         for row, fmt, record in iter_source_records(src, path, data):
             bad = isinstance(record, DataError)
@@ -357,7 +314,7 @@ def _parse_files(batch: pa.Table, *, src: ResolvedSource, split: str) -> pa.Tabl
             out["split"].append(split)
             out["fmt"].append(fmt)
             out["text_field"].append(src.text_field)
-    return pa.table(out, schema=_RAW)
+    return pa.table(out, schema=RAW_SCHEMA)
 
 
 # --- actors (one tokenizer each) ------------------------------------------------------------------------------
@@ -372,7 +329,7 @@ class _Encoder:
 
     @staticmethod
     def _table(rows: list[dict]) -> pa.Table:
-        cols = {k: [r[k] for r in rows] for k in _EXAMPLE_COLUMNS + _META_COLUMNS}
+        cols = {k: [r[k] for r in rows] for k in EXAMPLE_COLUMNS + META_COLUMNS}
         types = {
             "input_ids": pa.list_(pa.int32()),
             "labels": pa.list_(pa.int32()),
@@ -402,34 +359,8 @@ class _Encoder:
         }
         row.update(fields)
         row["n_tokens"] = len(row["input_ids"])
-        row["n_trained"] = sum(1 for x in row["labels"] if x != -100)
+        row["n_trained"] = sum(1 for x in row["labels"] if x != IGNORE_INDEX)
         return row
-
-
-def encode_record(r: dict[str, Any], tokenizer: Any, *, data: DataConfig) -> dict[str, Any]:
-    """One raw record (``where``, ``record`` JSON, ``fmt``, upstream ``reason``/``error``) -> encoded fields.
-
-    Returns ``input_ids``/``labels``/``truncated`` for a good record, or ``reason``/``error`` for a bad one
-    (never raises for bad data). Long examples are dropped or truncated per ``data.overlength``.
-    """
-    from sftray.data.chat import encode_chat
-    from sftray.data.formats import to_messages
-
-    if r.get("reason"):
-        return {"reason": r["reason"], "error": r["error"]}
-    where = r["where"]
-    try:
-        messages = to_messages(json.loads(r["record"]), r["fmt"], system_prompt=data.system_prompt, where=where)
-        enc = encode_chat(messages, tokenizer, train_on=data.train_on, example_id=where)
-        if len(enc["input_ids"]) <= data.max_seq_len:
-            return {**enc, "truncated": False}
-        if data.overlength == "drop":
-            n = len(enc["input_ids"])
-            raise DataError(f"{where}: {n} tokens > data.max_seq_len={data.max_seq_len}", reason="too_long")
-        enc = encode_chat(messages, tokenizer, train_on=data.train_on, example_id=where, max_length=data.max_seq_len)
-        return {**enc, "truncated": True}
-    except DataError as exc:
-        return {"reason": exc.reason, "error": str(exc)}
 
 
 class _ChatEncoder(_Encoder):
@@ -491,7 +422,7 @@ class _TextWindower(_Encoder):
 
 
 def _meta(ds: Any) -> Any:
-    return ds.select_columns(_META_COLUMNS).to_pandas()
+    return ds.select_columns(META_COLUMNS).to_pandas()
 
 
 def _tag_splits(batch: pa.Table, *, plan: _SplitPlan) -> pa.Table:
@@ -549,7 +480,7 @@ def _pack_group(batch: pa.Table, *, max_seq_len: int, packing: bool, seed: int) 
             "seq_lens": [r["seq_lens"] for r in rows],
             "seq_kinds": [r["seq_kinds"] for r in rows],
             "num_tokens": [len(r["input_ids"]) for r in rows],
-            "num_trained": [sum(1 for x in r["labels"] if x != -100) for r in rows],
+            "num_trained": [sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows],
             "num_pretrain_tokens": [
                 sum(n for n, k in zip(r["seq_lens"], r["seq_kinds"]) if k == KIND_PRETRAIN) for r in rows
             ],
@@ -559,72 +490,7 @@ def _pack_group(batch: pa.Table, *, max_seq_len: int, packing: bool, seed: int) 
     return table.append_column("split", pa.array([split] * table.num_rows, type=pa.string()))
 
 
-# --- drops, fingerprint -----------------------------------------------------------------------------------------
-
-
-def first_bad_row(meta: Any) -> Any:
-    """The first malformed row of ``meta`` (policy drops aside) by file, then line: ``f:2`` before ``f:11`` (hub
-    rows by row number); ``None`` when there is none."""
-    errors = meta[(meta["reason"] != "") & ~meta["reason"].isin(POLICY_DROPS)]
-    if errors.empty:
-        return None
-
-    def location(where: str) -> tuple[str, int]:  # "path:line" / "id[split] row N" -> (path, line) / (id, N)
-        m = re.fullmatch(r"(.*?)(\d+)", where)
-        return (m[1], int(m[2])) if m else (where, -1)
-
-    keys = [location(w) for w in errors["where"]]
-    return errors.iloc[min(range(len(keys)), key=keys.__getitem__)]
-
-
-def _check_drops(meta: Any, *, on_error: str, what: str) -> Counter:
-    """Counts drops by reason; with ``on_error=raise`` the first malformed row (``first_bad_row``) raises."""
-    bad = meta[meta["reason"] != ""]
-    errors = bad[~bad["reason"].isin(POLICY_DROPS)]
-    first = first_bad_row(meta)
-    if on_error == "raise" and first is not None:
-        more = f" ({len(errors) - 1} more bad {what}s)" if len(errors) > 1 else ""
-        raise DataError(
-            f"{first['error']}{more}. Fix the data or set data.on_error=drop to skip and count them.",
-            reason=first["reason"],
-        )
-    counts = Counter(bad["reason"].tolist())
-    for reason, group in bad.groupby("reason"):
-        log.warning("dropped %d %s(s): %s; first: %s", len(group), what, reason, group["error"].iloc[0])
-    return counts
-
-
-def _write_drops(path: Path, *metas: Any) -> None:
-    with path.open("w") as fh:
-        for meta in metas:
-            for r in meta[meta["reason"] != ""].itertuples():
-                fh.write(json.dumps({"where": r.where, "reason": r.reason, "error": r.error}) + "\n")
-
-
-def _fingerprint(cfg: Config, tokenizer: Any, sources: list[ResolvedSource]) -> str:
-    """Hash of everything the output depends on: inputs' bytes, tokenizer, template, transforms' knobs, seed."""
-    data = dataclasses.asdict(cfg.data)
-    for runtime_only in ("num_actors", "cpus_per_actor"):
-        data.pop(runtime_only)
-    parts: dict[str, Any] = {
-        "version": DATA_VERSION,
-        "seed": cfg.seed,
-        "data": data,
-        "mix": dataclasses.asdict(cfg.mix),
-        "window_len": cfg.window_len,
-        "template": template_hash(tokenizer),
-        "vocab": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-        if getattr(tokenizer, "is_fast", False)
-        else tokenizer.name_or_path,
-        "special": [tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token],
-        "sources": [],
-    }
-    for src in sources:
-        if src.kind == "hub":
-            parts["sources"].append([src.paths[0], src.subset, src.split, load_hub_split(src)._fingerprint])
-        else:
-            parts["sources"].append([src.fmt, src.text_field, [f[1:] for f in fingerprint_files(src.paths)]])
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+# --- helpers ------------------------------------------------------------------------------------------------
 
 
 def _json_default(obj: Any) -> Any:

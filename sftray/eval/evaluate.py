@@ -6,25 +6,63 @@ dealt out evenly and generation uses ``synced_gpus`` to keep ranks stepping toge
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from sftray.core.forward import forward_logits, to_device
+from sftray.core.loss import count_targets, token_losses
+from sftray.core.parallel import unwrap
+from sftray.eval.metrics import ENDED, EXACT_MATCH, FORMAT_COMPLIANCE, PRETRAIN_LOSS, VAL_LOSS
 from sftray.eval.probes import judge
-from sftray.train.loss import token_losses
-from sftray.train.parallel import unwrap
 
 
-def forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits for a collated batch; packed batches have no attention_mask (attention follows position_ids)."""
-    return model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        attention_mask=batch.get("attention_mask"),
-        use_cache=False,
-    ).logits
+@dataclass(kw_only=True)
+class Evaluator:
+    """val/loss, held-out pretraining loss and generation probes of a (wrapped) model, identical on every rank."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    collate: Callable[..., dict[str, torch.Tensor]]
+    """Rows -> a collated micro-batch (as training collates them)."""
+    val: Any
+    """This rank's shard of the validation rows (a Ray ``DataIterator``)."""
+    heldout: Any
+    """This rank's shard of the held-out pretraining rows (a Ray ``DataIterator``)."""
+    micro_batch_size: int
+    probes: list[dict]
+    max_new_tokens: int
+    end_of_turn_id: int
+    user_opener: str
+
+    def run(self) -> tuple[dict[str, float], list[dict]]:
+        """(metrics, probe table rows); every rank must call it (the losses are all-reduced)."""
+        mb = self.micro_batch_size
+        metrics = {
+            VAL_LOSS: heldout_loss(
+                self.model, self.val.iter_torch_batches(batch_size=mb, collate_fn=self.collate), device=self.device
+            ),
+            PRETRAIN_LOSS: heldout_loss(
+                self.model, self.heldout.iter_torch_batches(batch_size=mb, collate_fn=self.collate), device=self.device
+            ),
+        }
+        table: list[dict] = []
+        if self.probes:
+            probe_metrics, table = run_probes(
+                self.model,
+                self.probes,
+                tokenizer=self.tokenizer,
+                device=self.device,
+                max_new_tokens=self.max_new_tokens,
+                end_of_turn_id=self.end_of_turn_id,
+                user_opener=self.user_opener,
+            )
+            metrics.update(probe_metrics)
+        return metrics, table
 
 
 @torch.no_grad()
@@ -34,10 +72,10 @@ def heldout_loss(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, devi
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         losses = token_losses(forward_logits(model, batch), batch["labels"])
         total[0] += losses.sum().double()
-        total[1] += (batch["labels"][:, 1:] != -100).sum()
+        total[1] += count_targets(batch["labels"])
     if dist.is_initialized():
         dist.all_reduce(total)
     model.train(was_training)
@@ -101,8 +139,8 @@ def run_probes(
     n = max(len(table), 1)
     with_ref = [r for r in table if r["reference"] is not None]
     metrics = {
-        "eval/format_compliance": sum(r["compliant"] for r in table) / n,
-        "eval/ended": sum(r["ended"] for r in table) / n,
-        "eval/exact_match": sum(r["exact_match"] for r in with_ref) / max(len(with_ref), 1),
+        FORMAT_COMPLIANCE: sum(r["compliant"] for r in table) / n,
+        ENDED: sum(r["ended"] for r in table) / n,
+        EXACT_MATCH: sum(r["exact_match"] for r in with_ref) / max(len(with_ref), 1),
     }
     return metrics, table

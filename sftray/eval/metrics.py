@@ -28,6 +28,12 @@ FORMAT_COMPLIANCE = "eval/format_compliance"
 EXACT_MATCH = "eval/exact_match"
 SCORE = "eval/score"
 WITHIN_BUDGET = "eval/within_budget"
+ENDED = "eval/ended"
+"""Share of generation probes whose response ended (end of turn) within the generation limit."""
+
+# Train metrics that modules other than the training loop read (the loop computes them).
+TRAIN_LOSS = "train/loss"
+TRAIN_TOKENS_PER_S = "train/tokens_per_s"
 
 MAX, MIN = "max", "min"
 DIRECTIONS = {

@@ -1,1 +1,1 @@
-"""Model assets: offline tiny tokenizer and tiny Llama config for fast CPU experiments."""
+"""Base models and tokenizers: loading, LoRA, the offline tiny tokenizer and pretrained tiny Llama, build-once caches."""

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
 
+from sftray.atomic import atomic_dir
+
 
 def is_complete(folder: Path, markers: tuple[str, ...]) -> bool:
+    """Whether ``folder`` holds every file named in ``markers`` (a finished build)."""
     return all((folder / name).is_file() for name in markers)
 
 
@@ -29,14 +29,6 @@ def build_once(target: Path, *, markers: tuple[str, ...], build: Callable[[Path]
     with FileLock(str(target.parent / f".{target.name}.lock")):
         if is_complete(target, markers):  # another caller built it while we waited
             return target
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
+        with atomic_dir(target, last=markers) as tmp:
             build(tmp)
-            if not target.exists():
-                os.replace(tmp, target)
-            else:
-                for name in sorted((p.name for p in tmp.iterdir()), key=lambda name: name in markers):
-                    os.replace(tmp / name, target / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

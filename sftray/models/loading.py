@@ -1,4 +1,4 @@
-"""Loading base tokenizers (and, later, models): hub ids, local folders, or the builtin tiny Llama."""
+"""Loading base models and their tokenizers: hub ids, local folders, or the builtin tiny Llama."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from sftray.config import ModelConfig
 BUILTIN_TINY = "builtin:tiny-llama"
 
 
-def resolve_model_path(cfg: ModelConfig, *, cache_dir: Path) -> str:
-    """A from_pretrained-able path: the builtin tiny Llama is built into ``cache_dir`` on first use."""
+def resolve_tokenizer_path(cfg: ModelConfig, *, cache_dir: Path) -> str:
+    """A from_pretrained-able path to the base model's TOKENIZER: the builtin tiny Llama's tokenizer is built into
+    ``cache_dir`` on first use (seconds; no pretraining)."""
     if cfg.name_or_path == BUILTIN_TINY:
         from sftray.models.tiny import ensure_tiny_tokenizer
 
@@ -27,7 +28,7 @@ def load_tokenizer(cfg: ModelConfig, *, cache_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_path(cfg, cache_dir=cache_dir), trust_remote_code=cfg.trust_remote_code
+        resolve_tokenizer_path(cfg, cache_dir=cache_dir), trust_remote_code=cfg.trust_remote_code
     )
     if cfg.chat_template:
         template = cfg.chat_template
@@ -87,11 +88,11 @@ def resolve_base_model_path(cfg: ModelConfig, *, cache_dir: Path) -> str:
     """A from_pretrained-able path to the base MODEL (weights + tokenizer).
 
     ``builtin:tiny-llama`` is pretrained into ``cache_dir`` on first use (minutes on CPU, then cached); anything
-    else is passed through as a hub id or folder. ``resolve_model_path`` stays tokenizer-only, so data prep never
+    else is passed through as a hub id or folder. ``resolve_tokenizer_path`` stays tokenizer-only, so data prep never
     triggers pretraining.
     """
     if cfg.name_or_path == BUILTIN_TINY:
         from sftray.models.pretrain import ensure_tiny_model
 
         return str(ensure_tiny_model(Path(cache_dir)))
-    return resolve_model_path(cfg, cache_dir=cache_dir)
+    return resolve_tokenizer_path(cfg, cache_dir=cache_dir)

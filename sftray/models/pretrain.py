@@ -22,14 +22,22 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sftray.data.builtin import pydoc_topics_text
-from sftray.models.cache import build_once, is_complete
+from sftray.models.cache import build_once
 from sftray.models.tiny import EOS_TOKEN, IM_END, ensure_tiny_tokenizer, tiny_llama_config
 
-__all__ = ["TINY_MODEL_DIRNAME", "ensure_tiny_model", "pretrain_tiny"]
+__all__ = [
+    "COMPLETE_MARKERS",
+    "TINY_MODEL_DIRNAME",
+    "ensure_tiny_model",
+    "pretrain_tiny",
+    "split_windows",
+    "unigram_loss",
+]
 
 TINY_MODEL_DIRNAME = "tiny-llama-base"
 REPORT_NAME = "pretrain_report.json"
-_COMPLETE_MARKERS = ("model.safetensors", "config.json", "tokenizer.json", REPORT_NAME)
+COMPLETE_MARKERS = ("model.safetensors", "config.json", "tokenizer.json", REPORT_NAME)
+"""Files whose presence marks a finished tiny-model folder (``sftray.models.cache.is_complete``)."""
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +85,7 @@ def pretrain_tiny(
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
-    train_windows, heldout_windows = _split_windows(
+    train_windows, heldout_windows = split_windows(
         _corpus_ids(tokenizer, eos_id=eos_id), seq_len=seq_len, heldout_fraction=heldout_fraction
     )
     vocab_size = len(tokenizer)
@@ -128,7 +136,7 @@ def pretrain_tiny(
                 )
 
     heldout_loss = _heldout_loss(model, heldout_windows, batch_size=batch_size)
-    unigram = _unigram_loss(train_windows, heldout_windows, vocab_size=vocab_size)
+    unigram = unigram_loss(train_windows, heldout_windows, vocab_size=vocab_size)
     report = {
         "steps": steps,
         "train_loss": sum(recent) / len(recent),
@@ -163,7 +171,7 @@ def _corpus_ids(tokenizer, *, eos_id: int) -> list[int]:
     return ids + [eos_id]
 
 
-def _split_windows(ids: list[int], *, seq_len: int, heldout_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def split_windows(ids: list[int], *, seq_len: int, heldout_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) windows of ``seq_len`` tokens; the last ``heldout_fraction`` of them, contiguous, held out.
 
     The trailing partial window is dropped so batches stay rectangular.
@@ -203,7 +211,7 @@ def _heldout_loss(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: 
     return total / count
 
 
-def _unigram_loss(train: torch.Tensor, heldout: torch.Tensor, *, vocab_size: int) -> float:
+def unigram_loss(train: torch.Tensor, heldout: torch.Tensor, *, vocab_size: int) -> float:
     """Cross-entropy (nats/token) of add-one-smoothed training token frequencies on the held-out targets.
 
     Scores the same tokens as ``_heldout_loss`` (every window position but the first), so the two compare.
@@ -212,10 +220,6 @@ def _unigram_loss(train: torch.Tensor, heldout: torch.Tensor, *, vocab_size: int
     total = train.numel() + vocab_size  # add-one: every vocab entry gets one pseudo-count
     targets = heldout[:, 1:].reshape(-1).tolist()
     return -sum(math.log((counts[t] + 1) / total) for t in targets) / len(targets)
-
-
-def _is_complete(folder: Path) -> bool:
-    return is_complete(folder, _COMPLETE_MARKERS)
 
 
 def ensure_tiny_model(cache_dir: Path, **pretrain_kwargs) -> Path:
@@ -229,4 +233,4 @@ def ensure_tiny_model(cache_dir: Path, **pretrain_kwargs) -> Path:
     def build(tmp: Path) -> None:
         pretrain_tiny(tmp, tokenizer_dir=ensure_tiny_tokenizer(cache_dir), **pretrain_kwargs)
 
-    return build_once(cache_dir / TINY_MODEL_DIRNAME, markers=_COMPLETE_MARKERS, build=build)
+    return build_once(cache_dir / TINY_MODEL_DIRNAME, markers=COMPLETE_MARKERS, build=build)

@@ -13,7 +13,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from sftray.data.builtin import generate_demo_conversations, pydoc_topics_text
-from sftray.models.cache import build_once, is_complete
+from sftray.models.cache import build_once
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -102,10 +102,6 @@ def build_tiny_tokenizer(out_dir: Path, *, vocab_size: int = 4096) -> transforme
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_tok.save_pretrained(out_dir)
     return hf_tok
-
-
-def _is_complete(folder: Path) -> bool:
-    return is_complete(folder, _COMPLETE_MARKERS)
 
 
 def ensure_tiny_tokenizer(cache_dir: Path) -> Path:

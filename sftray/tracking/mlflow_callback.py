@@ -77,15 +77,15 @@ class MlflowTrialLogger(Callback):
         self._close(trial, "FAILED")
 
     def _close(self, trial: Any, status: str) -> None:
-        from sftray.tune.sweep import OUTCOME_FILE
+        from sftray.tune.sweep import OUTCOME_FILE, read_outcome
 
         run_id = self.runs.get(trial.trial_id)
         if run_id is None:
             return
         client = self._client()
-        outcome_file = Path(trial.local_path or "") / OUTCOME_FILE if getattr(trial, "local_path", None) else None
-        if outcome_file is not None and outcome_file.is_file():
-            outcome = json.loads(outcome_file.read_text())
+        trial_dir = getattr(trial, "local_path", None)
+        outcome = read_outcome(trial_dir) if trial_dir else None
+        if outcome is not None:
             client.set_tag(run_id, "best_checkpoint", outcome["best_checkpoint"])
             client.set_tag(run_id, "best_reason", outcome["reason"])
             # The selected epoch's figures under the parent's names, so runs compare on one column each.
@@ -95,7 +95,7 @@ class MlflowTrialLogger(Callback):
                     client.log_metric(run_id, name, float(value))
             client.log_text(run_id, json.dumps(dataclasses.asdict(self.cfg), indent=1, default=str), "config.json")
             client.log_text(run_id, json.dumps(trial.config, indent=1, default=str), "overrides.json")
-            client.log_text(run_id, json.dumps(outcome, indent=1, default=str), "outcome.json")
+            client.log_text(run_id, json.dumps(outcome, indent=1, default=str), OUTCOME_FILE)
             report = Path(outcome["data_report"])
             if report.is_file():
                 client.log_artifact(run_id, str(report))

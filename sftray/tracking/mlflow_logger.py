@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sftray.config import Config
+from sftray.eval.metrics import EXACT_MATCH, FORGETTING, FORMAT_COMPLIANCE, PRETRAIN_LOSS, SCORE, VAL_LOSS
 
 log = logging.getLogger("sftray.tracking")
 SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
@@ -143,18 +144,21 @@ def start_parent(cfg: Config, *, space: dict[str, Any], data_report: dict[str, A
 # Selected-epoch metrics of a trial -> the names its child run and the sweep's parent run carry them under (every
 # metric eval.select_metric may name, so the report ranks trials by the sweep's rule).
 BEST_NAMES = {
-    "eval/score": "best/score",
-    "eval/format_compliance": "best/format_compliance",
-    "eval/exact_match": "best/exact_match",
-    "eval/forgetting": "best/forgetting",
-    "eval/pretrain_loss": "best/pretrain_loss",
-    "val/loss": "best/val_loss",
+    SCORE: "best/score",
+    FORMAT_COMPLIANCE: "best/format_compliance",
+    EXACT_MATCH: "best/exact_match",
+    FORGETTING: "best/forgetting",
+    PRETRAIN_LOSS: "best/pretrain_loss",
+    VAL_LOSS: "best/val_loss",
     "epoch": "best/epoch",
 }
 
 
 def finish_parent(cfg: Config, *, parent_id: str, best: dict[str, Any] | None, table_text: str) -> None:
+    """Ends the parent run with the trial table and the best trial (a ``SweepOutcome.trials`` row, or None)."""
     from mlflow import MlflowClient
+
+    from sftray.tune.sweep import OBJECTIVE, ROW_METRICS
 
     client = MlflowClient(tracking_uri(cfg))
     client.log_text(parent_id, table_text, "trials.txt")
@@ -166,9 +170,9 @@ def finish_parent(cfg: Config, *, parent_id: str, best: dict[str, Any] | None, t
             json.dumps({k: v for k, v in best.items() if k != "outcome"}, indent=1, default=str),
             "best_trial.json",
         )
-        for key in ("score", "format_compliance", "exact_match", "forgetting", "val_loss"):
-            if isinstance(best.get(key), int | float):
-                client.log_metric(parent_id, f"best/{key}", float(best[key]))
+        for column, metric in {"score": OBJECTIVE, **ROW_METRICS}.items():
+            if isinstance(best.get(column), int | float):
+                client.log_metric(parent_id, BEST_NAMES[metric], float(best[column]))
     client.set_terminated(parent_id, "FINISHED")
 
 

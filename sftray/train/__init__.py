@@ -1,1 +1,1 @@
-"""Training on Ray Train workers: loss, parallelism, checkpoints, the per-worker loop, and the driver-side run."""
+"""Training on Ray Train workers: the optimizer step, the per-worker loop, checkpoints, and the driver-side run."""

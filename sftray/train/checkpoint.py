@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from sftray.train.parallel import unwrap
+from sftray.core.parallel import unwrap
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 STATE_FILE = "train_state.pt"

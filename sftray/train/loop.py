@@ -24,8 +24,11 @@ import torch
 import torch.distributed as dist
 
 from sftray.config import Config
+from sftray.core.parallel import wrap
 from sftray.data.collate import LENGTH_GROUP, collate_rows, grouped_micro_batches
-from sftray.eval.metrics import with_forgetting
+from sftray.eval.evaluate import Evaluator
+from sftray.eval.metrics import PRETRAIN_LOSS, TRAIN_LOSS, TRAIN_TOKENS_PER_S, with_forgetting
+from sftray.train.step import build_optimizer, build_scheduler, optimizer_step
 
 log = logging.getLogger("sftray.train")
 
@@ -60,10 +63,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray Train entry point; returns (on rank 0) the metric history of the run."""
     import ray.train
     import ray.train.torch
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer
 
     from sftray.train import checkpoint as ckpt_mod
-    from sftray.train.parallel import wrap
 
     job: WorkerJob = config["job"]
     cfg, t = job.cfg, job.cfg.train
@@ -95,18 +97,24 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     model = wrap(model, parallelism=t.parallelism, device=device, world_size=world, bf16=bf16)
     model.train()
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg=t)
     total_steps = job.steps_per_epoch * t.epochs
-    scheduler = get_scheduler(
-        {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule],
-        optimizer,
-        num_warmup_steps=round(t.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    scheduler = build_scheduler(optimizer, cfg=t, total_steps=total_steps)
     # Pad each micro-batch to its longest row (not to max_seq_len): fewer wasted positions, same targets.
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing)
-    evaluator = _Evaluator(job, model=model, tokenizer=tokenizer, device=device, collate=collate)
+    evaluator = Evaluator(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        collate=collate,
+        val=ray.train.get_dataset_shard("val"),
+        heldout=ray.train.get_dataset_shard("heldout"),
+        micro_batch_size=t.micro_batch_size,
+        probes=job.probes,
+        max_new_tokens=job.max_new_tokens,
+        end_of_turn_id=job.end_of_turn_id,
+        user_opener=job.user_opener,
+    )
 
     if state is not None:
         ckpt_mod.restore_optimizer(model, optimizer, state["optimizer"])
@@ -118,7 +126,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         start_epoch, step, history, restarts = 1, 0, [], 0
         base_metrics, base_table = evaluator.run()
-        base = {"pretrain_loss": base_metrics["eval/pretrain_loss"], "metrics": base_metrics}
+        base = {"pretrain_loss": base_metrics[PRETRAIN_LOSS], "metrics": base_metrics}
         tables = {"probes_base": base_table}
         history.append(_report({"epoch": 0, "step": 0, **_with_forgetting(base_metrics, base, cfg)}, rank=rank))
 
@@ -132,16 +140,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         for _ in range(job.steps_per_epoch):
             group = [next(batches) for _ in range(min(t.grad_accum, remaining))]
             remaining -= len(group)
-            step_sums = _optimizer_step(
-                model,
-                optimizer,
-                group,
-                device=device,
-                world=world,
-                bf16=bf16,
-                max_grad_norm=t.max_grad_norm,
-                parallelism=t.parallelism,
-            )
+            step_sums = optimizer_step(model, optimizer, group, cfg=t, device=device, world=world, bf16=bf16)
             scheduler.step()
             sums += step_sums
             tokens += sum(int((b["token_kind"] > 0).sum()) for b in group)
@@ -175,11 +174,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         metrics = {
             "epoch": epoch,
             "step": step,
-            "train/loss": float(sums[0] / sums[1].clamp(min=1)),
+            TRAIN_LOSS: float(sums[0] / sums[1].clamp(min=1)),
             "train/sft_loss": float(sums[2] / sums[3].clamp(min=1)),
             "train/pretrain_loss": float(sums[4] / sums[5].clamp(min=1)) if sums[5] > 0 else float("nan"),
             "train/target_tokens": int(sums[1]),
-            "train/tokens_per_s": tokens / max(seconds, 1e-9),
+            TRAIN_TOKENS_PER_S: tokens / max(seconds, 1e-9),
             "train/lr": scheduler.get_last_lr()[0],
             "train/restarts": restarts,  # resumptions from a checkpoint so far (worker failures, resume_from)
             **_with_forgetting(metrics, base, cfg),
@@ -241,58 +240,6 @@ def _build_model(job: WorkerJob, *, tokenizer: Any, checkpoint_dir: Path | None)
     return apply_lora(model, cfg=cfg.train.lora, new_token_ids=new_ids)
 
 
-def _optimizer_step(
-    model: Any,
-    optimizer: Any,
-    group: list[dict],
-    *,
-    device: torch.device,
-    world: int,
-    bf16: bool,
-    max_grad_norm: float,
-    parallelism: str,
-) -> torch.Tensor:
-    """One optimizer step over ``group``; the loss is normalised by the global batch's target tokens."""
-    from sftray.eval.evaluate import forward_logits
-    from sftray.train.loss import count_targets, kind_sums, scaled_loss, token_losses
-
-    targets = torch.tensor([sum(count_targets(b["labels"]) for b in group)], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(targets)  # all ranks, all accumulation steps
-    global_targets = int(targets.item())
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
-    for i, batch in enumerate(group):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        last = i == len(group) - 1
-        with _grad_sync(model, parallelism=parallelism, enabled=last):
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                losses = token_losses(forward_logits(model, batch), batch["labels"])
-            scaled_loss(losses, global_targets=global_targets, world_size=world).backward()
-        per_kind = kind_sums(losses, batch["labels"], batch["token_kind"])
-        sums += torch.tensor(
-            [float(losses.detach().sum()), count_targets(batch["labels"]), *per_kind[1], *per_kind[2]],
-            dtype=torch.float64,
-            device=device,
-        )
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sums
-
-
-@contextlib.contextmanager
-def _grad_sync(model: Any, *, parallelism: str, enabled: bool):
-    """Skips the gradient all-reduce on accumulation micro-batches (correct either way; this saves traffic)."""
-    if parallelism == "ddp" and not enabled and hasattr(model, "no_sync"):
-        with model.no_sync():
-            yield
-        return
-    if parallelism == "fsdp" and hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
-    yield
-
-
 def _micro_batches(shard: Any, *, size: int, collate: Any, seed: int) -> Any:
     """Shuffled micro-batches of a training shard, rows of similar length together (``length_grouped``)."""
     windows = shard.iter_batches(
@@ -302,43 +249,6 @@ def _micro_batches(shard: Any, *, size: int, collate: Any, seed: int) -> Any:
         local_shuffle_seed=seed,
     )
     return grouped_micro_batches(windows, size=size, seed=seed, collate=collate)
-
-
-class _Evaluator:
-    """val/loss, held-out pretraining loss and generation probes, identical on every rank."""
-
-    def __init__(self, job: WorkerJob, *, model: Any, tokenizer: Any, device: torch.device, collate: Any) -> None:
-        import ray.train
-
-        self.job, self.model, self.tokenizer, self.device, self.collate = job, model, tokenizer, device, collate
-        self.val = ray.train.get_dataset_shard("val")
-        self.heldout = ray.train.get_dataset_shard("heldout")
-
-    def run(self) -> tuple[dict[str, float], list[dict]]:
-        from sftray.eval.evaluate import heldout_loss, run_probes
-
-        mb = self.job.cfg.train.micro_batch_size
-        metrics = {
-            "val/loss": heldout_loss(
-                self.model, self.val.iter_torch_batches(batch_size=mb, collate_fn=self.collate), device=self.device
-            ),
-            "eval/pretrain_loss": heldout_loss(
-                self.model, self.heldout.iter_torch_batches(batch_size=mb, collate_fn=self.collate), device=self.device
-            ),
-        }
-        table: list[dict] = []
-        if self.job.probes:
-            probe_metrics, table = run_probes(
-                self.model,
-                self.job.probes,
-                tokenizer=self.tokenizer,
-                device=self.device,
-                max_new_tokens=self.job.max_new_tokens,
-                end_of_turn_id=self.job.end_of_turn_id,
-                user_opener=self.job.user_opener,
-            )
-            metrics.update(probe_metrics)
-        return metrics, table
 
 
 def _report(

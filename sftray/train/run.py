@@ -15,8 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftray.config import Config, TrainConfig
-from sftray.data.pipeline import ROW_SCHEMA, Prepared
-from sftray.eval.metrics import check_select_metric, select_best
+from sftray.data.pipeline import Prepared
+from sftray.data.schema import ROW_SCHEMA, empty_rows
+from sftray.eval.metrics import (
+    EXACT_MATCH,
+    FORGETTING,
+    FORMAT_COMPLIANCE,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    check_select_metric,
+    select_best,
+)
 from sftray.train.checkpoint import STATE_FILE as CHECKPOINT_STATE
 from sftray.train.checkpoint import load_state
 from sftray.train.loop import WorkerJob, train_fn_per_worker
@@ -78,7 +87,7 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[Work
         # Every rank must read the same number of rows (an equal split would otherwise drop the remainder):
         # pad with empty rows that hold one pad token and no target.
         fill = (-table.num_rows) % world if table.num_rows else world
-        table = pa.concat_tables([table, _filler(fill, pad_id=tokenizer.pad_token_id)])
+        table = pa.concat_tables([table, empty_rows(fill, pad_id=tokenizer.pad_token_id)])
         rows[name] = table.num_rows
         datasets[name] = ray.data.from_arrow(table).materialize()
     probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
@@ -184,7 +193,7 @@ def prior_checkpoints(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for metrics in history:
         folder = checkpoint.parent / f"epoch_{metrics['epoch']:02d}"
-        if metrics["epoch"] > 0 and "train/loss" in metrics and (folder / CHECKPOINT_STATE).is_file():
+        if metrics["epoch"] > 0 and TRAIN_LOSS in metrics and (folder / CHECKPOINT_STATE).is_file():
             out.append((str(folder), metrics))
     return out
 
@@ -200,11 +209,11 @@ def summary(outcome: TrainOutcome) -> str:
     cols = [
         ("epoch", "epoch", "{:>6d}"),
         ("step", "step", "{:>6d}"),
-        ("train/loss", "train", "{:>8.4f}"),
-        ("val/loss", "val", "{:>8.4f}"),
-        ("eval/format_compliance", "format", "{:>8.1%}"),
-        ("eval/exact_match", "exact", "{:>8.1%}"),
-        ("eval/forgetting", "forget", "{:>+8.1%}"),
+        (TRAIN_LOSS, "train", "{:>8.4f}"),
+        (VAL_LOSS, "val", "{:>8.4f}"),
+        (FORMAT_COMPLIANCE, "format", "{:>8.1%}"),
+        (EXACT_MATCH, "exact", "{:>8.1%}"),
+        (FORGETTING, "forget", "{:>+8.1%}"),
     ]
     widths = [len(fmt.format(0)) for _, _, fmt in cols]
     lines = ["".join(f"{label:>{w + 2}}" for (_, label, _), w in zip(cols, widths))]
@@ -224,25 +233,6 @@ def _read_rows(folder: Path, *, limit: int | None) -> pa.Table:
     files = sorted(Path(folder).glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f).cast(ROW_SCHEMA) for f in files]) if files else ROW_SCHEMA.empty_table()
     return table.slice(0, limit) if limit is not None else table
-
-
-def _filler(n: int, *, pad_id: int) -> pa.Table:
-    return pa.Table.from_pylist(
-        [
-            {
-                "input_ids": [pad_id],
-                "labels": [-100],
-                "position_ids": [0],
-                "seq_lens": [1],
-                "seq_kinds": [0],
-                "num_tokens": 0,
-                "num_trained": 0,
-                "num_pretrain_tokens": 0,
-            }
-        ]
-        * n,
-        schema=ROW_SCHEMA,
-    )
 
 
 def check_validation(report: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ configured generation metric when the run stays within the forgetting budget, be
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -18,15 +17,32 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from sftray.config import Config
+from sftray.config import Config, override
 from sftray.data.pipeline import Prepared
-from sftray.eval.metrics import OBJECTIVE_MODE, SCORE, check_select_metric, select_best
+from sftray.eval.metrics import (
+    EXACT_MATCH,
+    FORGETTING,
+    FORMAT_COMPLIANCE,
+    OBJECTIVE_MODE,
+    SCORE,
+    VAL_LOSS,
+    check_select_metric,
+    select_best,
+)
 
 log = logging.getLogger("sftray.sweep")
 
 OBJECTIVE = SCORE
 OUTCOME_FILE = "outcome.json"
 """Written by each trial into its Tune trial folder: best checkpoint, why, and the metric history."""
+ROW_METRICS = {
+    "val_loss": VAL_LOSS,
+    "format_compliance": FORMAT_COMPLIANCE,
+    "exact_match": EXACT_MATCH,
+    "forgetting": FORGETTING,
+}
+"""Metric columns of a trial row (``SweepOutcome.trials``) -> the metric each holds: the selected epoch's value
+(the last report's for a trial that did not finish)."""
 TRIAL_DRIVER_CPUS = 0.01
 """The trial function only waits on its TorchTrainer; Tune refuses 0, a sliver leaves room for the workers."""
 
@@ -43,23 +59,15 @@ class SweepOutcome:
     """Why that trial ranks first among the finished ones (which rule decided)."""
 
 
-def override(cfg: Config, dotted: str, value: Any) -> Config:
-    """A copy of ``cfg`` with the dotted key set (``train.lora.r``); unknown keys list the valid ones."""
-    head, _, rest = dotted.partition(".")
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    if head not in fields:
-        raise ValueError(f"unknown config key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
-    if not rest:
-        return dataclasses.replace(cfg, **{head: value})
-    child = getattr(cfg, head)
-    if not dataclasses.is_dataclass(child):
-        raise ValueError(f"config key '{head}' has no sub-keys (asked for '{dotted}')")
-    return dataclasses.replace(cfg, **{head: override(child, rest, value)})
-
-
 def trial_runs_dir(cfg: Config) -> Path:
     """Where the trials' Train runs (and their checkpoints) of this sweep live: one folder per trial below it."""
     return Path(cfg.paths.output_dir) / "sweeps" / "runs" / cfg.sweep.name
+
+
+def read_outcome(trial_dir: str | Path) -> dict[str, Any] | None:
+    """The outcome a trial left in its Tune trial folder (``OUTCOME_FILE``), or None if it did not finish."""
+    path = Path(trial_dir) / OUTCOME_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -185,15 +193,18 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
     """One Tune trial: apply the sampled keys, launch a TorchTrainer, leave the outcome in the trial folder."""
     import ray.tune
 
-    from sftray.data.pipeline import load_prepared, prepare
+    from sftray.data.pipeline import load_prepared
+    from sftray.recipes.prep import prep
 
     cfg = base_cfg
     for key, value in config.items():
         cfg = override(cfg, key, value)
     ctx = ray.tune.get_context()
     # Data/mix keys change the prepared data: prepare (cached by fingerprint) for this trial's config.
-    touches_data = any(k.startswith(("data.", "mix.", "model.")) for k in config)
-    prepared = prepare(cfg) if touches_data else load_prepared(Path(prepared_dir))
+    if any(k.startswith(("data.", "mix.", "model.")) for k in config):
+        prepared = prep(cfg)
+    else:
+        prepared = load_prepared(Path(prepared_dir))
     outcome = _train_reporting_to_tune(
         cfg,
         prepared=prepared,
@@ -269,34 +280,17 @@ def _trial_row(result: Any) -> dict[str, Any]:
     trial_dir = Path(result.path)
     trial_id = (result.metrics or {}).get("trial_id") or trial_dir.name
     row: dict[str, Any] = {"trial_id": trial_id, "overrides": dict(result.config or {}), "path": str(trial_dir)}
-    outcome_file = trial_dir / OUTCOME_FILE
-    if result.error is not None or not outcome_file.is_file():
+    outcome = read_outcome(trial_dir)
+    if result.error is not None or outcome is None:
         row.update(status="failed" if result.error is not None else "stopped", error=str(result.error or "")[:300])
         last = result.metrics or {}
-        row.update(
-            val_loss=last.get("val/loss"),
-            format_compliance=last.get("eval/format_compliance"),
-            exact_match=last.get("eval/exact_match"),
-            forgetting=last.get("eval/forgetting"),
-            score=None,
-            checkpoint=None,
-            reason="",
-        )
+        row.update({column: last.get(metric) for column, metric in ROW_METRICS.items()})
+        row.update(score=None, checkpoint=None, reason="")
         return row
-    outcome = json.loads(outcome_file.read_text())
     m = outcome["best_metrics"]
-    row.update(
-        status="finished",
-        checkpoint=outcome["best_checkpoint"],
-        reason=outcome["reason"],
-        val_loss=m.get("val/loss"),
-        format_compliance=m.get("eval/format_compliance"),
-        exact_match=m.get("eval/exact_match"),
-        forgetting=m.get("eval/forgetting"),
-        score=m.get(OBJECTIVE),
-        best_epoch=m.get("epoch"),
-        outcome=outcome,
-    )
+    row.update(status="finished", checkpoint=outcome["best_checkpoint"], reason=outcome["reason"])
+    row.update({column: m.get(metric) for column, metric in ROW_METRICS.items()})
+    row.update(score=m.get(OBJECTIVE), best_epoch=m.get("epoch"), outcome=outcome)
     return row
 
 

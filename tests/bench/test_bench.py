@@ -1,4 +1,5 @@
-"""The bench at its smallest size on the shared Ray instance: every part produces every row (values unchecked)."""
+"""The bench at its smallest size on the shared Ray instance: every part produces every row, with
+plausible values (the figures themselves are the bench's job, not the test's)."""
 
 from __future__ import annotations
 
@@ -25,16 +26,20 @@ def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     assert names["preprocess"] == [preprocess.pipeline_name(num_actors=a) for a, _ in preprocess.ACTOR_LAYOUTS] + [
         preprocess.BASELINE
     ]
-    assert names["overhead"] == [
-        overhead.RAY_INIT_ROW,
-        overhead.TRAIN_CONNECTED_ROW,
-        overhead.TRAIN_LAUNCH_ROW,
-        overhead.TRAIN_LOOP_ROW,
-        overhead.TRAIN_ROW,
-        overhead.TRAIN_WALL_ROW,
-        overhead.RAY_TRAIN_TPS_ROW,
-        overhead.SWEEP_ROW,
-    ]
+    # Overhead: every milestone of the `sftray train` process was measured, in order, before the process ended; the
+    # Ray Train path trained at some rate and the sweep's trial reached its first step. The ray.init row is there
+    # (its value is None here: Ray was already up).
+    values = {r["name"]: r["value"] for r in results["overhead"]}
+    connected, loop, first_step, wall = (
+        values[overhead.TRAIN_CONNECTED_ROW],
+        values[overhead.TRAIN_LOOP_ROW],
+        values[overhead.TRAIN_ROW],
+        values[overhead.TRAIN_WALL_ROW],
+    )
+    assert 0 < connected < loop < first_step < wall, values
+    assert 0 < values[overhead.TRAIN_LAUNCH_ROW] < wall, values
+    assert values[overhead.RAY_TRAIN_TPS_ROW] > 0 and values[overhead.SWEEP_ROW] > 0, values
+    assert overhead.RAY_INIT_ROW in values
     assert [r["method"] for r in results["memory"]] == list(memory.METHODS)
 
     # The JSON holds what run_bench returned; the markdown has a row for every measured figure.

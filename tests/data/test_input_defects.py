@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,14 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from sftray.cli import compose_config
-from sftray.config import DataConfig, MixConfig, SourceConfig
+from sftray.config import DataConfig, MixConfig, SourceConfig, compose_config
+from sftray.data.encoding import encode_record
 from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
-from sftray.data.pipeline import encode_record
 from sftray.data.sources import iter_file_records, resolve_source
 from sftray.models.tiny import ensure_tiny_tokenizer
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 WHAT = "data.sources[0]"
 
@@ -246,7 +248,7 @@ def test_text_source_column(tmp_path: Path) -> None:
 
 
 def test_first_bad_row_is_in_file_then_numeric_line_order() -> None:
-    from sftray.data.pipeline import first_bad_row
+    from sftray.data.drops import first_bad_row
 
     wheres = ["/d/b.jsonl:1", "/d/a.jsonl:11", "/d/a.jsonl:2", "/d/a.jsonl:10", "hub[train] row 12", "hub[train] row 3"]
     meta = pd.DataFrame(
@@ -350,7 +352,6 @@ def test_folder_file_with_unreadable_first_record_takes_the_first_format(
 
 
 def test_preview_reads_mapped_columns_like_the_pipeline(tmp_path: Path, cache_dir: Path, capsys) -> None:
-    from sftray.cli import main
 
     gsm = tmp_path / "gsm8k.jsonl"
     gsm.write_text("".join(json.dumps({"question": f"{i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(3)))

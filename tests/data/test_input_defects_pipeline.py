@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from sftray.cli import compose_config
+from sftray.config import compose_config
 from sftray.data.chat import encode_chat
 from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
 from sftray.data.packing import KIND_SFT
-from sftray.data.pipeline import prepare
+from sftray.recipes.prep import prep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -94,7 +94,7 @@ def test_mixed_folder_mapped_columns_and_bad_rows(ray_local, cache_dir, tmp_path
         f"[{{path: '{folder}'}}, {{path: '{tmp_path / 'gsm8k.jsonl'}', format: prompt_completion, "
         "columns: {prompt: question, completion: answer}}]"
     )
-    prepared = prepare(_cfg(tmp_path, cache_dir, sources, "data.on_error=drop"))
+    prepared = prep(_cfg(tmp_path, cache_dir, sources, "data.on_error=drop"))
 
     report = prepared.report
     assert report["drops"] == {"bad_encoding": 5, "assistant_first": 5}
@@ -121,6 +121,6 @@ def test_raise_names_the_first_bad_row_in_line_order(ray_local, cache_dir, tmp_p
         lines[lineno - 1] = '{"messages": [oops]}'
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as err:
-        prepare(_cfg(tmp_path, cache_dir, f"[{{path: '{path}'}}]"))
+        prep(_cfg(tmp_path, cache_dir, f"[{{path: '{path}'}}]"))
     assert str(err.value).startswith(f"{path}:2: not valid JSON")
     assert "(2 more bad conversations)" in str(err.value)

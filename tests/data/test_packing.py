@@ -11,7 +11,7 @@ import torch
 
 from sftray.data.chat import IGNORE_INDEX
 from sftray.data.collate import LENGTH_GROUP, collate_rows, length_grouped
-from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, pack_bfd, pack_examples, pad_examples, row_stats
+from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, pack_bfd, pack_examples, pad_examples
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -194,7 +194,7 @@ def test_pack_bfd_rejects_bad_lengths(bad: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# pack_examples / pad_examples / row_stats
+# pack_examples / pad_examples
 
 
 def _check_rows(rows: list[dict], examples: list[dict], max_seq_len: int) -> None:
@@ -286,28 +286,6 @@ def test_pad_examples_one_row_per_example() -> None:
         assert row["seq_lens"] == [len(ex["input_ids"])]
         assert row["seq_kinds"] == [ex["kind"]]
     _check_rows(rows, examples, max(lengths))
-
-
-def test_row_stats_counts() -> None:
-    rows = [
-        {"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3]},
-        {"input_ids": [4, 5], "labels": [IGNORE_INDEX, IGNORE_INDEX]},
-        {"input_ids": [6, 7, 8, 9], "labels": [6, 7, 8, 9]},
-    ]
-    assert row_stats(rows, max_seq_len=8) == {"rows": 3, "tokens": 9, "trained_tokens": 6, "slots": 24}
-    assert row_stats([], max_seq_len=8) == {"rows": 0, "tokens": 0, "trained_tokens": 0, "slots": 0}
-
-
-def test_row_stats_on_packed_rows() -> None:
-    rng = random.Random(4)
-    examples = _make_examples(rng, _long_tailed(rng, 50, 64))
-    rows = pack_examples(examples, max_seq_len=64)
-    stats = row_stats(rows, max_seq_len=64)
-    assert stats["rows"] == len(rows)
-    assert stats["tokens"] == sum(len(ex["input_ids"]) for ex in examples)
-    # an example's first label is never a target, so packing masks it
-    assert stats["trained_tokens"] == sum(x != IGNORE_INDEX for ex in examples for x in ex["labels"][1:])
-    assert stats["slots"] == 64 * len(rows)
 
 
 # --------------------------------------------------------------------------------------------------------------------

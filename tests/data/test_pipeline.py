@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,12 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from sftray.cli import compose_config
+from sftray.config import compose_config
 from sftray.data.chat import IGNORE_INDEX, encode_chat
 from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT
-from sftray.data.pipeline import prepare
+from sftray.recipes.prep import prep
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -107,7 +110,7 @@ def formats_run(ray_local, cache_dir, tmp_path_factory):
         "data.val_fraction=0.25",
         "mix.window_len=64",
     )
-    return cfg, records, prepare(cfg)
+    return cfg, records, prep(cfg)
 
 
 def test_every_format_arrives_intact(formats_run):
@@ -180,9 +183,9 @@ def test_report_fields(formats_run):
 
 def test_rerun_is_cached_and_forced_rerun_is_identical(formats_run):
     cfg, _, prepared = formats_run
-    assert prepare(cfg).out_dir == prepared.out_dir  # same inputs: reused, not rebuilt
+    assert prep(cfg).out_dir == prepared.out_dir  # same inputs: reused, not rebuilt
     before = {split: _rows(prepared.out_dir / split) for split in ("train", "val", "pretrain_heldout")}
-    again = prepare(cfg, force=True)
+    again = prep(cfg, force=True)
     assert again.report["fingerprint"] == prepared.report["fingerprint"]
     for split, rows in before.items():
         assert _rows(again.out_dir / split) == rows, f"{split} differs between two runs with the same seed"
@@ -239,7 +242,7 @@ def test_drop_counts_every_bad_row_by_reason(ray_local, cache_dir, tmp_path):
         f"model.chat_template={template}",
         "mix.ratio=0.0",
     )
-    prepared = prepare(cfg)
+    prepared = prep(cfg)
     assert prepared.report["drops"] == {**{reason: 1 for reason in bad}, "empty_file": 1}
     assert prepared.report["conversations"]["train"] + prepared.report["conversations"]["val"] == len(good)
     drops = [json.loads(line) for line in (prepared.out_dir / "drops.jsonl").read_text().splitlines()]
@@ -257,14 +260,13 @@ def test_raise_names_file_and_line(ray_local, cache_dir, tmp_path):
     path.write_text("\n".join(lines) + "\n")
     cfg = _cfg(tmp_path, cache_dir, [str(path)])
     with pytest.raises(DataError, match=rf"{path}:3: not valid JSON.*data\.on_error=drop") as err:
-        prepare(cfg)
+        prep(cfg)
     assert err.value.reason == "invalid_json"
     assert not (tmp_path / "out" / "data").exists() or not any((tmp_path / "out" / "data").iterdir())
 
 
 def test_cli_prep_with_defaults(ray_local, cache_dir, tmp_path, capsys, monkeypatch):
     """`make prep` with no overrides: the builtin demo data and pydoc corpus, through the CLI."""
-    from sftray.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SFTRAY_CACHE", str(cache_dir))
@@ -285,7 +287,7 @@ def test_demo_without_mix(ray_local, cache_dir, tmp_path):
     cfg = compose_config(
         [f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path / 'out'}", "mix=none"], conf=CONF, base=tmp_path
     )
-    prepared = prepare(cfg)
+    prepared = prep(cfg)
     train = prepared.report["splits"]["train"]
     assert train["pretrain_tokens"] == 0 and train["rows"] > 0
     assert train["examples"] + prepared.report["splits"]["val"]["examples"] == 2000

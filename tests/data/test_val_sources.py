@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from sftray.cli import main
 from sftray.data.pipeline import load_prepared
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -83,3 +83,17 @@ def test_select_metric_is_checked_against_what_the_run_produces():
     with pytest.raises(ValueError, match=r"needs generation probes: eval.num_probes > 0"):
         check_select_metric("eval/format_compliance", probes=False)
     assert "eval/exact_match" not in selectable(probes=False)
+
+
+def test_select_best_prefers_the_metric_within_the_forgetting_budget():
+    epochs = [
+        {"eval/format_compliance": 0.9, "eval/forgetting": 0.40, "val/loss": 1.0},  # best metric, forgot too much
+        {"eval/format_compliance": 0.7, "eval/forgetting": 0.05, "val/loss": 1.2},  # tie: lower val/loss wins
+        {"eval/format_compliance": 0.7, "eval/forgetting": 0.02, "val/loss": 1.3},
+    ]
+    choice = select_best(epochs, metric="eval/format_compliance", forgetting_budget=0.1)
+    assert choice.index == 1 and "within the forgetting budget" in choice.reason
+    choice = select_best(epochs[:1], metric="eval/format_compliance", forgetting_budget=0.1)
+    assert choice.index == 0 and "no candidate within" in choice.reason
+    with pytest.raises(ValueError, match="available metrics"):
+        select_best([{"val/loss": 1.0}], metric="eval/format_compliance", forgetting_budget=0.1)

@@ -1,11 +1,11 @@
-"""``sftray.eval.probes``: the generation limit sized to the reference answers, and the warning when probes cannot
-comply within it (pure)."""
+"""``sftray.eval.probes``: the verdict on one generated response, the generation limit sized to the reference
+answers, and the warning when probes cannot comply within it (pure)."""
 
 from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from sftray.eval.probes import generation_limit, reference_lengths
+from sftray.eval.probes import generation_limit, judge, reference_lengths
 from sftray.models.tiny import ensure_tiny_tokenizer
 
 
@@ -30,3 +30,18 @@ def test_the_cap_bounds_the_sized_limit_and_says_what_it_costs():
     limit, warning = generation_limit([300] * 4, configured=None, cap=64)
     assert limit == 64 and "eval.max_new_tokens_cap=64" in warning
     assert generation_limit([], configured=None, cap=512) == (64, "")
+
+
+def test_probe_verdicts(cache_dir):
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache_dir))
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    kw = dict(tokenizer=tok, end_of_turn_id=eot, user_opener="<|im_start|>user")
+    ok = judge(enc("42") + [eot] + enc("junk after the end"), reference="42", **kw)
+    assert ok["compliant"] and ok["exact_match"] and ok["response"] == "42"
+    assert not judge(enc("42 and on and on"), reference="42", **kw)["compliant"]  # never ended
+    assert not judge([eot], reference="42", **kw)["compliant"]  # empty answer
+    leak = judge(enc("42") + enc("<|im_start|>user\nmore") + [eot], reference="42", **kw)
+    assert leak["role_leak"] and not leak["compliant"]
+    wrong = judge(enc("41") + [eot], reference="42", **kw)
+    assert wrong["compliant"] and not wrong["exact_match"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
+
 import pytest
 
-from sftray.cli import main
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 
 @pytest.mark.parametrize("command", ["config", "train", "sweep"])

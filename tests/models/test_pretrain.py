@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftray.config import ModelConfig
 from sftray.models import pretrain
+from sftray.models.cache import is_complete
 from sftray.models.loading import BUILTIN_TINY, resolve_base_model_path
 from sftray.models.tiny import EOS_TOKEN, IM_END, ensure_tiny_tokenizer
 
@@ -62,7 +63,7 @@ def test_learns_more_than_token_frequencies(built):
 
 def test_heldout_windows_are_the_contiguous_tail():
     ids = list(range(1000))
-    train, heldout = pretrain._split_windows(ids, seq_len=10, heldout_fraction=0.05)
+    train, heldout = pretrain.split_windows(ids, seq_len=10, heldout_fraction=0.05)
     assert train.shape == (95, 10) and heldout.shape == (5, 10)
     assert heldout.flatten().tolist() == list(range(950, 1000))
     assert set(train.flatten().tolist()).isdisjoint(heldout.flatten().tolist())
@@ -71,7 +72,7 @@ def test_heldout_windows_are_the_contiguous_tail():
 def test_unigram_loss_uses_add_one_smoothing():
     train = torch.tensor([[0, 0, 0, 1]])  # counts 3, 1, 0 over a vocab of 3 -> probs 4/7, 2/7, 1/7
     heldout = torch.tensor([[2, 0, 2]])  # the first position is never a target
-    got = pretrain._unigram_loss(train, heldout, vocab_size=3)
+    got = pretrain.unigram_loss(train, heldout, vocab_size=3)
     assert got == pytest.approx(-(math.log(4 / 7) + math.log(1 / 7)) / 2)
 
 
@@ -125,11 +126,11 @@ def test_ensure_never_shows_a_half_built_folder(tmp_path, monkeypatch, no_tokeni
                 break
             threading.Event().wait(0.1)
         assert calls, "the build never started"
-        assert not target.exists() and not pretrain._is_complete(target)
+        assert not target.exists() and not is_complete(target, pretrain.COMPLETE_MARKERS)
     finally:
         gate.set()
         builder.join(timeout=30)
-    assert results == [target] and pretrain._is_complete(target)
+    assert results == [target] and is_complete(target, pretrain.COMPLETE_MARKERS)
     # A second caller that waited on the lock reuses the finished folder.
     assert pretrain.ensure_tiny_model(tmp_path) == target and len(calls) == 1
 

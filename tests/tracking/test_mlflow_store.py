@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import pytest
 from mlflow import MlflowClient
 
-from sftray.cli import compose_config
+from sftray.config import compose_config
 from sftray.eval.metrics import DIRECTIONS, SCORE
 from sftray.tracking.mlflow_logger import BEST_NAMES, artifact_location, start_parent, tracking_uri
 from sftray.tune.sweep import search_space

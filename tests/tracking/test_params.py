@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sftray.cli import compose_config
+from sftray.config import compose_config
 from sftray.tracking.mlflow_logger import flatten, redact
 from sftray.tracking.wandb_logger import wandb_mode
 

@@ -17,7 +17,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from sftray.cli import compose_config
+from sftray.config import compose_config
 from sftray.eval.metrics import score
 from sftray.tracking.mlflow_callback import MlflowTrialLogger
 from sftray.tracking.mlflow_logger import base_tags, finish_parent, start_parent, tracking_uri

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from functools import partial
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -25,12 +26,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftray.cli import compose_config, main
+from sftray.config import compose_config
 from sftray.data.collate import collate_rows
-from sftray.data.pipeline import prepare
 from sftray.eval.evaluate import heldout_loss
+from sftray.recipes.prep import prep
 from sftray.train.checkpoint import load_state
 from sftray.train.run import run_training
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +78,7 @@ def setup(ray_local, cache_dir, tmp_path_factory, random_base):
         "eval.forgetting_budget=10",
     ]
     cfg = compose_config(overrides, conf=CONF, base=root)
-    prepared = prepare(cfg)
+    prepared = prep(cfg)
     return cfg, prepared, str(random_base), root, overrides
 
 

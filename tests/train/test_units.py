@@ -1,5 +1,5 @@
-"""Unit tests of training-side pieces that need no Ray: model loading with added tokens, LoRA, resources,
-checkpoint selection, probe verdicts."""
+"""Unit tests of training-side pieces that need no Ray: model loading with added tokens, LoRA, and the driver's
+resource and validation checks."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sftray.config import LoraConfig, ModelConfig, TrainConfig
-from sftray.eval.metrics import select_best
-from sftray.eval.probes import judge
 from sftray.models.loading import add_template_tokens, load_model, load_tokenizer
 from sftray.models.lora import apply_lora
-from sftray.models.tiny import CHATML_TEMPLATE, ensure_tiny_tokenizer, tiny_llama_config
+from sftray.models.tiny import CHATML_TEMPLATE, tiny_llama_config
 from sftray.train.run import check_resources, check_validation
 
 
@@ -88,32 +86,3 @@ def test_a_run_without_validation_conversations_fails_before_any_worker_starts()
     ):
         check_validation(report)
     check_validation({**report, "conversations": {"train": 24, "val": 1}})
-
-
-def test_select_best_prefers_the_metric_within_the_forgetting_budget():
-    epochs = [
-        {"eval/format_compliance": 0.9, "eval/forgetting": 0.40, "val/loss": 1.0},  # best metric, forgot too much
-        {"eval/format_compliance": 0.7, "eval/forgetting": 0.05, "val/loss": 1.2},  # tie: lower val/loss wins
-        {"eval/format_compliance": 0.7, "eval/forgetting": 0.02, "val/loss": 1.3},
-    ]
-    choice = select_best(epochs, metric="eval/format_compliance", forgetting_budget=0.1)
-    assert choice.index == 1 and "within the forgetting budget" in choice.reason
-    choice = select_best(epochs[:1], metric="eval/format_compliance", forgetting_budget=0.1)
-    assert choice.index == 0 and "no candidate within" in choice.reason
-    with pytest.raises(ValueError, match="available metrics"):
-        select_best([{"val/loss": 1.0}], metric="eval/format_compliance", forgetting_budget=0.1)
-
-
-def test_probe_verdicts(cache_dir):
-    tok = AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache_dir))
-    eot = tok.convert_tokens_to_ids("<|im_end|>")
-    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-    kw = dict(tokenizer=tok, end_of_turn_id=eot, user_opener="<|im_start|>user")
-    ok = judge(enc("42") + [eot] + enc("junk after the end"), reference="42", **kw)
-    assert ok["compliant"] and ok["exact_match"] and ok["response"] == "42"
-    assert not judge(enc("42 and on and on"), reference="42", **kw)["compliant"]  # never ended
-    assert not judge([eot], reference="42", **kw)["compliant"]  # empty answer
-    leak = judge(enc("42") + enc("<|im_start|>user\nmore") + [eot], reference="42", **kw)
-    assert leak["role_leak"] and not leak["compliant"]
-    wrong = judge(enc("41") + [eot], reference="42", **kw)
-    assert wrong["compliant"] and not wrong["exact_match"]

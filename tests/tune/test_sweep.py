@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sftray.cli import compose_config
-from sftray.data.pipeline import prepare
-from sftray.tracking import mlflow_logger, trial_callbacks
-from sftray.tune.sweep import override, run_sweep, search_space, table
+from sftray.config import compose_config, override
+from sftray.recipes.prep import prep
+from sftray.recipes.sweep import sweep
+from sftray.tune.sweep import table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +73,7 @@ def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server, random_base
         [
             f"paths.cache_dir={cache_dir}",
             f"paths.output_dir={root / 'out'}",
+            f"model.name_or_path={random_base}",
             "data=files",
             f"data.sources=[{{path:'{data}'}}]",
             # a file, not a hash split: a split of 24 rows by path hash can hold out none
@@ -96,70 +97,103 @@ def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server, random_base
         conf=CONF,
         base=root,
     )
-    return cfg, str(random_base)
+    return cfg
 
 
-def _sweep(cfg, base):
-    prepared = prepare(cfg)
-    sweep_dir = Path(cfg.paths.output_dir) / "sweeps" / cfg.sweep.name
-    parent = mlflow_logger.start_parent(cfg, space=search_space(cfg), data_report=prepared.report, sweep_dir=sweep_dir)
-    callbacks = trial_callbacks(cfg, parent_id=parent, data_report=prepared.report)
-    outcome = run_sweep(cfg, prepared=prepared, base_model=base, callbacks=callbacks)
-    mlflow_logger.finish_parent(cfg, parent_id=parent, best=outcome.best, table_text=table(outcome))
-    return outcome, parent, prepared
+def _parent_runs(cfg):
+    """Ids of the sweep's MLflow parent runs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.sweep.name)
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`sftray.role` = 'sweep'")
+    return [r.info.run_id for r in runs]
 
 
 @pytest.fixture(scope="module")
 def swept(sweep_cfg):
-    cfg, base = sweep_cfg
-    return _sweep(cfg, base)
+    """The sweep as ``sftray sweep`` runs it (its recipe): the outcome, the MLflow parent run, the prepared data."""
+    outcome = sweep(sweep_cfg)
+    (parent,) = _parent_runs(sweep_cfg)
+    return outcome, parent, prep(sweep_cfg)  # the prepared data is cached: prep only finds it again
 
 
-def test_sweep_tracks_every_trial_survives_a_crash_and_resumes(sweep_cfg, swept):
+@pytest.fixture(scope="module")
+def store(sweep_cfg, swept):
+    """The MLflow store after the first sweep: its client, the experiment's runs, and the parent's children."""
     from mlflow import MlflowClient
 
-    cfg, base = sweep_cfg
-    outcome, parent, prepared = swept
+    cfg = sweep_cfg
+    _, parent, _ = swept
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.sweep.name)
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    return client, runs, children
+
+
+def test_a_crashing_trial_fails_alone(swept):
+    outcome, _, _ = swept
     statuses = sorted(r["status"] for r in outcome.trials)
     assert statuses == ["failed", "failed", "finished", "finished"], [
         (r["trial_id"], r["status"], r.get("error")) for r in outcome.trials
     ]
     assert all(r["overrides"]["train.fail_at_step"] == 1 for r in outcome.trials if r["status"] == "failed")
+
+
+def test_the_best_trial_is_a_finished_one_and_the_table_says_why(swept):
+    outcome, _, _ = swept
     assert outcome.best is not None and outcome.best["status"] == "finished"
     assert Path(outcome.best["checkpoint"], "model").is_dir()
     text = table(outcome)
     assert f"best trial: {outcome.best['trial_id']}" in text and "why this epoch: highest" in text
     assert "ranked first: " in text and "within the forgetting budget" in outcome.best_reason
 
-    client = MlflowClient(cfg.tracking.uri)
-    experiment = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([experiment.experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
-    assert len(children) == 4 and len(runs) == 5
-    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
-    parent_run = client.get_run(parent)
-    assert parent_run.data.tags["best_trial"] == outcome.best["trial_id"]
+
+def test_mlflow_parent_run_names_the_best_trial_and_keeps_the_sweeps_files(swept, store):
+    outcome, parent, _ = swept
+    client, runs, children = store
+    assert len(children) == 4 and len(runs) == 5  # one child per trial, and the parent
+    assert client.get_run(parent).data.tags["best_trial"] == outcome.best["trial_id"]
     assert {"config.json", "search_space.json", "data_report.json", "trials.txt", "best_trial.json"} <= {
         a.path for a in client.list_artifacts(parent)
     }
+
+
+def test_mlflow_child_runs_carry_status_tags_and_params(sweep_cfg, swept, store):
+    cfg = sweep_cfg
+    _, _, prepared = swept
+    _, _, children = store
+    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
     for child in children:
         tags, params = child.data.tags, child.data.params
         assert tags["dataset_fingerprint"] == prepared.report["fingerprint"]
         assert tags["chat_template_hash"] == prepared.report["chat_template_hash"] and tags["git_commit"]
         assert tags["sftray_version"] == "0.1.0"
         assert params["train.method"] == cfg.train.method and params["train.lr"] in ("0.001", "0.003")
-        if child.info.status == "FINISHED":
-            history = client.get_metric_history(child.info.run_id, "val/loss")
-            assert len(history) == 2  # the base model's eval (step 0) and epoch 1
-            names = {a.path for a in client.list_artifacts(child.info.run_id)}
-            assert {"config.json", "outcome.json", "report.json", "generations"} <= names
-            assert tags["best_checkpoint"].endswith("epoch_01")
-            best = next(r for r in outcome.trials if r["trial_id"] == tags["trial_id"])
-            assert child.data.metrics["best/score"] == best["score"] and child.data.metrics["best/epoch"] == 1
 
+
+def test_mlflow_finished_child_runs_carry_epochs_artifacts_and_the_selected_epoch(swept, store):
+    outcome, _, _ = swept
+    client, _, children = store
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 2
+    for child in finished:
+        history = client.get_metric_history(child.info.run_id, "val/loss")
+        assert len(history) == 2  # the base model's eval (step 0) and epoch 1
+        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.json", "outcome.json", "report.json", "generations"} <= names
+        assert child.data.tags["best_checkpoint"].endswith("epoch_01")
+        best = next(r for r in outcome.trials if r["trial_id"] == child.data.tags["trial_id"])
+        assert child.data.metrics["best/score"] == best["score"] and child.data.metrics["best/epoch"] == 1
+
+
+def test_wandb_offline_runs_one_per_trial_with_params_and_metrics(sweep_cfg, swept):
     # W&B (offline: no credentials here): one run per trial, named by the trial id, with the same dotted params
     # and the per-epoch metrics. wandb >= 0.30 has no Python reader for its log; the fields are plain protobuf
     # strings inside it.
+    cfg = sweep_cfg
+    outcome, _, _ = swept
     offline = {p.name.rsplit("-", 1)[-1]: p for p in (Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*")}
     assert sorted(offline) == sorted(r["trial_id"] for r in outcome.trials)
     for row in outcome.trials:
@@ -168,29 +202,12 @@ def test_sweep_tracks_every_trial_survives_a_crash_and_resumes(sweep_cfg, swept)
         if row["status"] == "finished":
             assert b"eval/score" in log and b"val/loss" in log
 
-    # Resume: finished trials keep their results and are not trained again (their checkpoints stay untouched;
-    # Tune may rewrite its own files in the trial folder, so those are not the evidence).
-    finished = {
-        r["trial_id"]: Path(r["checkpoint"], "train_state.pt").stat().st_mtime_ns
-        for r in outcome.trials
-        if r["status"] == "finished"
-    }
-    resumed, parent_again, _ = _sweep(override(cfg, "sweep.resume", True), base)
-    assert parent_again == parent  # the same MLflow parent run
-    for trial_id, mtime in finished.items():
-        row = next(r for r in resumed.trials if r["trial_id"] == trial_id)
-        assert row["status"] == "finished" and Path(row["checkpoint"], "train_state.pt").stat().st_mtime_ns == mtime
-    after = client.search_runs([experiment.experiment_id])
-    assert len(after) == 5  # no duplicate child runs
-    for child in (r for r in after if r.info.status == "FINISHED" and r.data.tags.get("sftray.role") == "trial"):
-        assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 2  # nothing logged twice
-
 
 def test_report_notebook_runs_headless_on_the_sweep_and_draws_every_view(sweep_cfg, swept, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    cfg, _ = sweep_cfg
+    cfg = sweep_cfg
     outcome, _, _ = swept
     notebook = nbformat.read(ROOT / "analysis" / "sweep_report.ipynb", as_version=4)
     monkeypatch.setenv("SFTRAY_MLFLOW_URI", cfg.tracking.uri)  # the kernel inherits this process's environment
@@ -211,3 +228,46 @@ def test_report_notebook_runs_headless_on_the_sweep_and_draws_every_view(sweep_c
     assert f"best trial: **{outcome.best['trial_id']}**" in "\n".join(
         out["data"].get("text/markdown", "") for _, out in outputs if "data" in out
     )
+
+
+# --- resume: after every test of the first sweep above (it reruns the failed trials) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def resumed(sweep_cfg, swept):
+    """The sweep run again with sweep.resume=true, and the checkpoint times of the trials that had finished.
+
+    Finished trials keep their results and are not trained again: their checkpoints stay untouched (Tune may
+    rewrite its own files in the trial folder, so those are not the evidence).
+    """
+    outcome, _, _ = swept
+    mtimes = {r["trial_id"]: _state_mtime(r) for r in outcome.trials if r["status"] == "finished"}
+    again = sweep(override(sweep_cfg, "sweep.resume", True))
+    return again, mtimes
+
+
+def _state_mtime(row):
+    return Path(row["checkpoint"], "train_state.pt").stat().st_mtime_ns
+
+
+def test_resume_reuses_the_mlflow_parent_run(sweep_cfg, swept, resumed):
+    _, parent, _ = swept
+    assert _parent_runs(sweep_cfg) == [parent]
+
+
+def test_resume_reruns_no_finished_trial(resumed):
+    again, mtimes = resumed
+    assert len(mtimes) == 2
+    for trial_id, mtime in mtimes.items():
+        row = next(r for r in again.trials if r["trial_id"] == trial_id)
+        assert row["status"] == "finished" and _state_mtime(row) == mtime
+
+
+def test_resume_logs_nothing_twice_to_mlflow(sweep_cfg, resumed):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sweep_cfg.tracking.uri)
+    after = client.search_runs([client.get_experiment_by_name(sweep_cfg.sweep.name).experiment_id])
+    assert len(after) == 5  # no duplicate child runs
+    for child in (r for r in after if r.info.status == "FINISHED" and r.data.tags.get("sftray.role") == "trial"):
+        assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 2  # nothing logged twice

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import entry_points
 
 import pytest
 
-from sftray.cli import main
 from sftray.train.checkpoint import load_state
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""``sftray.data.pipeline.encode_record``: one raw record -> encoded fields or an exact drop reason (no Ray)."""
+"""``sftray.data.encoding.encode_record``: one raw record -> encoded fields or an exact drop reason (no Ray)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from sftray.config import DataConfig
-from sftray.data.pipeline import encode_record
+from sftray.data.encoding import encode_record
 from sftray.models.tiny import CHATML_TEMPLATE, ensure_tiny_tokenizer
 
 IGNORE = -100

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sftray.core.loss import count_targets, kind_sums, scaled_loss, token_losses
 from sftray.data.chat import IGNORE_INDEX
-from sftray.train.loss import count_targets, kind_sums, scaled_loss, token_losses
 
 VOCAB = 11
 

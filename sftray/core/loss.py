@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sftray.data.chat import IGNORE_INDEX
+from sftray.data.packing import KIND_PRETRAIN, KIND_SFT
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -38,11 +39,11 @@ def scaled_loss(token_loss: torch.Tensor, *, global_targets: int, world_size: in
 
 
 def kind_sums(token_loss: torch.Tensor, labels: torch.Tensor, token_kind: torch.Tensor) -> dict[int, tuple[float, int]]:
-    """(loss sum, target count) per token kind (1 chat, 2 pretraining), for logging the two losses apart."""
+    """(loss sum, target count) per token kind (``KIND_SFT``, ``KIND_PRETRAIN``), for logging the two losses apart."""
     targets = labels[:, 1:] != IGNORE_INDEX
     kinds = token_kind[:, 1:]
     out = {}
-    for kind in (1, 2):
+    for kind in (KIND_SFT, KIND_PRETRAIN):
         mask = targets & (kinds == kind)
         out[kind] = (float(token_loss.detach()[mask].sum()), int(mask.sum()))
     return out

@@ -1,0 +1,41 @@
+"""The prepared data's fingerprint: a hash of everything the output depends on, so unchanged inputs reuse it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from sftray.config import Config
+from sftray.data.chat import template_hash
+from sftray.data.sources import ResolvedSource, fingerprint_files, load_hub_split
+
+DATA_VERSION = 2
+"""Bumped whenever the stored row schema or any transform changes; part of the fingerprint."""
+
+
+def fingerprint(cfg: Config, tokenizer: Any, sources: list[ResolvedSource]) -> str:
+    """Hash of everything the output depends on: inputs' bytes, tokenizer, template, transforms' knobs, seed."""
+    data = dataclasses.asdict(cfg.data)
+    for runtime_only in ("num_actors", "cpus_per_actor"):
+        data.pop(runtime_only)
+    parts: dict[str, Any] = {
+        "version": DATA_VERSION,
+        "seed": cfg.seed,
+        "data": data,
+        "mix": dataclasses.asdict(cfg.mix),
+        "window_len": cfg.window_len,
+        "template": template_hash(tokenizer),
+        "vocab": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+        if getattr(tokenizer, "is_fast", False)
+        else tokenizer.name_or_path,
+        "special": [tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token],
+        "sources": [],
+    }
+    for src in sources:
+        if src.kind == "hub":
+            parts["sources"].append([src.paths[0], src.subset, src.split, load_hub_split(src)._fingerprint])
+        else:
+            parts["sources"].append([src.fmt, src.text_field, [f[1:] for f in fingerprint_files(src.paths)]])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

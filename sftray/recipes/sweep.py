@@ -1,0 +1,30 @@
+"""The sweep recipe: prep (cached) -> base model -> Tune trials, each a Ray Train run, tracked in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sftray.config import Config
+from sftray.models.loading import resolve_base_model_path
+from sftray.recipes.prep import prep
+from sftray.tracking import mlflow_logger, trial_callbacks
+from sftray.tune.sweep import SweepOutcome, run_sweep, search_space, table
+
+
+def sweep(cfg: Config) -> SweepOutcome:
+    """Runs (or, with ``sweep.resume``, continues) the sweep. The MLflow parent run is closed when every trial
+    has ended; an interrupted sweep leaves it open for the resume to finish."""
+    prepared = prep(cfg)
+    base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
+    sweep_dir = Path(cfg.paths.output_dir) / "sweeps" / cfg.sweep.name
+    parent = mlflow_logger.start_parent(cfg, space=search_space(cfg), data_report=prepared.report, sweep_dir=sweep_dir)
+    callbacks = trial_callbacks(cfg, parent_id=parent, data_report=prepared.report)
+    outcome = run_sweep(cfg, prepared=prepared, base_model=base, callbacks=callbacks)
+    if not unfinished(outcome):
+        mlflow_logger.finish_parent(cfg, parent_id=parent, best=outcome.best, table_text=table(outcome))
+    return outcome
+
+
+def unfinished(outcome: SweepOutcome) -> list[dict]:
+    """Trials that neither finished nor failed: Tune stopped them (Ctrl-C), and ``sweep.resume`` continues them."""
+    return [r for r in outcome.trials if r["status"] == "stopped"]
