@@ -1,7 +1,8 @@
 """Command line: argument parsing only; it composes the config and calls a recipe. ``sftray <command> [k=v ...]``.
 
 ``sftray.config.compose_config`` turns conf/ + overrides into the typed ``Config`` (a misspelled key fails with
-the valid keys listed); everything below receives dataclasses.
+the valid keys listed); everything below receives dataclasses. Each command imports its recipe inside its
+function, so ``sftray --help``, ``sftray config`` and ``sftray preview`` start without Ray and torch.
 """
 
 from __future__ import annotations

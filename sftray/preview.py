@@ -14,6 +14,7 @@ from sftray.data.chat import IGNORE_INDEX, encode_chat
 from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
 from sftray.data.sources import canonical_record, iter_source_records, load_hub_split, resolve_source
+from sftray.models.loading import load_tokenizer
 
 TRAINED_TTY, MASKED_TTY, RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
 TRAINED_OPEN, TRAINED_CLOSE = "{+", "+}"
@@ -34,7 +35,6 @@ def render_example(input_ids: list[int], labels: list[int], tokenizer: Any, *, c
 
 def preview(cfg: Config, *, n: int, out: TextIO, color: bool | None = None) -> int:
     """Prints the first ``n`` conversations of the first training source; returns how many were shown."""
-    from sftray.models.loading import load_tokenizer
 
     if color is None:
         color = out.isatty() and not os.environ.get("NO_COLOR")

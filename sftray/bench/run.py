@@ -1,4 +1,8 @@
-"""One bench run: builds the shared workload, runs each measured part, records the machine, writes the results."""
+"""One bench run: builds the shared workload, runs each measured part, records the machine, writes the results.
+
+Parts import their code (and TRL, Ray, torch) inside their functions: ``--parts`` runs only what it names, and a
+part's heavy imports are paid inside its own timing process.
+"""
 
 from __future__ import annotations
 

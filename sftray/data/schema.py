@@ -6,7 +6,6 @@ import pyarrow as pa
 
 from sftray.data.chat import IGNORE_INDEX
 
-"""Schema of a raw record read from a source (or the reason it is bad), one per file row."""
 RAW_SCHEMA = pa.schema(
     [
         ("where", pa.string()),
@@ -19,6 +18,7 @@ RAW_SCHEMA = pa.schema(
         ("text_field", pa.string()),
     ]
 )
+"""A raw record read from a source (or the reason it is bad), one per file row; ``where`` names file and line."""
 EXAMPLE_COLUMNS = ["input_ids", "labels", "kind", "key"]
 """Columns of an encoded example that packing needs."""
 ROW_SCHEMA = pa.schema(
@@ -35,7 +35,7 @@ ROW_SCHEMA = pa.schema(
 )
 """Schema of a stored training row (train, val and pretrain_heldout alike)."""
 META_COLUMNS = ["where", "source", "split", "reason", "error", "truncated", "n_tokens", "n_trained", "key", "heldout"]
-"""Columns of a stored row's summary the driver reads back (drop accounting, splits, the mix)."""
+"""Columns of an encoded example the driver reads back (drop accounting, splits, the mix): no tokens travel."""
 
 
 def empty_rows(n: int, *, pad_id: int) -> pa.Table:

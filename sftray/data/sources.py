@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sftray.config import SourceConfig
+from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import ROLES
 from sftray.data.errors import DataError
 from sftray.data.formats import detect_format, rename_fields, renamed_for_detection
@@ -83,8 +84,6 @@ def resolve_source(src: SourceConfig, *, cache_dir: Path, what: str, text: bool 
         if role not in ROLES:
             raise ValueError(f"{what}.roles: {value!r} -> {role!r}; a role is one of {', '.join(ROLES)}")
     if path.startswith("builtin:"):
-        from sftray.data.builtin import resolve_builtin
-
         path = str(resolve_builtin(path, cache_dir))
     if path.startswith(HF_PREFIX) or _looks_like_hub_id(path):
         hub_id = path.removeprefix(HF_PREFIX)

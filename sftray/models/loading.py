@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from sftray.config import ModelConfig
+from sftray.models.pretrain import ensure_tiny_model
+from sftray.models.tiny import ensure_tiny_tokenizer
 
 BUILTIN_TINY = "builtin:tiny-llama"
 
@@ -15,8 +17,6 @@ def resolve_tokenizer_path(cfg: ModelConfig, *, cache_dir: Path) -> str:
     """A from_pretrained-able path to the base model's TOKENIZER: the builtin tiny Llama's tokenizer is built into
     ``cache_dir`` on first use (seconds; no pretraining)."""
     if cfg.name_or_path == BUILTIN_TINY:
-        from sftray.models.tiny import ensure_tiny_tokenizer
-
         return str(ensure_tiny_tokenizer(Path(cache_dir)))
     if cfg.name_or_path.startswith("builtin:"):
         raise ValueError(f"model.name_or_path={cfg.name_or_path!r}: the only builtin model is {BUILTIN_TINY}")
@@ -92,7 +92,5 @@ def resolve_base_model_path(cfg: ModelConfig, *, cache_dir: Path) -> str:
     triggers pretraining.
     """
     if cfg.name_or_path == BUILTIN_TINY:
-        from sftray.models.pretrain import ensure_tiny_model
-
         return str(ensure_tiny_model(Path(cache_dir)))
     return resolve_tokenizer_path(cfg, cache_dir=cache_dir)

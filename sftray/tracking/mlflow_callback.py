@@ -17,6 +17,7 @@ from ray.tune import Callback
 
 from sftray.config import Config
 from sftray.tracking.mlflow_logger import BEST_NAMES, flatten, param_value, tracking_uri
+from sftray.tune.sweep import OUTCOME_FILE, read_outcome
 
 
 class MlflowTrialLogger(Callback):
@@ -77,7 +78,6 @@ class MlflowTrialLogger(Callback):
         self._close(trial, "FAILED")
 
     def _close(self, trial: Any, status: str) -> None:
-        from sftray.tune.sweep import OUTCOME_FILE, read_outcome
 
         run_id = self.runs.get(trial.trial_id)
         if run_id is None:

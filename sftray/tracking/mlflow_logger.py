@@ -158,7 +158,7 @@ def finish_parent(cfg: Config, *, parent_id: str, best: dict[str, Any] | None, t
     """Ends the parent run with the trial table and the best trial (a ``SweepOutcome.trials`` row, or None)."""
     from mlflow import MlflowClient
 
-    from sftray.tune.sweep import OBJECTIVE, ROW_METRICS
+    from sftray.tune.sweep import OBJECTIVE, ROW_METRICS  # deferred: tune imports Ray; this module stays Ray-free
 
     client = MlflowClient(tracking_uri(cfg))
     client.log_text(parent_id, table_text, "trials.txt")

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sftray.core.parallel import unwrap
+from sftray.models.loading import load_model
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 STATE_FILE = "train_state.pt"
@@ -63,8 +64,6 @@ def save(
 def export_merged(*, base_path: str, adapter_dir: Path, out_dir: Path, tokenizer: Any) -> None:
     """Base model + adapter -> one plain transformers model (no peft needed to load it)."""
     from peft import PeftModel
-
-    from sftray.models.loading import load_model
 
     base, _ = load_model(base_path, tokenizer=tokenizer)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -28,6 +28,9 @@ from sftray.core.parallel import wrap
 from sftray.data.collate import LENGTH_GROUP, collate_rows, grouped_micro_batches
 from sftray.eval.evaluate import Evaluator
 from sftray.eval.metrics import PRETRAIN_LOSS, TRAIN_LOSS, TRAIN_TOKENS_PER_S, with_forgetting
+from sftray.models.loading import load_model
+from sftray.models.lora import apply_lora
+from sftray.train import checkpoint as ckpt_mod
 from sftray.train.step import build_optimizer, build_scheduler, optimizer_step
 
 log = logging.getLogger("sftray.train")
@@ -64,8 +67,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     import ray.train
     import ray.train.torch
     from transformers import AutoTokenizer
-
-    from sftray.train import checkpoint as ckpt_mod
 
     job: WorkerJob = config["job"]
     cfg, t = job.cfg, job.cfg.train
@@ -223,8 +224,6 @@ def _with_forgetting(metrics: dict[str, float], base: dict[str, Any], cfg: Confi
 
 def _build_model(job: WorkerJob, *, tokenizer: Any, checkpoint_dir: Path | None) -> Any:
     """Base model (or a checkpoint's weights), LoRA applied; identical on every rank (seeded)."""
-    from sftray.models.loading import load_model
-    from sftray.models.lora import apply_lora
 
     cfg = job.cfg
     torch.manual_seed(cfg.seed)  # LoRA's random A matrices must start equal on every rank

@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftray.config import Config, TrainConfig
+from sftray.data.builtin import resolve_builtin
+from sftray.data.chat import turn_markers
 from sftray.data.pipeline import Prepared
 from sftray.data.schema import ROW_SCHEMA, empty_rows
 from sftray.eval.metrics import (
@@ -26,6 +28,7 @@ from sftray.eval.metrics import (
     check_select_metric,
     select_best,
 )
+from sftray.eval.probes import generation_limit, probes_from_file, probes_from_rows, reference_lengths
 from sftray.train.checkpoint import STATE_FILE as CHECKPOINT_STATE
 from sftray.train.checkpoint import load_state
 from sftray.train.loop import WorkerJob, train_fn_per_worker
@@ -67,8 +70,6 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[Work
     """The worker job and the (padded, materialised) Ray datasets for train / val / heldout."""
     import ray.data
     from transformers import AutoTokenizer
-
-    from sftray.data.chat import turn_markers
 
     world = cfg.train.num_workers
     # Workers log our own progress lines; Ray Data's per-shard bars would drown them.
@@ -252,7 +253,6 @@ def check_validation(report: dict[str, Any]) -> None:
 
 def _generation_limit(cfg: Config, *, probes: list[dict], prepared: Prepared, tokenizer: Any) -> int:
     """``max_new_tokens`` of the probes: configured, or sized to their reference answers (warns when out of reach)."""
-    from sftray.eval.probes import generation_limit, probes_from_rows, reference_lengths
 
     e = cfg.eval
     if not probes:
@@ -269,7 +269,6 @@ def _generation_limit(cfg: Config, *, probes: list[dict], prepared: Prepared, to
 
 
 def _probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:
-    from sftray.eval.probes import probes_from_file, probes_from_rows
 
     n = cfg.eval.num_probes
     if n <= 0:
@@ -277,8 +276,6 @@ def _probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:
     if cfg.data.probes:
         path = cfg.data.probes
         if path.startswith("builtin:"):
-            from sftray.data.builtin import resolve_builtin
-
             path = str(resolve_builtin(path, Path(cfg.paths.cache_dir)))
         return probes_from_file(Path(path), tokenizer=tokenizer, system_prompt=cfg.data.system_prompt, limit=n)
     probes = probes_from_rows(_read_rows(prepared.val_dir, limit=None).to_pylist(), tokenizer=tokenizer, limit=n)

@@ -18,7 +18,7 @@ from typing import Any
 from ray.train import UserCallback
 
 from sftray.config import Config, override
-from sftray.data.pipeline import Prepared
+from sftray.data.pipeline import Prepared, load_prepared
 from sftray.eval.metrics import (
     EXACT_MATCH,
     FORGETTING,
@@ -29,6 +29,8 @@ from sftray.eval.metrics import (
     check_select_metric,
     select_best,
 )
+from sftray.recipes.prep import prep
+from sftray.train.run import check_validation, run_training
 
 log = logging.getLogger("sftray.sweep")
 
@@ -113,8 +115,6 @@ def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: li
     import ray
     from ray import tune
 
-    from sftray.train.run import check_validation
-
     check_validation(prepared.report)  # once here, not once per failing trial
     check_select_metric(cfg.eval.select_metric, probes=cfg.eval.num_probes > 0)
     storage = str(Path(cfg.paths.output_dir) / "sweeps")
@@ -193,9 +193,6 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
     """One Tune trial: apply the sampled keys, launch a TorchTrainer, leave the outcome in the trial folder."""
     import ray.tune
 
-    from sftray.data.pipeline import load_prepared
-    from sftray.recipes.prep import prep
-
     cfg = base_cfg
     for key, value in config.items():
         cfg = override(cfg, key, value)
@@ -238,8 +235,6 @@ def _train_reporting_to_tune(cfg: Config, **kwargs: Any) -> Any:
 
     import ray.tune
     from ray.util.queue import Empty, Queue
-
-    from sftray.train.run import run_training
 
     reports = Queue(actor_options={"num_cpus": 0})
     done: stdlib_queue.Queue = stdlib_queue.Queue()
