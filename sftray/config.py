@@ -21,6 +21,7 @@ FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
 ON_ERROR = ("raise", "drop")
 OVERLENGTH = ("drop", "truncate")
+DEDUP = ("none", "exact", "near")
 
 
 def _one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -53,10 +54,19 @@ def _in_range(
 _COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
-def _check_sources(name: str, sources: list, *, chat: bool) -> None:
+def _check_sources(name: str, sources: list, *, chat: bool, weighted: bool = False) -> None:
+    """Each source's format and mappings; ``weighted``: the list whose sources may set weight / max_rows."""
     valid = tuple(f for f in FORMATS if f != "text") if chat else ("auto", "text")
     for i, src in enumerate(sources):
         _one_of(f"{name}[{i}].format", src.format, valid)
+        _in_range(f"{name}[{i}].weight", src.weight, gt=0)
+        _in_range(f"{name}[{i}].max_rows", src.max_rows, ge=1)
+        for key in ("weight", "max_rows"):
+            if not weighted and getattr(src, key) != getattr(SourceConfig, key):
+                raise ValueError(
+                    f"{name}[{i}].{key}={getattr(src, key)}: {key} applies to data.sources (training conversations)"
+                    f" only; remove it here"
+                )
         fmt = "text" if src.format == "auto" and not chat else src.format
         fields = SourceConfig.FIELDS.get(fmt, ())
         for key in src.columns:
@@ -90,6 +100,13 @@ class SourceConfig:
     roles: dict[str, str] = field(default_factory=dict)
     """messages / sharegpt: your role values, as {your value: system | user | assistant}, e.g. {human: user,
     bot: assistant}; values not listed are read as they are (sharegpt already knows human and gpt)."""
+
+    weight: float = 1.0
+    """data.sources only: multiplies this source's tokens in the training split (2.0: its examples are seen twice as
+    often; 0.5: a seeded half of its tokens); the report compares each source's achieved token share with its target."""
+    max_rows: int | None = None
+    """data.sources only: keep at most this many of the source's training conversations (a seeded subset), applied
+    before weight; None: all."""
 
     FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "messages": ("messages", "role", "content"),
@@ -141,10 +158,28 @@ class DataConfig:
     """raise: the first malformed row stops prep with file and line; drop: skip it, counted by reason."""
     overlength: str = "drop"
     """Examples longer than max_seq_len: drop (counted) or truncate (cut turns untrained, counted)."""
+    dedup: str = "none"
+    """none | exact | near. exact: whole conversation text with whitespace collapsed and case folded, hashed, the
+    first in file order kept; near: MinHash LSH over word shingles (near_threshold). Training rows that duplicate a
+    validation row or a probe are dropped as duplicate_of_eval."""
+    near_threshold: float = 0.8
+    """Jaccard similarity of word shingles above which two conversations are near duplicates (data.dedup=near)."""
+    minhash_perm: int = 128
+    """MinHash permutations (data.dedup=near); more: a sharper threshold, slower."""
+    shingle_words: int = 3
+    """Words per shingle (data.dedup=near); fewer: shared phrases count more, so more pairs look alike."""
+    min_assistant_tokens: int = 0
+    """Conversations with fewer trained (assistant) tokens are dropped (too_few_assistant_tokens); 0: off."""
+    max_assistant_tokens: int | None = None
+    """Conversations with more trained (assistant) tokens are dropped (too_many_assistant_tokens); None: off."""
+    max_turns: int | None = None
+    """Conversations with more assistant turns are dropped (too_many_turns); None: off."""
+    min_assistant_ratio: float = 0.0
+    """Trained tokens / prompt (untrained) tokens below this: dropped (low_assistant_ratio); 0: off."""
     pack_group_size: int = 2048
     """Examples packed together per best-fit-decreasing group; larger packs tighter, costs memory."""
-    num_actors: int = 1
-    """Tokenizer actors (each loads the tokenizer once)."""
+    num_actors: int | None = None
+    """Most encoding actors (each reads and encodes pieces of the sources); None: one per CPU of the cluster."""
     cpus_per_actor: float = 0.5
     """CPUs reserved per tokenizer actor; keep actors x this below the cluster's free CPUs."""
 
@@ -152,6 +187,14 @@ class DataConfig:
         _one_of("data.train_on", self.train_on, TRAIN_ON)
         _one_of("data.on_error", self.on_error, ON_ERROR)
         _one_of("data.overlength", self.overlength, OVERLENGTH)
+        _one_of("data.dedup", self.dedup, DEDUP)
+        _in_range("data.near_threshold", self.near_threshold, gt=0, lt=1)
+        _in_range("data.minhash_perm", self.minhash_perm, ge=16)
+        _in_range("data.shingle_words", self.shingle_words, ge=1)
+        _in_range("data.min_assistant_tokens", self.min_assistant_tokens, ge=0)
+        _in_range("data.max_assistant_tokens", self.max_assistant_tokens, ge=max(1, self.min_assistant_tokens))
+        _in_range("data.max_turns", self.max_turns, ge=1)
+        _in_range("data.min_assistant_ratio", self.min_assistant_ratio, ge=0)
         _in_range("data.val_fraction", self.val_fraction, ge=0, lt=1)
         _in_range("data.max_seq_len", self.max_seq_len, ge=8)
         _in_range("data.pack_group_size", self.pack_group_size, ge=1)
@@ -159,7 +202,7 @@ class DataConfig:
         _in_range("data.cpus_per_actor", self.cpus_per_actor, gt=0)
         if not self.sources:
             raise ValueError("data.sources is empty: give at least one source")
-        _check_sources("data.sources", self.sources, chat=True)
+        _check_sources("data.sources", self.sources, chat=True, weighted=True)
         _check_sources("data.val_sources", self.val_sources, chat=True)
 
 

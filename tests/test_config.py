@@ -233,6 +233,18 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
         ("data.max_seq_len=4", "data.max_seq_len=4 must be >= 8"),
         ("mix.window_len=2", "mix.window_len=2 must be >= 8"),
         ("data.sources=[]", "data.sources is empty: give at least one source"),
+        ("data.dedup=fuzzy", "data.dedup='fuzzy' is not valid; choose one of: none, exact, near"),
+        ("data.sources=[{path:/x.jsonl,weight:0}]", "data.sources[0].weight=0.0 must be > 0"),
+        ("data.sources=[{path:/x.jsonl,max_rows:0}]", "data.sources[0].max_rows=0 must be >= 1"),
+        (
+            "mix.sources=[{path:/x.txt,weight:2}]",
+            "mix.sources[0].weight=2.0: weight applies to data.sources (training conversations) only; remove it here",
+        ),
+        (
+            "data.val_sources=[{path:/v.jsonl,max_rows:10}]",
+            "data.val_sources[0].max_rows=10: max_rows applies to data.sources (training conversations) only; "
+            "remove it here",
+        ),
     ],
 )
 def test_invalid_values(tmp_path: Path, override: str, message: str) -> None:
@@ -247,6 +259,15 @@ OUT_OF_RANGE = [
     ("data.pack_group_size=0", "data.pack_group_size=0 must be >= 1"),
     ("data.num_actors=0", "data.num_actors=0 must be >= 1"),
     ("data.cpus_per_actor=0", "data.cpus_per_actor=0.0 must be > 0"),
+    ("data.near_threshold=0", "data.near_threshold=0.0 must be in (0, 1)"),
+    ("data.near_threshold=1", "data.near_threshold=1.0 must be in (0, 1)"),
+    ("data.minhash_perm=15", "data.minhash_perm=15 must be >= 16"),
+    ("data.shingle_words=0", "data.shingle_words=0 must be >= 1"),
+    ("data.min_assistant_tokens=-1", "data.min_assistant_tokens=-1 must be >= 0"),
+    ("data.max_assistant_tokens=0", "data.max_assistant_tokens=0 must be >= 1"),
+    ("data.min_assistant_tokens=8 data.max_assistant_tokens=7", "data.max_assistant_tokens=7 must be >= 8"),
+    ("data.max_turns=0", "data.max_turns=0 must be >= 1"),
+    ("data.min_assistant_ratio=-0.5", "data.min_assistant_ratio=-0.5 must be >= 0"),
     ("mix.ratio=1", "mix.ratio=1.0 must be in [0, 1)"),
     ("mix.window_len=7", "mix.window_len=7 must be >= 8"),
     ("mix.heldout_fraction=1", "mix.heldout_fraction=1.0 must be in [0, 1)"),
@@ -318,6 +339,14 @@ def test_every_numeric_knob_has_a_range_check() -> None:
         ["eval.num_probes=0", "eval.select_metric=val/loss", "eval.forgetting_budget=0", "mix.ratio=0", "seed=0"],
         ["train.fail_at_step=1", "train.eval_every_steps=0", "data.val_fraction=0", "mix.heldout_fraction=0"],
         ["sweep.lr.values=[]", "sweep.lr.low=1e-5", "sweep.lr.high=1e-3", "sweep.max_concurrent_trials=1"],
+        ["data.dedup=near", "data.near_threshold=0.99", "data.minhash_perm=16", "data.shingle_words=1"],
+        [
+            "data.min_assistant_tokens=5",
+            "data.max_assistant_tokens=5",
+            "data.max_turns=1",
+            "data.min_assistant_ratio=0",
+        ],
+        ["data.sources=[{path:/x.jsonl,weight:0.01,max_rows:1},{path:/y.jsonl,weight:3}]", "data.dedup=exact"],
     ],
 )
 def test_range_edges_are_accepted(tmp_path: Path, overrides: list[str]) -> None:

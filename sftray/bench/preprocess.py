@@ -1,22 +1,25 @@
-"""Preprocessing throughput: conversations/s through templating, masking and packing, Ray Data versus one process.
+"""Preprocessing throughput: conversations/s through templating, masking and packing, Ray Data versus ``datasets``.
 
-sftray's pipeline as ``sftray prep`` runs it (``sftray.recipes.prep.prep`` with ``force=True``: read JSONL, render +
-mask every conversation in tokenizer actors, pack per key group, write Parquet and the report) runs with 1 and 2
-tokenizer actors (1 and 2 cores of tokenization: an actor uses a whole core while busy; each reserves 0.5 logical
-CPU, sftray's default, so that the read and pack tasks still fit beside two actors on a 2-CPU cluster). The
-baseline does the same work in one process with ``datasets``: read the JSONL, ``Dataset.map`` of ``encode_chat``
-(overlong examples dropped), ``pack_examples`` per group of ``data.pack_group_size``, write Parquet. Both load the
-tokenizer inside the timed window.
+sftray's pipeline runs as ``sftray prep`` runs it (``sftray.recipes.prep.prep`` with ``force=True``: tokenizer load,
+read the JSONL, render + mask every conversation in the actor pool, pack per key group, write Parquet and the
+report) on the bench's Ray, with every CPU it has. The baselines do the same work with ``datasets``: read the
+JSONL, ``Dataset.map`` of ``encode_chat`` (overlong examples dropped), ``pack_examples`` per group of
+``data.pack_group_size``, write Parquet; once in one process and once with ``num_proc=2``. Both sides load the
+tokenizer inside the timed window, with their modules imported beforehand (as in a running process).
 
-The pipeline always tokenizes a pretraining corpus too (held-out windows that measure forgetting); the bench gives
-it a one-paragraph text so that this extra work stays negligible, and no pretraining tokens go into the rows
-(``workload.NO_MIX``); the SFT tokens of both sides are checked equal.
+Two more figures: scaling (the same file prepared by a fresh Ray started with ``num_cpus=1`` and with
+``num_cpus=2``, each in its own process, after one warm-up prep) and the fixed cost (a 200-conversation prep on
+the running Ray). The pretraining corpus is one paragraph (``workload.NO_MIX``): no pretraining tokens go into the
+rows, and the SFT tokens of every side are checked equal.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,12 @@ from typing import Any
 from sftray.bench.workload import NO_MIX, SEED, demo_conversations
 
 SECTION = "preprocess"
-ACTOR_LAYOUTS = ((1, 0.5), (2, 0.5))
-"""(data.num_actors, data.cpus_per_actor) of the pipeline runs. Actors holding every logical CPU would starve the
-read tasks upstream of them: the pipeline would wait for ever."""
+PIPELINE = "sftray Ray Data pipeline (every CPU of the running Ray)"
 BASELINE = "datasets.map, 1 process (baseline)"
+BASELINE_NUM_PROC = 2
+BASELINE_PARALLEL = f"datasets.map, num_proc={BASELINE_NUM_PROC}"
+SCALING_CPUS = (1, 2)
+FIXED_COST_CONVERSATIONS = 200
 PRETRAIN_TEXT = (
     "Python is a programming language that lets you work quickly and integrate systems more effectively. "
     "It has efficient high-level data structures and a simple but effective approach to object-oriented "
@@ -35,90 +40,184 @@ PRETRAIN_TEXT = (
     "application development in many areas on most platforms.\n"
 )
 """The whole pretraining corpus of the pipeline runs (one held-out window at most)."""
+SUMMARY_KEYS = ("prep_vs_datasets_num_proc2_100k", "prep_scaling_2cpu_over_1cpu", "prep_fixed_cost_s")
 
 
-def pipeline_name(*, num_actors: int) -> str:
-    """Row name of a pipeline run."""
-    return f"sftray Ray Data pipeline, {num_actors} tokenizer actor{'s' if num_actors > 1 else ''}"
+def scaling_name(cpus: int) -> str:
+    """Row name of a scaling run."""
+    return f"sftray pipeline, fresh Ray with num_cpus={cpus}"
+
+
+def fixed_cost_name() -> str:
+    return f"sftray pipeline, {FIXED_COST_CONVERSATIONS} conversations (fixed cost)"
+
+
+def row_names() -> list[str]:
+    """Every row of the section, in order."""
+    return [PIPELINE, BASELINE, BASELINE_PARALLEL, *(scaling_name(c) for c in SCALING_CPUS), fixed_cost_name()]
 
 
 def measure_preprocess(
     *, cache_dir: Path, work_dir: Path, conversations: int, max_seq_len: int, repeats: int
-) -> list[dict]:
-    """Rows for each pipeline layout and the baseline: median conversations/s and the ratio to the baseline.
+) -> tuple[list[dict], dict[str, float]]:
+    """Rows (median seconds and conversations/s, ratio to the 1-process baseline) and the summary figures.
     Ray must be initialised."""
-    from sftray.config import compose_config
     from sftray.recipes.prep import prep
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    chats = work_dir / "chats.jsonl"
-    chats.write_text("".join(json.dumps(c) + "\n" for c in demo_conversations(n=conversations)))
-    text = work_dir / "pretrain.txt"
-    text.write_text(PRETRAIN_TEXT)
+    big = _write_chats(work_dir / "chats.jsonl", conversations)
+    small = _write_chats(work_dir / "chats-200.jsonl", FIXED_COST_CONVERSATIONS)
+    (work_dir / "pretrain.txt").write_text(PRETRAIN_TEXT)
 
-    runs: dict[str, list[float]] = {BASELINE: []}
+    def cfg(chats: Path) -> Any:
+        return prep_config(cache_dir=cache_dir, work_dir=work_dir, chats=chats, max_seq_len=max_seq_len)
+
+    prep(cfg(small), force=True)  # warm-up: the Ray workers import what the pipeline needs once
+    runs: dict[str, list[float]] = {name: [] for name in row_names()}
     counts: dict[str, dict[str, int]] = {}
     for r in range(repeats):
-        for actors, cpus in ACTOR_LAYOUTS:
-            cfg = compose_config(
-                [
-                    f"paths.cache_dir={cache_dir}",
-                    f"paths.output_dir={work_dir / 'out'}",
-                    "data=files",
-                    f"data.sources=[{{path:'{chats}'}}]",
-                    f"data.max_seq_len={max_seq_len}",
-                    "data.val_fraction=0",
-                    *NO_MIX,
-                    f"mix.sources=[{{path:'{text}'}}]",
-                    f"data.num_actors={actors}",
-                    f"data.cpus_per_actor={cpus}",
-                    f"seed={SEED}",
-                ],
-                base=work_dir,
-            )
-            started = time.perf_counter()
-            prepared = prep(cfg, force=True)
-            seconds = time.perf_counter() - started
-            name = pipeline_name(num_actors=actors)
-            runs.setdefault(name, []).append(seconds)
-            train = prepared.report["splits"]["train"]
-            counts[name] = {
-                "examples": train["examples"],
-                "rows": train["rows"],
-                "tokens": train["tokens"] - train["pretrain_tokens"],  # SFT tokens
-                "pretrain_tokens": train["pretrain_tokens"],
-            }
         started = time.perf_counter()
-        counts[BASELINE] = _baseline(  # cfg: the last pipeline run's (same tokenizer, template and data knobs)
-            chats=chats, cfg=cfg, out=work_dir / "baseline" / f"repeat-{r}.parquet", max_seq_len=max_seq_len
+        prepared = prep(cfg(big), force=True)
+        runs[PIPELINE].append(time.perf_counter() - started)
+        counts[PIPELINE] = _counts(prepared.report)
+        started = time.perf_counter()
+        prep(cfg(small), force=True)
+        runs[fixed_cost_name()].append(time.perf_counter() - started)
+        for name, procs in ((BASELINE, 1), (BASELINE_PARALLEL, BASELINE_NUM_PROC)):
+            started = time.perf_counter()
+            counts[name] = _baseline(
+                chats=big, cfg=cfg(big), out=work_dir / "baseline" / f"{procs}-{r}.parquet", num_proc=procs
+            )
+            runs[name].append(time.perf_counter() - started)
+    for cpus in SCALING_CPUS:
+        seconds, report = _fresh_ray_prep(
+            cpus=cpus, cache_dir=cache_dir, work_dir=work_dir, chats=big, max_seq_len=max_seq_len, repeats=repeats
         )
-        runs[BASELINE].append(time.perf_counter() - started)
+        runs[scaling_name(cpus)] = seconds
+        counts[scaling_name(cpus)] = _counts(report)
 
-    for c in counts.values():
+    sizes = {name: (FIXED_COST_CONVERSATIONS if name == fixed_cost_name() else conversations) for name in runs}
+    for name, c in counts.items():
         # The same SFT tokens out (overlong examples dropped alike); rows may differ: packing groups differ.
-        assert c["tokens"] == counts[BASELINE]["tokens"], counts
-    base = statistics.median(conversations / s for s in runs[BASELINE])
-    names = [pipeline_name(num_actors=a) for a, _ in ACTOR_LAYOUTS] + [BASELINE]
+        assert c["tokens"] == counts[BASELINE]["tokens"], (name, counts)
+    median = {name: statistics.median(s) for name, s in runs.items()}
     rows = []
-    for name in names:
-        rates = [conversations / s for s in runs[name]]
+    for name in row_names():
+        rates = [sizes[name] / s for s in runs[name]]
         rows.append(
             {
                 "section": SECTION,
                 "name": name,
                 "conversations_per_s": {"values": rates, "median": statistics.median(rates), "unit": "conv/s"},
-                "seconds": {"values": runs[name], "median": statistics.median(runs[name]), "unit": "s"},
-                "ratio_to_baseline": statistics.median(rates) / base,
-                "conversations": conversations,
-                **counts[name],
+                "seconds": {"values": runs[name], "median": median[name], "unit": "s"},
+                "ratio_to_baseline": median[BASELINE] / median[name] * sizes[name] / conversations,
+                "conversations": sizes[name],
+                **counts.get(name, {}),
             }
         )
-    return rows
+    summary = {
+        "prep_vs_datasets_num_proc2_100k": median[BASELINE_PARALLEL] / median[PIPELINE],
+        "prep_scaling_2cpu_over_1cpu": median[scaling_name(1)] / median[scaling_name(2)],
+        "prep_fixed_cost_s": median[fixed_cost_name()],
+        "prep_summary_size": float(conversations),
+    }
+    return rows, summary
 
 
-def _baseline(*, chats: Path, cfg: Any, out: Path, max_seq_len: int) -> dict[str, int]:
-    """The same work in one process: datasets.map(encode_chat), drop overlong, pack per group, write Parquet."""
+def prep_config(*, cache_dir: Path, work_dir: Path, chats: Path, max_seq_len: int) -> Any:
+    """The bench's prep configuration: the default data knobs, the chats as the only source, no mixing."""
+    from sftray.config import compose_config
+
+    return compose_config(
+        [
+            f"paths.cache_dir={cache_dir}",
+            f"paths.output_dir={work_dir / 'out'}",
+            "data=files",
+            f"data.sources=[{{path:'{chats}'}}]",
+            f"data.max_seq_len={max_seq_len}",
+            "data.val_fraction=0",
+            *NO_MIX,
+            f"mix.sources=[{{path:'{work_dir / 'pretrain.txt'}'}}]",
+            f"seed={SEED}",
+        ],
+        base=work_dir,
+    )
+
+
+def _write_chats(path: Path, n: int) -> Path:
+    if not path.is_file() or sum(1 for _ in path.open()) != n:
+        path.write_text("".join(json.dumps(c) + "\n" for c in demo_conversations(n=n)))
+    return path
+
+
+def _counts(report: dict[str, Any]) -> dict[str, int]:
+    train = report["splits"]["train"]
+    return {
+        "examples": train["examples"],
+        "rows": train["rows"],
+        "tokens": train["tokens"] - train["pretrain_tokens"],  # SFT tokens
+        "pretrain_tokens": train["pretrain_tokens"],
+    }
+
+
+def _fresh_ray_prep(
+    *, cpus: int, cache_dir: Path, work_dir: Path, chats: Path, max_seq_len: int, repeats: int
+) -> tuple[list[float], dict[str, Any]]:
+    """Seconds of ``repeats`` preps of ``chats`` in a new process with its own Ray of ``cpus`` CPUs."""
+    args = {
+        "cpus": cpus,
+        "cache_dir": str(cache_dir),
+        "work_dir": str(work_dir),
+        "chats": str(chats),
+        "warmup": str(work_dir / "chats-200.jsonl"),
+        "max_seq_len": max_seq_len,
+        "repeats": repeats,
+    }
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", "from sftray.bench.preprocess import _child; _child()", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the num_cpus={cpus} prep failed:\n{done.stderr[-4000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return out["seconds"], out["report"]
+
+
+def _child() -> None:
+    """The process of ``_fresh_ray_prep``: its own local Ray, a warm-up prep, then the timed ones."""
+    import ray
+
+    from sftray.recipes.prep import prep
+
+    args = json.loads(sys.argv[1])
+    ray.init(address="local", num_cpus=args["cpus"], include_dashboard=False, log_to_driver=False)
+    try:
+        work_dir = Path(args["work_dir"])
+
+        def cfg(chats: str) -> Any:
+            return prep_config(
+                cache_dir=Path(args["cache_dir"]), work_dir=work_dir, chats=Path(chats), max_seq_len=args["max_seq_len"]
+            )
+
+        prep(cfg(args["warmup"]), force=True)
+        seconds = []
+        for _ in range(args["repeats"]):
+            started = time.perf_counter()
+            prepared = prep(cfg(args["chats"]), force=True)
+            seconds.append(time.perf_counter() - started)
+    finally:
+        ray.shutdown()
+    print(json.dumps({"seconds": seconds, "report": prepared.report}, default=str))
+
+
+def _baseline(*, chats: Path, cfg: Any, out: Path, num_proc: int) -> dict[str, int]:
+    """The same work with ``datasets``: map(encode_chat) in ``num_proc`` processes, drop overlong, pack per group
+    in this process, write Parquet."""
     from datasets import Dataset
 
     from sftray.data.chat import encode_chat
@@ -127,12 +226,19 @@ def _baseline(*, chats: Path, cfg: Any, out: Path, max_seq_len: int) -> dict[str
 
     tokenizer = load_tokenizer(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
     table = Dataset.from_json(str(chats), keep_in_memory=True)
+    max_seq_len = cfg.data.max_seq_len
 
     def encode(example: dict) -> dict:
         enc = encode_chat(example["messages"], tokenizer, train_on=cfg.data.train_on)
         return {**enc, "n_tokens": len(enc["input_ids"])}
 
-    encoded = table.map(encode, remove_columns=table.column_names, keep_in_memory=True, load_from_cache_file=False)
+    encoded = table.map(
+        encode,
+        remove_columns=table.column_names,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        num_proc=num_proc if num_proc > 1 else None,
+    )
     encoded = encoded.filter(lambda n: n <= max_seq_len, input_columns="n_tokens", keep_in_memory=True)
     examples = encoded.to_list()
     group = cfg.data.pack_group_size

@@ -103,13 +103,14 @@ def run_bench(
             case "preprocess":
                 from sftray.bench.preprocess import measure_preprocess
 
-                rows = measure_preprocess(
+                rows, summary = measure_preprocess(
                     cache_dir=cache_dir,
                     work_dir=work / part,
                     conversations=size.prep_conversations,
                     max_seq_len=size.train_seq_len,
                     repeats=repeats,
                 )
+                results.setdefault("summary", {}).update(summary)
             case "overhead":
                 from sftray.bench.overhead import measure_overhead
 

@@ -81,7 +81,7 @@ _SMALL = BenchSize(
     rows_per_step=4,
     train_steps=6,
     memory_steps=3,
-    prep_conversations=2000,
+    prep_conversations=20000,  # the summary's prep figures at 20k (prep_summary_size); full: 100k
     sweep=True,
 )
 
@@ -98,7 +98,7 @@ SIZES: dict[str, BenchSize] = {
         rows_per_step=2,
         train_steps=3,
         memory_steps=2,
-        prep_conversations=200,
+        prep_conversations=400,
     ),
     "small": _SMALL,
     # Closer to real fine-tuning shapes; tens of minutes on 2 cores.
@@ -112,7 +112,7 @@ SIZES: dict[str, BenchSize] = {
         model=_FULL_MODEL,
         train_seq_len=512,  # padded configurations run ~50 rows of 512 per step: attention scores stay < 1 GB
         train_steps=12,
-        prep_conversations=10000,
+        prep_conversations=100000,
     ),
 }
 

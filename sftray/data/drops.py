@@ -9,12 +9,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from sftray.data.curation import DUPLICATE_REASONS, FILTER_REASONS
 from sftray.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
-POLICY_DROPS = frozenset({"too_long"})
-"""Drop reasons decided by policy (data.overlength), not by malformed input: counted, never raised."""
+POLICY_DROPS = frozenset({"too_long", *DUPLICATE_REASONS, *FILTER_REASONS})
+"""Drop reasons decided by policy (data.overlength, curation), not by malformed input: counted, never raised."""
 
 
 def first_bad_row(meta: Any) -> Any:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from sftray.config import Config
+from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import template_hash
 from sftray.data.sources import ResolvedSource, fingerprint_files, load_hub_split
 
-DATA_VERSION = 2
+DATA_VERSION = 3
 """Bumped whenever the stored row schema or any transform changes; part of the fingerprint."""
 
 
@@ -33,9 +35,17 @@ def fingerprint(cfg: Config, tokenizer: Any, sources: list[ResolvedSource]) -> s
         "special": [tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token],
         "sources": [],
     }
+    if cfg.data.dedup != "none" and cfg.data.probes:  # training copies of the probes are dropped: they matter
+        parts["probes"] = _probes_hash(cfg)
     for src in sources:
         if src.kind == "hub":
             parts["sources"].append([src.paths[0], src.subset, src.split, load_hub_split(src)._fingerprint])
         else:
             parts["sources"].append([src.fmt, src.text_field, [f[1:] for f in fingerprint_files(src.paths)]])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _probes_hash(cfg: Config) -> str:
+    probes = cfg.data.probes
+    path = resolve_builtin(probes, Path(cfg.paths.cache_dir)) if probes.startswith("builtin:") else Path(probes)
+    return fingerprint_files((str(path),))[0][2]

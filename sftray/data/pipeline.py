@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,23 +22,28 @@ import pyarrow as pa
 
 from sftray.atomic import atomic_dir
 from sftray.config import Config, DataConfig
+from sftray.data import curation
 from sftray.data import report as report_mod
+from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import IGNORE_INDEX, template_hash
 from sftray.data.drops import check_drops, write_drops
-from sftray.data.encoding import encode_record
+from sftray.data.encoding import encode_conversation
 from sftray.data.errors import DataError
 from sftray.data.fingerprint import fingerprint as data_fingerprint
 from sftray.data.mixing import chunk_windows, in_fraction, pretrain_token_target, select_windows, stable_key
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, pack_examples, pad_examples
-from sftray.data.schema import EXAMPLE_COLUMNS, META_COLUMNS, RAW_SCHEMA, ROW_SCHEMA
+from sftray.data.schema import EXAMPLE_COLUMNS, META_COLUMNS, ROW_SCHEMA
 from sftray.data.sources import (
     ResolvedSource,
     canonical_record,
     iter_source_records,
+    line_chunks,
     load_hub_split,
+    read_piece,
     record_text,
     resolve_source,
 )
+from sftray.data.tokenizer_view import TokenizerSpec, TokenizerView, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +84,6 @@ def load_prepared(out_dir: Path) -> Prepared:
 def prepare(cfg: Config, *, tokenizer: Any, force: bool = False) -> Prepared:
     """Runs the pipeline for ``cfg`` with ``tokenizer`` (Ray must be initialised) unless an identical dataset
     exists already. ``sftray.recipes.prep`` loads the tokenizer of ``cfg.model`` and calls this."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
     cache_dir = Path(cfg.paths.cache_dir)
     sft = [resolve_source(s, cache_dir=cache_dir, what=f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
     val = [
@@ -98,11 +101,9 @@ def prepare(cfg: Config, *, tokenizer: Any, force: bool = False) -> Prepared:
         log.info("prepared data is up to date: %s", out_dir)
         return load_prepared(out_dir)
 
-    with atomic_dir(out_dir, replace=True) as tmp:  # a crash never leaves a folder that looks prepared
+    with atomic_dir(out_dir, replace=True) as tmp, _data_context():  # a crash never leaves a prepared-looking folder
         tokenizer.save_pretrained(tmp / "tokenizer")
-        report = _run(
-            cfg, tokenizer_dir=tmp / "tokenizer", sft=sft, val=val, text=text, out=tmp, eos_id=tokenizer.eos_token_id
-        )
+        report = _run(cfg, spec=spec_of(tokenizer), sft=sft, val=val, text=text, out=tmp)
         report.update(
             fingerprint=fingerprint,
             chat_template_hash=template_hash(tokenizer),
@@ -113,63 +114,90 @@ def prepare(cfg: Config, *, tokenizer: Any, force: bool = False) -> Prepared:
     return Prepared(out_dir=out_dir, report=report)
 
 
+@contextmanager
+def _data_context() -> Iterator[None]:
+    """Ray Data settings of one prep, restored afterwards (the context is the driver process's)."""
+    import ray.data
+    from ray.data.context import ShuffleStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.shuffle_strategy)
+    ctx.execution_options.preserve_order = True
+    # The pull-based sort shuffle runs as plain tasks. The default hash shuffle starts aggregator actors on every
+    # run, about 3 s of a 200-conversation prep on 2 CPUs (bench: prep_fixed_cost_s).
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.shuffle_strategy = saved
+
+
 # --- the run -------------------------------------------------------------------------------------------------
 
 
 def _run(
     cfg: Config,
     *,
-    tokenizer_dir: Path,
+    spec: TokenizerSpec,
     sft: list[ResolvedSource],
     val: list[ResolvedSource],
     text: list[ResolvedSource],
     out: Path,
-    eos_id: int,
 ) -> dict[str, Any]:
+    import ray
     import ray.data
 
     data, mix = cfg.data, cfg.mix
-    pool = dict(
-        compute=ray.data.ActorPoolStrategy(size=data.num_actors),
-        num_cpus=data.cpus_per_actor,
-        batch_format="pyarrow",
-        batch_size=256,
-    )
-    common = dict(tokenizer_dir=str(tokenizer_dir), data=data, seed=cfg.seed)
 
-    # 1. Conversations -> encoded examples with their masks (or a drop reason).
-    raw = _read_all([(s, "train") for s in sft] + [(s, "val") for s in val])
-    encoded = raw.map_batches(
-        _ChatEncoder, fn_constructor_kwargs={**common, "hash_split": not val}, **pool
-    ).materialize()
-    meta = _meta(encoded)
-    drops = check_drops(meta, on_error=data.on_error, what="conversation")
-
-    # 2. Pretraining text -> windows (train side and held-out side).
-    windows = (
-        _read_all([(s, "pretrain") for s in text])
+    # 1. Every source, cut into pieces -> ONE actor pool reads its pieces and encodes them: conversations into
+    #    masked examples (or a drop reason), pretraining text into windows. One pass, nothing but the pieces'
+    #    addresses goes in, and the encoded set is materialised once (the mix needs every length first).
+    sources = sft + val + text
+    splits = ["train"] * len(sft) + ["val"] * len(val) + ["pretrain"] * len(text)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pieces = _pieces(sources, splits, cpus=cpus)
+    actors = min(len(pieces), data.num_actors or max(1, round(cpus / max(data.cpus_per_actor, 1.0))))
+    encoded = (
+        ray.data.from_items(pieces, override_num_blocks=len(pieces))
         .map_batches(
-            _TextWindower,
+            _Encoder,
             fn_constructor_kwargs={
-                **common,
+                "spec": spec,
+                "sources": sources,
+                "data": data,
                 "window_len": cfg.window_len,
                 "heldout_fraction": mix.heldout_fraction,
-                "eos_id": eos_id,
+                "seed": cfg.seed,
+                "hash_split": not val,
             },
-            **pool,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
+            num_cpus=data.cpus_per_actor,
+            batch_size=1,  # one piece per call: a piece is already a few thousand records
+            batch_format="pyarrow",
         )
         .materialize()
     )
-    wmeta = _meta(windows)
+    everything = _meta(encoded, extra=["dedup"] if data.dedup != "none" else [])
+    is_text = everything["split"] == "pretrain"
+    meta, wmeta = everything[~is_text].reset_index(drop=True), everything[is_text].reset_index(drop=True)
+
+    # 2. Curation on the driver, where only keys travel: duplicates (train copies of validation rows and probes
+    #    included), then each source's weight / max_rows as copies per example (0: unused, 2: seen twice).
+    if data.dedup != "none":
+        _drop_duplicates(meta, probe_keys=_probe_keys(cfg), probes=data.probes)
+    meta["copies"] = _source_copies(meta, sft=sft, configs=data.sources)
+    drops = check_drops(meta, on_error=data.on_error, what="conversation")
     drops.update(check_drops(wmeta, on_error=data.on_error, what="pretraining record"))
     wok = wmeta[wmeta["reason"] == ""]
 
     # 3. Exact token-ratio selection of training windows (driver side: only keys and lengths travel).
     ok = meta["reason"] == ""
-    train_meta, val_meta = meta[ok & (meta["split"] == "train")], meta[ok & (meta["split"] == "val")]
+    train_meta = meta[ok & (meta["split"] == "train") & (meta["copies"] > 0)]
+    val_meta = meta[ok & (meta["split"] == "val")]
     if train_meta.empty:
         raise ValueError(f"no training examples left ({dict(drops)} dropped); see the errors above")
-    target = pretrain_token_target(int(train_meta["n_tokens"].sum()), ratio=mix.ratio)
+    sft_tokens = int((train_meta["n_tokens"] * train_meta["copies"]).sum())
+    target = pretrain_token_target(sft_tokens, ratio=mix.ratio)
     pool_meta = wok[~wok["heldout"]]
     picked = select_windows(pool_meta["n_tokens"].tolist(), pool_meta["key"].tolist(), target_tokens=target)
     takes = {int(pool_meta["key"].iloc[i]): n for i, n in picked}
@@ -179,8 +207,15 @@ def _run(
     # 4. Tag every example with its split and seeded key-range pack group, pack each (split, group) after ONE
     #    shuffle, and write Parquet partitioned by split. No row is filtered out before the shuffle: a block that a
     #    filter empties loses its schema, and Ray's hash shuffle then fails ("Schema at index N was different").
+    repeated = train_meta[train_meta["copies"] > 1]
+    copies = sorted(
+        (int(k), stable_key("copy", int(k), c, seed=cfg.seed))
+        for k, n in zip(repeated["key"], repeated["copies"])
+        for c in range(1, int(n))
+    )
+    unused = meta[(meta["reason"] != "") | ((meta["split"] == "train") & (meta["copies"] == 0))]
     keys = {
-        "train": sorted(train_meta["key"].tolist() + list(takes)),
+        "train": sorted(train_meta["key"].tolist() + [c for _, c in copies] + list(takes)),
         "val": sorted(val_meta["key"].tolist()),
         "pretrain_heldout": heldout_keys,
     }
@@ -189,17 +224,24 @@ def _run(
         take_keys=np.asarray(sorted(takes), dtype=np.uint64),
         take_lens=np.asarray([takes[k] for k in sorted(takes)], dtype=np.int64),
         heldout_keys=np.asarray(heldout_keys, dtype=np.uint64),
+        unused_keys=np.sort(unused["key"].to_numpy(dtype=np.uint64)),
+        copy_of=np.asarray([k for k, _ in copies], dtype=np.uint64),
+        copy_keys=np.asarray([c for _, c in copies], dtype=np.uint64),
     )
-    examples = encoded.select_columns(EXAMPLE_COLUMNS + ["reason", "split"])
-    if not wmeta.empty:  # a union with an empty (schema-less) dataset fails in Arrow
-        examples = examples.union(windows.select_columns(EXAMPLE_COLUMNS + ["reason", "split"]))
-    _pack_and_write(examples, plan=plan, data=data, seed=cfg.seed, out=out)
+    _pack_and_write(
+        encoded.select_columns(EXAMPLE_COLUMNS + ["reason", "split"]),
+        plan=plan,
+        data=data,
+        seed=cfg.seed,
+        out=out,
+        cpus=cpus,
+    )
     stats = {name: _split_stats(out / name, examples=len(k), max_seq_len=data.max_seq_len) for name, k in keys.items()}
 
     write_drops(out / "drops.jsonl", meta, wmeta)
     return report_mod.build(
         cfg=cfg,
-        sources=sft + val + text,
+        sources=sources,
         meta=meta,
         wmeta=wmeta,
         drops=drops,
@@ -220,19 +262,77 @@ class _SplitPlan:
     """...and how many of each window's tokens it takes (the last one is cut to the exact remainder)."""
     heldout_keys: np.ndarray
     """Sorted keys of the held-out pretraining windows (the forgetting measure)."""
+    unused_keys: np.ndarray
+    """Sorted keys of conversations no split takes: curation drops (duplicates) and a weight's unused examples."""
+    copy_of: np.ndarray
+    """Sorted keys of the conversations a source weight repeats, once per extra copy..."""
+    copy_keys: np.ndarray
+    """...and each copy's own key (it packs and groups as an example of its own)."""
 
 
 def _group_bounds(keys: list[int], group_size: int) -> np.ndarray:
     return np.asarray(keys[::group_size][1:], dtype=np.uint64)
 
 
-def _pack_and_write(ds: Any, *, plan: _SplitPlan, data: DataConfig, seed: int, out: Path) -> None:
+def _drop_duplicates(meta: Any, *, probe_keys: list[list[int]], probes: str | None) -> None:
+    """Marks duplicate training conversations in ``meta`` (in place) with their reason and the row they repeat:
+    the first by file order stays; a training copy of a validation row or a probe always goes."""
+    live = np.flatnonzero(((meta["reason"] == "") & meta["split"].isin(["train", "val"])).to_numpy())
+    hashes = [list(meta["dedup"].iat[i]) for i in live] + probe_keys
+    splits = meta["split"].to_numpy()[live].tolist() + ["probe"] * len(probe_keys)
+    for j, (reason, first) in curation.find_duplicates(hashes, splits=splits).items():
+        i = live[j]
+        of = meta["where"].iat[live[first]] if first < len(live) else f"probe {first - len(live) + 1} of {probes}"
+        meta.loc[i, "reason"] = reason
+        meta.loc[i, "error"] = f"{meta['where'].iat[i]}: duplicates {of} (data.dedup)"
+
+
+def _probe_keys(cfg: Config) -> list[list[int]]:
+    """Duplicate keys of the generation probes (a prompt and its reference as one exchange)."""
+    probes = cfg.data.probes
+    if not probes:
+        return []
+    path = resolve_builtin(probes, Path(cfg.paths.cache_dir)) if probes.startswith("builtin:") else Path(probes)
+    keys = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("reference"), str):
+            system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+            messages = [
+                *system,
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row["reference"]},
+            ]
+            keys.append(dedup_keys(messages, data=cfg.data, seed=cfg.seed))
+    return keys
+
+
+def _source_copies(meta: Any, *, sft: list[ResolvedSource], configs: list[Any]) -> np.ndarray:
+    """Copies of every conversation in training (``curation.select_by_weight`` per weighted source; 1 elsewhere)."""
+    copies = np.ones(len(meta), dtype=np.int64)
+    train = ((meta["reason"] == "") & (meta["split"] == "train")).to_numpy()
+    for src, conf in zip(sft, configs):
+        if conf.weight == 1.0 and conf.max_rows is None:
+            continue
+        rows = np.flatnonzero(train & (meta["source"] == src.label).to_numpy())
+        copies[rows] = curation.select_by_weight(
+            meta["key"].to_numpy(dtype=np.uint64)[rows],
+            meta["n_tokens"].to_numpy()[rows],
+            weight=conf.weight,
+            max_rows=conf.max_rows,
+        )
+    return copies
+
+
+def _pack_and_write(ds: Any, *, plan: _SplitPlan, data: DataConfig, seed: int, out: Path, cpus: int) -> None:
     """Tags, groups by (split, pack group), packs each group and writes ``out/<split>/*.parquet``."""
     num_groups = sum(len(b) + 1 for b in plan.bounds.values())
     tagged = ds.map_batches(_tag_splits, fn_kwargs={"plan": plan}, batch_format="pyarrow")
     rows_dir = out / "_rows"
-    # One shuffle partition per group (capped): Ray's default of 200 costs seconds of task overhead here.
-    tagged.groupby(["split", "group"], num_partitions=min(num_groups, 64)).map_groups(
+    # A few shuffle partitions per CPU, each packing several groups: Ray's default of 200 (or one per group) costs
+    # seconds of task overhead on a small cluster and buys no parallelism.
+    partitions = min(num_groups, PIECES_PER_CPU * cpus)
+    tagged.groupby(["split", "group"], num_partitions=partitions).map_groups(
         _pack_group,
         fn_kwargs={"max_seq_len": data.max_seq_len, "packing": data.packing, "seed": seed},
         batch_format="pyarrow",
@@ -264,165 +364,203 @@ def _split_stats(path: Path, *, examples: int, max_seq_len: int) -> dict[str, in
     }
 
 
-# --- reading --------------------------------------------------------------------------------------------------
+# --- reading ---------------------------------------------------------------------------------------------------
+
+PIECES_PER_CPU = 4
+"""Pieces per CPU of the cluster: enough that no actor idles while another finishes a long piece."""
+PIECE_BYTES = (1 << 18, 1 << 24)
+"""Bounds on a JSONL piece's size (256 KiB .. 16 MiB): small files stay whole, big ones spread over every actor."""
 
 
-def _read_all(sources: list[tuple[ResolvedSource, str]]) -> Any:
-    import ray.data
-
-    parts = []
-    for src, split in sources:
+def _pieces(sources: list[ResolvedSource], splits: list[str], *, cpus: int) -> list[dict[str, Any]]:
+    """The read plan: each source cut into pieces (JSONL by line ranges, hub splits by row ranges, other files
+    whole) of a size that gives every CPU a few; the output does not depend on the cut (keys come from file:line)."""
+    files = [(p, Path(p).stat().st_size) for s in sources if s.kind == "files" for p in s.paths]
+    total = sum(size for _, size in files)
+    target = int(min(max(total / (cpus * PIECES_PER_CPU), PIECE_BYTES[0]), PIECE_BYTES[1]))
+    pieces = []
+    for index, (src, split) in enumerate(zip(sources, splits)):
+        base = {"source": index, "split": split, "path": "", "offset": 0, "length": 0, "first_line": 1, "whole": True}
         if src.kind == "hub":
-            hf = load_hub_split(src)
-            wheres = [f"{src.paths[0]}[{src.split}] row {i + 1}" for i in range(len(hf))]
-            records = [canonical_record(src, r, fmt=src.fmt, where=w) for w, r in zip(wheres, hf)]
-            bad = [isinstance(r, DataError) for r in records]
-            table = pa.table(
-                {
-                    "where": wheres,
-                    "source": [src.label] * len(hf),
-                    "record": ["" if b else json.dumps(r, default=str) for r, b in zip(records, bad)],
-                    "reason": [r.reason if b else "" for r, b in zip(records, bad)],
-                    "error": [str(r) if b else "" for r, b in zip(records, bad)],
-                    "split": [split] * len(hf),
-                    "fmt": [src.fmt] * len(hf),
-                    "text_field": [src.text_field] * len(hf),
-                },
-                schema=RAW_SCHEMA,
-            )
-            parts.append(ray.data.from_arrow(table))
-        else:
-            parts.append(
-                ray.data.read_binary_files(list(src.paths), include_paths=True).map_batches(
-                    _parse_files, fn_kwargs={"src": src, "split": split}, batch_format="pyarrow", batch_size=1
-                )
-            )
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+            n = len(load_hub_split(src))
+            step = max(1, -(-n // (cpus * PIECES_PER_CPU)))
+            pieces += [{**base, "offset": lo, "length": min(step, n - lo)} for lo in range(0, n, step)]
+            continue
+        for path in src.paths:
+            cut = line_chunks(path, target_bytes=target)
+            pieces += [
+                {**base, "path": path, "offset": o, "length": n, "first_line": line, "whole": len(cut) == 1}
+                for o, n, line in cut
+            ]
+    return pieces
 
 
-def _parse_files(batch: pa.Table, *, src: ResolvedSource, split: str) -> pa.Table:
-    """File bytes -> raw rows: each record renamed to its file's format's fields (``iter_source_records``)."""
-    out: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
-    for path, data in zip(batch["path"].to_pylist(), batch["bytes"].to_pylist()):
-        for row, fmt, record in iter_source_records(src, path, data):
-            bad = isinstance(record, DataError)
-            out["where"].append(f"{path}:{row}")
-            out["source"].append(src.label)
-            out["record"].append("" if bad else json.dumps(record, default=str))
-            out["reason"].append(record.reason if bad else "")
-            out["error"].append(str(record) if bad else "")
-            out["split"].append(split)
-            out["fmt"].append(fmt)
-            out["text_field"].append(src.text_field)
-    return pa.table(out, schema=RAW_SCHEMA)
-
-
-# --- actors (one tokenizer each) ------------------------------------------------------------------------------
+# --- the actor (one tokenizer view each) ----------------------------------------------------------------------
 
 
 class _Encoder:
-    def __init__(self, *, tokenizer_dir: str, data: DataConfig, seed: int) -> None:
-        from transformers import AutoTokenizer
+    """Ray actor: reads pieces of the sources and encodes every record in them.
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.data, self.seed = data, seed
+    Conversations -> checked, masked examples with their seeded key and split (``encode_conversation``);
+    pretraining text -> tokens + eos -> windows of ``window_len``, each trained on every token. A bad record is a
+    row with its ``reason`` and a message naming file and line.
+    """
 
-    @staticmethod
-    def _table(rows: list[dict]) -> pa.Table:
-        cols = {k: [r[k] for r in rows] for k in EXAMPLE_COLUMNS + META_COLUMNS}
-        types = {
-            "input_ids": pa.list_(pa.int32()),
-            "labels": pa.list_(pa.int32()),
-            "kind": pa.int8(),
-            "key": pa.uint64(),
-            "truncated": pa.bool_(),
-            "heldout": pa.bool_(),
-            "n_tokens": pa.int32(),
-            "n_trained": pa.int32(),
-        }
-        return pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in cols.items()})
-
-    @staticmethod
-    def _row(where: str, source: str, split: str, key: int, **fields: Any) -> dict[str, Any]:
-        row = {
-            "where": where,
-            "source": source,
-            "split": split,
-            "key": key,
-            "input_ids": [],
-            "labels": [],
-            "kind": KIND_SFT,
-            "reason": "",
-            "error": "",
-            "truncated": False,
-            "heldout": False,
-        }
-        row.update(fields)
-        row["n_tokens"] = len(row["input_ids"])
-        row["n_trained"] = sum(1 for x in row["labels"] if x != IGNORE_INDEX)
-        return row
-
-
-class _ChatEncoder(_Encoder):
-    """Ray actor around ``encode_record``; also assigns the seeded train/val split."""
-
-    def __init__(self, *, hash_split: bool, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.hash_split = hash_split
+    def __init__(
+        self,
+        *,
+        spec: TokenizerSpec,
+        sources: list[ResolvedSource],
+        data: DataConfig,
+        window_len: int,
+        heldout_fraction: float,
+        seed: int,
+        hash_split: bool,
+    ) -> None:
+        self.tokenizer = TokenizerView(spec)
+        self.eos_id = spec.eos_token_id
+        self.sources, self.data, self.seed, self.hash_split = sources, data, seed, hash_split
+        self.window_len, self.heldout_fraction = window_len, heldout_fraction
+        self._hub: dict[str, Any] = {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        rows: list[dict[str, Any]] = []
+        for piece in batch.to_pylist():
+            src = self.sources[piece["source"]]
+            for where, fmt, record in self._records(src, piece):
+                if piece["split"] == "pretrain":
+                    rows.extend(self._windows(where, src, record))
+                else:
+                    rows.append(self._chat(where, src, piece["split"], fmt, record))
+        return _table(rows)
+
+    def _records(self, src: ResolvedSource, piece: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
+        if src.kind == "hub":
+            if src.label not in self._hub:
+                self._hub[src.label] = load_hub_split(src)
+            hf = self._hub[src.label]
+            for i in range(piece["offset"], piece["offset"] + piece["length"]):
+                where = f"{src.paths[0]}[{src.split}] row {i + 1}"
+                yield where, src.fmt, canonical_record(src, hf[i], fmt=src.fmt, where=where)
+            return
+        path = piece["path"]
+        data = read_piece(path, piece["offset"], piece["length"])
+        for row, fmt, record in iter_source_records(
+            src, path, data, first_line=piece["first_line"], whole=piece["whole"]
+        ):
+            yield f"{path}:{row}", fmt, record
+
+    def _chat(self, where: str, src: ResolvedSource, split: str, fmt: str, record: Any) -> dict[str, Any]:
+        key = stable_key(where, seed=self.seed)
+        if (
+            split == "train"
+            and self.hash_split
+            and in_fraction(stable_key("val", key, seed=self.seed), self.data.val_fraction)
+        ):
+            split = "val"
+        if isinstance(record, DataError):
+            fields: dict[str, Any] = {"reason": record.reason, "error": str(record)}
+        else:
+            fields = encode_conversation(record, self.tokenizer, where=where, fmt=fmt, data=self.data)
+            messages = fields.pop("messages", None)
+            if messages is not None:
+                fields = self._curate(where, messages, fields)
+        return _row(where=where, source=src.label, split=split, key=key, **fields)
+
+    def _curate(self, where: str, messages: list[dict], fields: dict[str, Any]) -> dict[str, Any]:
+        """The length and shape filters (a drop reason), then the conversation's duplicate keys."""
+        failed = curation.filter_reason(
+            n_trained=sum(1 for x in fields["labels"] if x != IGNORE_INDEX),
+            n_tokens=len(fields["input_ids"]),
+            n_turns=sum(1 for m in messages if m["role"] == "assistant"),
+            data=self.data,
+        )
+        if failed:
+            return {"reason": failed[0], "error": f"{where}: {failed[1]}"}
+        return {**fields, "dedup": dedup_keys(messages, data=self.data, seed=self.seed)}
+
+    def _windows(self, where: str, src: ResolvedSource, record: Any) -> list[dict[str, Any]]:
+        base = dict(where=where, source=src.label, split="pretrain", kind=KIND_PRETRAIN)
+        try:
+            if isinstance(record, DataError):
+                raise record
+            text = record_text(record, text_field=src.text_field, where=where)
+        except DataError as exc:
+            return [_row(**base, key=stable_key(where, seed=self.seed), reason=exc.reason, error=str(exc))]
+        # verbose=False: a whole document is longer than model_max_length on purpose (it is windowed next)
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [self.eos_id]
         rows = []
-        for r in batch.to_pylist():
-            key = stable_key(r["where"], seed=self.seed)
-            split = r["split"]
-            if (
-                split == "train"
-                and self.hash_split
-                and in_fraction(stable_key("val", key, seed=self.seed), self.data.val_fraction)
-            ):
-                split = "val"
-            fields = encode_record(r, self.tokenizer, data=self.data)
-            rows.append(self._row(where=r["where"], source=r["source"], split=split, key=key, **fields))
-        return self._table(rows)
+        for w, window in enumerate(chunk_windows(ids, window_len=self.window_len)):
+            key = stable_key(where, w, seed=self.seed)
+            heldout = in_fraction(stable_key("heldout", key, seed=self.seed), self.heldout_fraction)
+            rows.append(_row(**base, key=key, input_ids=window, labels=window, heldout=heldout))
+        return rows
 
 
-class _TextWindower(_Encoder):
-    """Pretraining record -> tokens + eos -> windows of ``window_len``, each trained on every token."""
+def dedup_keys(messages: list[dict], *, data: DataConfig, seed: int) -> list[int]:
+    """The keys two duplicate conversations share (``data.dedup``): none, the exact hash, or the MinHash bands."""
+    if data.dedup == "exact":
+        return [curation.exact_hash(messages)]
+    if data.dedup == "near":
+        return curation.minhash_bands(
+            curation.normalized_text(messages),
+            threshold=data.near_threshold,
+            num_perm=data.minhash_perm,
+            shingle_words=data.shingle_words,
+            seed=seed,
+        )
+    return []
 
-    def __init__(self, *, window_len: int, heldout_fraction: float, eos_id: int, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.window_len, self.heldout_fraction, self.eos_id = window_len, heldout_fraction, eos_id
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = []
-        for r in batch.to_pylist():
-            base = dict(where=r["where"], source=r["source"], split="pretrain", kind=KIND_PRETRAIN)
-            if r["reason"]:
-                rows.append(
-                    self._row(**base, key=stable_key(r["where"], seed=self.seed), reason=r["reason"], error=r["error"])
-                )
-                continue
-            try:
-                text = record_text(json.loads(r["record"]), text_field=r["text_field"], where=r["where"])
-            except DataError as exc:
-                rows.append(
-                    self._row(**base, key=stable_key(r["where"], seed=self.seed), reason=exc.reason, error=str(exc))
-                )
-                continue
-            # verbose=False: a whole document is longer than model_max_length on purpose (it is windowed next)
-            ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [self.eos_id]
-            for w, window in enumerate(chunk_windows(ids, window_len=self.window_len)):
-                key = stable_key(r["where"], w, seed=self.seed)
-                heldout = in_fraction(stable_key("heldout", key, seed=self.seed), self.heldout_fraction)
-                rows.append(self._row(**base, key=key, input_ids=window, labels=window, heldout=heldout))
-        return self._table(rows)
+_ENCODED_TYPES = {
+    "dedup": pa.list_(pa.uint64()),
+    "input_ids": pa.list_(pa.int32()),
+    "labels": pa.list_(pa.int32()),
+    "kind": pa.int8(),
+    "key": pa.uint64(),
+    "truncated": pa.bool_(),
+    "heldout": pa.bool_(),
+    "n_tokens": pa.int32(),
+    "n_trained": pa.int32(),
+}
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    """Encoded rows as Arrow with a fixed schema (an empty piece keeps it too)."""
+    return pa.table(
+        {
+            k: pa.array([r[k] for r in rows], type=_ENCODED_TYPES.get(k, pa.string()))
+            for k in [*EXAMPLE_COLUMNS, *META_COLUMNS, "dedup"]
+        }
+    )
+
+
+def _row(where: str, source: str, split: str, key: int, **fields: Any) -> dict[str, Any]:
+    row = {
+        "where": where,
+        "source": source,
+        "split": split,
+        "key": key,
+        "input_ids": [],
+        "labels": [],
+        "kind": KIND_SFT,
+        "reason": "",
+        "error": "",
+        "truncated": False,
+        "heldout": False,
+        "dedup": [],
+    }
+    row.update(fields)
+    row["n_tokens"] = len(row["input_ids"])
+    row["n_trained"] = sum(1 for x in row["labels"] if x != IGNORE_INDEX)
+    return row
 
 
 # --- small batch transforms -----------------------------------------------------------------------------------
 
 
-def _meta(ds: Any) -> Any:
-    return ds.select_columns(META_COLUMNS).to_pandas()
+def _meta(ds: Any, *, extra: list[str] = ()) -> Any:
+    return ds.select_columns([*META_COLUMNS, *extra]).to_pandas()
 
 
 def _tag_splits(batch: pa.Table, *, plan: _SplitPlan) -> pa.Table:
@@ -441,7 +579,8 @@ def _tag_splits(batch: pa.Table, *, plan: _SplitPlan) -> pa.Table:
     take_at = np.minimum(np.searchsorted(plan.take_keys, keys), max(len(plan.take_keys) - 1, 0))
     taken = ok & pretrain & (plan.take_keys[take_at] == keys) if len(plan.take_keys) else np.zeros(len(keys), bool)
     heldout = ok & pretrain & np.isin(keys, plan.heldout_keys)
-    split = np.where(ok & ~pretrain, source_split, "")
+    unused = np.isin(keys, plan.unused_keys) & ~pretrain
+    split = np.where(ok & ~pretrain & ~unused, source_split, "")
     split = np.where(taken, "train", split)
     split = np.where(heldout, "pretrain_heldout", split)
     group = np.full(len(keys), -1, dtype=np.int64)
@@ -455,14 +594,23 @@ def _tag_splits(batch: pa.Table, *, plan: _SplitPlan) -> pa.Table:
         elif taken[i]:
             n = int(plan.take_lens[take_at[i]])
             input_ids[i], labels[i] = input_ids[i][:n], labels[i][:n]
+    # A source weight's extra copies: the same tokens under their own keys, appended to the block.
+    first, last = np.searchsorted(plan.copy_of, keys, "left"), np.searchsorted(plan.copy_of, keys, "right")
+    repeat = [(i, j) for i in np.flatnonzero((last > first) & (split == "train")) for j in range(first[i], last[i])]
+    source = [i for i, _ in repeat]
+    copy_keys = plan.copy_keys[[j for _, j in repeat]] if repeat else np.zeros(0, dtype=np.uint64)
+    kinds = batch["kind"].to_numpy()
     return pa.table(
         {
-            "input_ids": pa.array(input_ids, type=pa.list_(pa.int32())),
-            "labels": pa.array(labels, type=pa.list_(pa.int32())),
-            "kind": batch["kind"],
-            "key": batch["key"],
-            "split": pa.array(split.astype(str), type=pa.string()),
-            "group": pa.array(group, type=pa.int64()),
+            "input_ids": pa.array(input_ids + [input_ids[i] for i in source], type=pa.list_(pa.int32())),
+            "labels": pa.array(labels + [labels[i] for i in source], type=pa.list_(pa.int32())),
+            "kind": pa.array(np.concatenate([kinds, kinds[source]]), type=pa.int8()),
+            "key": pa.array(np.concatenate([keys, copy_keys]), type=pa.uint64()),
+            "split": pa.array(np.concatenate([split.astype(str), ["train"] * len(source)]), type=pa.string()),
+            "group": pa.array(
+                np.concatenate([group, np.searchsorted(plan.bounds["train"], copy_keys, side="right")]),
+                type=pa.int64(),
+            ),
         }
     )
 

@@ -37,6 +37,7 @@ def build(
                 "records_dropped": int(rows[rows["reason"] != ""]["where"].nunique()),
             }
         )
+    _token_shares(per_source, cfg=cfg, meta=meta)
     splits = {name: _split_summary(s) for name, s in stats.items()}
     train = splits["train"]
     train["mix_ratio_target"] = cfg.mix.ratio
@@ -68,6 +69,24 @@ def build(
     }
 
 
+def _token_shares(per_source: list[dict], *, cfg: Config, meta: Any) -> None:
+    """Each training source's share of the SFT tokens in train, next to the share its ``weight`` asks for
+    (weight x its tokens after ``max_rows``, over the same for every source). Adds the fields in place."""
+    train = meta[(meta["reason"] == "") & (meta["split"] == "train")]
+    achieved, target = {}, {}
+    for conf, entry in zip(cfg.data.sources, per_source):
+        rows = train[train["source"] == entry["path"]]
+        achieved[entry["path"]] = int((rows["n_tokens"] * rows["copies"]).sum())
+        kept = rows.nsmallest(conf.max_rows, "key") if conf.max_rows else rows
+        target[entry["path"]] = conf.weight * int(kept["n_tokens"].sum())
+        entry.update(weight=conf.weight, max_rows=conf.max_rows, train_tokens=achieved[entry["path"]])
+        entry["train_rows_unused"] = int((rows["copies"] == 0).sum())  # weight < 1 or max_rows: not taken
+        entry["train_copies"] = int(rows["copies"].sum())
+    for entry in per_source[: len(cfg.data.sources)]:
+        entry["token_share"] = _ratio(achieved[entry["path"]], sum(achieved.values()))
+        entry["token_share_target"] = _ratio(target[entry["path"]], sum(target.values()))
+
+
 def summary(report: dict[str, Any]) -> str:
     """A human-readable summary of a report."""
     c, tr = report["conversations"], report["splits"]["train"]
@@ -79,6 +98,12 @@ def summary(report: dict[str, Any]) -> str:
     ]
     if report["drops"]:
         lines.append("  drops by reason: " + ", ".join(f"{k}={v}" for k, v in report["drops"].items()))
+    weighted = [s for s in report["sources"] if "token_share" in s and (s["weight"] != 1.0 or s["max_rows"])]
+    for s in weighted:
+        lines.append(
+            f"  source {s['path']}: {s['token_share']:.1%} of SFT training tokens (target {s['token_share_target']:.1%}; "
+            f"weight {s['weight']:g}, max_rows {s['max_rows']})"
+        )
     lines.append(f"  {'split':<17}{'rows':>8}{'examples':>10}{'tokens':>11}{'trained':>10}{'packing eff':>13}")
     for name, s in report["splits"].items():
         lines.append(

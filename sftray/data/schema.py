@@ -1,4 +1,4 @@
-"""Arrow schemas of the pipeline's tables: raw records, encoded examples and their metadata, stored training rows."""
+"""Arrow schemas of the pipeline's tables: encoded examples and their metadata, stored training rows."""
 
 from __future__ import annotations
 
@@ -6,19 +6,6 @@ import pyarrow as pa
 
 from sftray.data.chat import IGNORE_INDEX
 
-RAW_SCHEMA = pa.schema(
-    [
-        ("where", pa.string()),
-        ("source", pa.string()),
-        ("record", pa.string()),
-        ("reason", pa.string()),
-        ("error", pa.string()),
-        ("split", pa.string()),
-        ("fmt", pa.string()),
-        ("text_field", pa.string()),
-    ]
-)
-"""A raw record read from a source (or the reason it is bad), one per file row; ``where`` names file and line."""
 EXAMPLE_COLUMNS = ["input_ids", "labels", "kind", "key"]
 """Columns of an encoded example that packing needs."""
 ROW_SCHEMA = pa.schema(

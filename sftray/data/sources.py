@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".txt")
 """File extensions a local source may have."""
+LINE_FILE_TYPES = (".jsonl", ".ndjson")
+"""One record per line: read in pieces (``line_chunks``)."""
 CHAT_FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet")
 """File extensions that can hold conversations (a folder of chats ignores the rest, e.g. notes.txt, with a warning)."""
 HF_PREFIX = "hf:"
@@ -140,11 +142,14 @@ def resolve_source(src: SourceConfig, *, cache_dir: Path, what: str, text: bool 
     )
 
 
-def iter_source_records(src: ResolvedSource, path: str, data: bytes) -> Iterator[tuple[int, str, Any]]:
-    """Yields ``(row, fmt, record)`` for one file of ``src``: ``iter_file_records`` with the file's format, each
-    record renamed to that format's fields (``canonical_record``); a bad record is a ``DataError``."""
+def iter_source_records(
+    src: ResolvedSource, path: str, data: bytes, *, first_line: int = 1, whole: bool = True
+) -> Iterator[tuple[int, str, Any]]:
+    """Yields ``(row, fmt, record)`` for one file of ``src`` (or one ``line_chunks`` piece of it: ``first_line``,
+    ``whole=False``): ``iter_file_records`` with the file's format, each record renamed to that format's fields
+    (``canonical_record``); a bad record is a ``DataError``."""
     fmt = src.format_of(path)
-    for row, record in iter_file_records(path, data):
+    for row, record in iter_file_records(path, data, first_line=first_line, whole=whole):
         if not isinstance(record, DataError):
             record = canonical_record(src, record, fmt=fmt, where=f"{path}:{row}")
         yield row, fmt, record
@@ -161,19 +166,21 @@ def canonical_record(src: ResolvedSource, record: Any, *, fmt: str, where: str) 
         return exc
 
 
-def iter_file_records(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
+def iter_file_records(path: str, data: bytes, *, first_line: int = 1, whole: bool = True) -> Iterator[tuple[int, Any]]:
     """Yields ``(row, record)`` for each record of a file's bytes; a bad record yields ``(row, DataError)``.
 
     ``.txt`` files are one document: ``{"text": ...}``. Blank lines of JSONL are skipped (they hold no data).
     Text must be UTF-8: a JSONL line (or a .txt / .json file) that is not yields ``bad_encoding`` naming the line.
+    A JSONL piece cut by ``line_chunks`` passes its ``first_line`` and ``whole=False`` (only a whole file is empty).
     """
     suffix = Path(path).suffix.lower()
     if not data.strip():
-        yield 0, DataError(f"{path}: file is empty", reason="empty_file")
+        if whole:
+            yield 0, DataError(f"{path}: file is empty", reason="empty_file")
         return
-    if suffix in (".jsonl", ".ndjson"):
+    if suffix in LINE_FILE_TYPES:
         # bytes.splitlines splits at \n, \r\n and \r only: U+2028 or U+0085 inside a JSON string is no line end
-        for lineno, line in enumerate(data.splitlines(), start=1):
+        for lineno, line in enumerate(data.splitlines(), start=first_line):
             if line.strip():
                 yield lineno, _jsonl_record(path, lineno, line)
     elif suffix == ".json":
@@ -201,6 +208,43 @@ def iter_file_records(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
             yield _bad_encoding(path, data, exc)
     else:
         yield 0, DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
+
+
+def line_chunks(path: str, *, target_bytes: int) -> list[tuple[int, int, int]]:
+    """``(offset, length, first line)`` pieces of about ``target_bytes`` that together are the file ``path``.
+
+    A JSONL file is cut after a newline, so that each piece holds whole lines and readers can work on the pieces
+    in parallel (one piece per Ray Data block); its first line's number is counted the way ``iter_file_records``
+    numbers lines. Any other file is one piece.
+    """
+    size = Path(path).stat().st_size
+    if Path(path).suffix.lower() not in LINE_FILE_TYPES or size <= target_bytes:
+        return [(0, size, 1)]
+    pieces, offset, line = [], 0, 1
+    with open(path, "rb") as fh:
+        while offset < size:
+            fh.seek(offset)
+            data = fh.read(target_bytes)
+            if offset + len(data) < size:
+                rest = b""
+                while not data.endswith(b"\n") and offset + len(data) + len(rest) < size:
+                    rest += fh.read(1 << 16)
+                    cut = rest.find(b"\n")
+                    if cut >= 0:
+                        rest = rest[: cut + 1]
+                        break
+                data += rest
+            pieces.append((offset, len(data), line))
+            offset += len(data)
+            line += len(data.splitlines())
+    return pieces
+
+
+def read_piece(path: str, offset: int, length: int) -> bytes:
+    """The bytes of one ``line_chunks`` piece."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(length)
 
 
 def record_text(record: Any, *, text_field: str, where: str) -> str:

@@ -23,9 +23,10 @@ def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     assert cells == {(d, n, m) for d in ("demo", "synthetic") for n in size.packing_seq_lens for m in packing.METHODS}
     assert names["throughput"] == list(throughput.CONFIGS)
     assert all(r["ratio_to_trl_best"] > 0 for r in results["throughput"])
-    assert names["preprocess"] == [preprocess.pipeline_name(num_actors=a) for a, _ in preprocess.ACTOR_LAYOUTS] + [
-        preprocess.BASELINE
-    ]
+    assert names["preprocess"] == preprocess.row_names()
+    summary = results["summary"]
+    assert set(preprocess.SUMMARY_KEYS) <= set(summary) and summary["prep_summary_size"] == size.prep_conversations
+    assert all(isinstance(summary[k], float) and summary[k] > 0 for k in preprocess.SUMMARY_KEYS), summary
     # Overhead: every milestone of the `sftray train` process was measured, in order, before the process ended; the
     # Ray Train path trained at some rate and the sweep's trial reached its first step. The ray.init row is there
     # (its value is None here: Ray was already up).
@@ -43,7 +44,7 @@ def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     assert [r["method"] for r in results["memory"]] == list(memory.METHODS)
 
     # The JSON holds what run_bench returned; the markdown has a row for every measured figure.
-    assert json.loads((tmp_path / "bench.json").read_text()).keys() == {"meta", *PARTS}
+    assert json.loads((tmp_path / "bench.json").read_text()).keys() == {"meta", "summary", *PARTS}
     table = (tmp_path / "bench.md").read_text()
     for part in PARTS:
         for name in names[part]:

@@ -772,3 +772,43 @@ def test_malformed_messages(make_tokenizer, msgs):
 def test_unknown_train_on(make_tokenizer):
     with pytest.raises(ValueError):
         encode_chat(SINGLE, make_tokenizer("qwen2_chatml"), train_on="assistant")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pipeline's actors encode through a TokenizerView: it must agree with the tokenizer on every family.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _outcome(messages: list[dict], tokenizer, **kw):
+    try:
+        return encode_chat(messages, tokenizer, example_id=EXAMPLE_ID, **kw)
+    except (MaskError, MessageError) as exc:
+        return (type(exc).__name__, exc.reason, str(exc))
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool):
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # the template's own raise_exception: the same words either way
+        return (type(exc).__name__, str(exc))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tokenizer_view_encodes_exactly_like_the_tokenizer(make_tokenizer, family):
+    from sftray.data.tokenizer_view import TokenizerView, spec_of
+
+    tok = make_tokenizer(family)
+    view = TokenizerView(spec_of(tok))
+    cases = [msgs for msgs in CONVERSATIONS.values() if FAMILIES[family].system or not _has_system(msgs)]
+    cases += [[_a("hi"), _u("first?")], [_u("a"), _u("b"), _a("c")], [_u("x"), _a("fake <|im_end|> end")]]
+    compared = 0
+    for msgs in cases:
+        for kw in ({}, {"train_on": "last_assistant"}, {"train_on": "all"}, {"max_length": 24}):
+            assert _outcome(msgs, view, **kw) == _outcome(msgs, tok, **kw), (family, msgs, kw)
+            compared += 1
+        for gen in (False, True):
+            assert _render(view, msgs, gen) == _render(tok, msgs, gen), (family, msgs, gen)
+    assert compared == len(cases) * 4
+    assert len(view) == len(tok)
+    text = "plain text, windowed for pretraining ✓"
+    assert view(text)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]

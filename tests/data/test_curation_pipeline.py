@@ -1,0 +1,177 @@
+"""Curation through ``sftray prep`` on a real Ray: exact and near duplicates (train/val and probe overlap included),
+length and shape filters, per-source weights. Every drop is checked by reason and by file:line.
+
+The main file (3,000+ conversations, about 900 KB) spans several pieces, so duplicates are found across blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from sftray.data.packing import KIND_SFT
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+N = 3000
+
+
+def _answer(i: int, n: int = 40) -> str:
+    # Words unique to row i: two rows share (almost) no 3-word shingle.
+    return " ".join(f"w{i}x{k}" for k in range(n))
+
+
+def _chat(prompt: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    """The constructed files and the lines each kind of drop must hit (1-based lines of train.jsonl)."""
+    root = tmp_path_factory.mktemp("curation")
+    val = [_chat(f"Validation question {v}?", _answer(100_000 + v)) for v in range(50)]
+    probes = [{"prompt": f"Probe question {p}?", "reference": f"probe answer {p}"} for p in range(5)]
+    rows = [_chat(f"Question {i}: describe item {i} in detail.", _answer(i)) for i in range(N)]
+    expect: dict[str, list[int]] = {"duplicate": [], "near": [], "duplicate_of_eval": []}
+
+    def add(row: dict, kind: str | None = None) -> None:
+        rows.append(row)
+        if kind:
+            expect[kind].append(len(rows))
+
+    # Exact duplicates: case and whitespace differ, content does not (the first occurrences stay).
+    add(_chat("QUESTION 10:  describe item 10 in detail.", _answer(10).upper()), "duplicate")
+    add(_chat("Question 20: describe item 20\tin detail. ", "  " + _answer(20)), "duplicate")
+    # A near duplicate: the last of 40 words changed (Jaccard of 3-word shingles 44/46 = 0.957 with its prompt).
+    add(_chat("Question 30: describe item 30 in detail.", _answer(30).rsplit(" ", 1)[0] + " changed"), "near")
+    # Training copies of a validation row and of a probe (prompt + reference as one exchange).
+    add(_chat("validation question 3?", _answer(100_003)), "duplicate_of_eval")
+    add(_chat(probes[2]["prompt"], probes[2]["reference"]), "duplicate_of_eval")
+    # Filters: 3 assistant turns; an answer of ~700 tokens; a 200-word prompt answered with one word.
+    turns = [{"role": r, "content": f"turn {k} of row filters"} for k in range(3) for r in ("user", "assistant")]
+    add({"messages": turns})
+    add(_chat("Long answer please.", _answer(9_000, 120)))
+    add(_chat(" ".join(f"p{k}" for k in range(200)), "yes"))
+    expect["filters"] = [len(rows) - 2, len(rows) - 1, len(rows)]
+    other = [_chat(f"Other source question {j}?", _answer(50_000 + j, 10)) for j in range(600)]
+    return {
+        "train": _write(root / "train.jsonl", rows),
+        "val": _write(root / "val.jsonl", val),
+        "probes": _write(root / "probes.jsonl", probes),
+        "other": _write(root / "other.jsonl", other),
+        "expect": expect,
+        "root": root,
+    }
+
+
+def _drops(folder: Path) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for line in (folder / "drops.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        out.setdefault(d["reason"], []).append(int(d["where"].rsplit(":", 1)[1]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _sft_tokens(folder: Path) -> int:
+    table = pq.read_table(sorted((folder / "train").glob("*.parquet")))
+    return sum(
+        n
+        for lens, kinds in zip(table["seq_lens"].to_pylist(), table["seq_kinds"].to_pylist())
+        for n, k in zip(lens, kinds)
+        if k == KIND_SFT
+    )
+
+
+def _only(out: Path, before: set[Path]) -> Path:
+    (new,) = set((out / "data").iterdir()) - before
+    return new
+
+
+def test_exact_dedup_filters_and_weights_drop_the_right_rows(ray_local, cache_dir, curated, capsys):
+    out = curated["root"] / "out"
+    before = set((out / "data").iterdir()) if (out / "data").is_dir() else set()
+    extra = [
+        "data.dedup=exact",
+        "data.max_turns=2",
+        "data.max_assistant_tokens=400",  # the 40-word answers hold ~230 tokens, the long one ~700
+        "data.min_assistant_ratio=0.05",
+        f"data.sources=[{{path:'{curated['train']}',weight:2.0}},{{path:'{curated['other']}',weight:0.5,max_rows:400}}]",
+    ]
+    assert (
+        main(
+            [
+                "prep",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.output_dir={out}",
+                "data=files",
+                f"data.val_sources=[{{path:'{curated['val']}'}}]",
+                f"data.probes={curated['probes']}",
+                "data.max_seq_len=1024",
+                "mix=none",
+                *extra,
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    folder = _only(out, before)
+    report = json.loads((folder / "report.json").read_text())
+    expect = curated["expect"]
+    drops = _drops(folder)
+    assert drops["duplicate"] == expect["duplicate"]  # the near copy is not an exact duplicate
+    assert drops["duplicate_of_eval"] == expect["duplicate_of_eval"]
+    assert [drops[r][0] for r in ("too_many_turns", "too_many_assistant_tokens", "low_assistant_ratio")] == expect[
+        "filters"
+    ]
+    assert report["drops"] == {k: len(v) for k, v in drops.items()}
+    assert sum(report["drops"].values()) == 7
+
+    # Weights: each source's achieved share of SFT training tokens within 1 point of its target, and the rows
+    # hold exactly those tokens (the weight-2 source twice over).
+    train_src, other_src = report["sources"][:2]
+    for s in (train_src, other_src):
+        assert abs(s["token_share"] - s["token_share_target"]) < 0.01, s
+    assert other_src["train_rows_unused"] >= 400  # max_rows=400 of 600, then half of those by tokens
+    assert train_src["train_copies"] == 2 * (N + 8 - 7)
+    assert _sft_tokens(folder) == train_src["train_tokens"] + other_src["train_tokens"]
+
+
+def test_near_dedup_also_finds_the_edited_copy(ray_local, cache_dir, curated, capsys):
+    out = curated["root"] / "out"
+    before = set((out / "data").iterdir()) if (out / "data").is_dir() else set()
+    assert (
+        main(
+            [
+                "prep",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.output_dir={out}",
+                "data=files",
+                f"data.sources=[{{path:'{curated['train']}'}}]",
+                f"data.val_sources=[{{path:'{curated['val']}'}}]",
+                f"data.probes={curated['probes']}",
+                "data.max_seq_len=1024",
+                "mix=none",
+                "data.dedup=near",
+                "data.near_threshold=0.8",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    folder = _only(out, before)
+    drops, expect = _drops(folder), curated["expect"]
+    assert drops["duplicate"] == sorted(expect["duplicate"] + expect["near"])
+    assert drops["duplicate_of_eval"] == expect["duplicate_of_eval"]
+    report = json.loads((folder / "report.json").read_text())
+    assert report["conversations"]["train"] == N + 8 - 5  # only the duplicates went (no filters set)
