@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         "--size",
         default=os.environ.get("BENCH_SIZE", "small"),
         choices=list(SIZES),
-        help="smoke (checks every figure, ~3 min), small (README figures, ~7 min), full (tens of minutes)",
+        help="smoke (checks every figure, ~3 min), small (README figures, ~9 min), full (tens of minutes)",
     )
     parser.add_argument(
         "--out",

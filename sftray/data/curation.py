@@ -17,8 +17,6 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
-from datasketch import MinHash
-from datasketch.lsh import _optimal_param
 
 from sftray.config import DEDUP, DataConfig
 
@@ -74,6 +72,10 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     Two texts of Jaccard similarity ``s`` share a band with probability ``1 - (1 - s**rows) ** bands``."""
     # datasketch's own optimiser (MinHashLSH's default parameters) is private; this is its one caller, so a
     # datasketch release that moves it breaks here only. MinHashLSH(...).b/.r is public but refuses bands < 2.
+    # datasketch is imported here and in _minhash only: it pulls scipy in (0.35 s), which every Ray worker that
+    # imports the pipeline would pay even without data.dedup=near.
+    from datasketch.lsh import _optimal_param
+
     bands, rows = _optimal_param(threshold, num_perm, 0.5, 0.5)
     return int(bands), int(rows)
 
@@ -81,6 +83,8 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=16)
 def _permutations(num_perm: int, seed: int) -> np.ndarray:
     # Drawing the permutations is 15x the cost of a MinHash of a short text; they depend on (num_perm, seed) only.
+    from datasketch import MinHash  # deferred: see lsh_params
+
     return MinHash(num_perm=num_perm, seed=seed, scheme=_MINHASH_SCHEME).permutations
 
 
@@ -95,6 +99,8 @@ def minhash_bands(text: str, *, threshold: float, num_perm: int, shingle_words: 
     """The data.dedup=near keys of a text: one 64-bit hash per LSH band (``lsh_params``) of the MinHash of its set of
     word shingles (``shingle_words`` lowercased words). Texts share a band hash with the LSH probability for their
     Jaccard similarity; a band's index is part of its hash, so band 1 of one text never matches band 2 of another."""
+    from datasketch import MinHash  # deferred: see lsh_params
+
     minhash = MinHash(num_perm=num_perm, seed=seed, scheme=_MINHASH_SCHEME, permutations=_permutations(num_perm, seed))
     minhash.update_batch([s.encode() for s in _shingles(text, shingle_words)])
     values = minhash.hashvalues.astype(">u8")  # big-endian bytes: the same band hashes on every machine
