@@ -335,6 +335,9 @@ class EvalConfig:
     """Max eval/forgetting (relative rise of held-out pretraining loss) a selectable checkpoint may have."""
     max_eval_rows: int = 256
     """Cap on val / held-out rows per eval, so evals stay cheap."""
+    reuse_base_eval: bool = True
+    """Reuse the base model's eval (the epoch-0 row) from an earlier run or trial with the same model, data and eval
+    inputs (``sftray.eval.base_eval``); false computes it again."""
 
     def __post_init__(self) -> None:
         _in_range("eval.num_probes", self.num_probes, ge=0)

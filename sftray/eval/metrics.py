@@ -30,6 +30,8 @@ SCORE = "eval/score"
 WITHIN_BUDGET = "eval/within_budget"
 ENDED = "eval/ended"
 """Share of generation probes whose response ended (end of turn) within the generation limit."""
+BASE_EVAL_REUSED = "eval/base_reused"
+"""1 in a run's epoch-0 row when the base model's eval came from the cache (``sftray.eval.base_eval``), else 0."""
 
 # Train metrics that modules other than the training loop read (the loop computes them).
 TRAIN_LOSS = "train/loss"

@@ -26,8 +26,9 @@ import torch.distributed as dist
 from sftray.config import Config
 from sftray.core.parallel import wrap
 from sftray.data.collate import LENGTH_GROUP, collate_rows, grouped_micro_batches
+from sftray.eval import base_eval
 from sftray.eval.evaluate import Evaluator
-from sftray.eval.metrics import PRETRAIN_LOSS, TRAIN_LOSS, TRAIN_TOKENS_PER_S, with_forgetting
+from sftray.eval.metrics import BASE_EVAL_REUSED, PRETRAIN_LOSS, TRAIN_LOSS, TRAIN_TOKENS_PER_S, with_forgetting
 from sftray.models.loading import load_model
 from sftray.models.lora import apply_lora
 from sftray.train import checkpoint as ckpt_mod
@@ -52,6 +53,8 @@ class WorkerJob:
     """Generation limit of the probes (``eval.max_new_tokens``, or sized to their reference answers)."""
     end_of_turn_id: int = 0
     user_opener: str = ""
+    base_eval_path: str | None = None
+    """Where the base model's eval is cached (``sftray.eval.base_eval``); None: compute it, cache nothing."""
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -126,10 +129,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         log.info("rank %d resumed after epoch %d (step %d)", rank, state["epoch"], step)
     else:
         start_epoch, step, history, restarts = 1, 0, [], 0
-        base_metrics, base_table = evaluator.run()
+        base_metrics, base_table, reused = _base_eval(evaluator, job.base_eval_path, rank=rank)
         base = {"pretrain_loss": base_metrics[PRETRAIN_LOSS], "metrics": base_metrics}
         tables = {"probes_base": base_table}
-        history.append(_report({"epoch": 0, "step": 0, **_with_forgetting(base_metrics, base, cfg)}, rank=rank))
+        row = {"epoch": 0, "step": 0, BASE_EVAL_REUSED: float(reused), **_with_forgetting(base_metrics, base, cfg)}
+        history.append(_report(row, rank=rank))
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, t.epochs + 1):
@@ -211,6 +215,26 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --- pieces -----------------------------------------------------------------------------------------------------
+
+
+def _base_eval(evaluator: Evaluator, path: str | None, *, rank: int) -> tuple[dict[str, float], list[dict], bool]:
+    """The base model's (metrics, probe table, reused): from the cache when an earlier run stored it, else computed
+    (and stored). Rank 0 decides under the cache's lock and tells the others, so every rank runs the eval's
+    collectives or none does; a concurrent trial with the same key waits for the lock and then reads."""
+    if path is None:
+        return *evaluator.run(), False
+    cache = Path(path)
+    with base_eval.locked(cache) if rank == 0 else contextlib.nullcontext():
+        cached = [base_eval.load(cache) if rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(cached, src=0)
+        if cached[0] is not None:
+            log.info("base model eval reused from %s", cache)
+            return *cached[0], True
+        metrics, table = evaluator.run()
+        if rank == 0:
+            base_eval.save(cache, metrics, table)
+    return metrics, table, False
 
 
 def _with_forgetting(metrics: dict[str, float], base: dict[str, Any], cfg: Config) -> dict[str, float]:

@@ -19,6 +19,7 @@ from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import turn_markers
 from sftray.data.pipeline import Prepared
 from sftray.data.schema import ROW_SCHEMA, empty_rows
+from sftray.eval import base_eval
 from sftray.eval.metrics import (
     EXACT_MATCH,
     FORGETTING,
@@ -92,13 +93,22 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[Work
         rows[name] = table.num_rows
         datasets[name] = ray.data.from_arrow(table).materialize()
     probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
+    max_new_tokens = _generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer)
+    key = base_eval.base_eval_key(
+        cfg,
+        base_model=base_model,
+        data_fingerprint=prepared.report["fingerprint"],
+        probes=probes,
+        max_new_tokens=max_new_tokens,
+    )
     job = WorkerJob(
         cfg=cfg,
         base_model=base_model,
         tokenizer_dir=str(prepared.tokenizer_dir),
         rows_per_rank=rows["train"] // world,
         probes=probes,
-        max_new_tokens=_generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer),
+        max_new_tokens=max_new_tokens,
+        base_eval_path=str(base_eval.cache_path(cfg.paths.output_dir, key)) if cfg.eval.reuse_base_eval else None,
         end_of_turn_id=tokenizer.convert_tokens_to_ids(markers["end_of_turn"]),
         user_opener=markers["user_opener"],
     )

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from sftray.config import compose_config, override
+from sftray.eval.base_eval import load as load_base_eval
+from sftray.eval.metrics import BASE_EVAL_REUSED
 from sftray.recipes.prep import prep
 from sftray.recipes.sweep import sweep
 from sftray.tune.sweep import table
@@ -186,6 +188,21 @@ def test_mlflow_finished_child_runs_carry_epochs_artifacts_and_the_selected_epoc
         assert child.data.tags["best_checkpoint"].endswith("epoch_01")
         best = next(r for r in outcome.trials if r["trial_id"] == child.data.tags["trial_id"])
         assert child.data.metrics["best/score"] == best["score"] and child.data.metrics["best/epoch"] == 1
+
+
+def test_the_base_models_eval_is_computed_once_and_reused_by_every_other_trial(sweep_cfg, swept, store):
+    # Four trials share the model, data and eval inputs: one computes the base eval (the others wait on its lock
+    # when they run at once) and stores it, three read it. Each trial's epoch-0 row says which it was.
+    client, _, children = store
+    reused = sorted(
+        tuple(m.value for m in client.get_metric_history(c.info.run_id, BASE_EVAL_REUSED)) for c in children
+    )
+    assert reused == [(0.0,), (1.0,), (1.0,), (1.0,)]
+    (cached,) = (Path(sweep_cfg.paths.output_dir) / "base_eval").glob("*.json")
+    metrics, _ = load_base_eval(cached)
+    for child in children:
+        base = min(client.get_metric_history(child.info.run_id, "val/loss"), key=lambda m: m.step)  # epoch 0
+        assert base.value == pytest.approx(metrics["val/loss"])
 
 
 def test_wandb_offline_runs_one_per_trial_with_params_and_metrics(sweep_cfg, swept):
