@@ -179,9 +179,10 @@ class DataConfig:
     pack_group_size: int = 2048
     """Examples packed together per best-fit-decreasing group; larger packs tighter, costs memory."""
     num_actors: int | None = None
-    """Most encoding actors (each reads and encodes pieces of the sources); None: one per CPU of the cluster."""
+    """Most encoding actors (each reads and encodes pieces of the sources); None: one per CPU of the cluster (one
+    per cpus_per_actor CPUs when that is above 1)."""
     cpus_per_actor: float = 0.5
-    """CPUs reserved per tokenizer actor; keep actors x this below the cluster's free CPUs."""
+    """CPUs reserved per encoding actor; half a CPU leaves room for Ray Data's tasks beside a full pool."""
 
     def __post_init__(self) -> None:
         _one_of("data.train_on", self.train_on, TRAIN_ON)
