@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from sftray.config import DataConfig
@@ -11,23 +10,12 @@ from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
 
 
-def encode_record(r: dict[str, Any], tokenizer: Any, *, data: DataConfig) -> dict[str, Any]:
-    """One raw record (``where``, ``record`` JSON, ``fmt``, upstream ``reason``/``error``) -> encoded fields.
-
-    Returns ``input_ids``/``labels``/``truncated`` for a good record, or ``reason``/``error`` for a bad one
-    (never raises for bad data). Long examples are dropped or truncated per ``data.overlength``.
-    """
-    if r.get("reason"):
-        return {"reason": r["reason"], "error": r["error"]}
-    out = encode_conversation(json.loads(r["record"]), tokenizer, where=r["where"], fmt=r["fmt"], data=data)
-    out.pop("messages", None)
-    return out
-
-
 def encode_conversation(record: Any, tokenizer: Any, *, where: str, fmt: str, data: DataConfig) -> dict[str, Any]:
-    """``encode_record`` of a parsed record; a good one also returns its ``messages`` (curation hashes them).
+    """One parsed record of format ``fmt`` (``where``: its file and line) -> encoded fields.
 
-    Never raises for bad data: a bad record returns ``reason``/``error``.
+    Returns ``input_ids``/``labels``/``truncated`` and the ``messages`` (curation hashes them) for a good record,
+    or ``reason``/``error`` for a bad one (never raises for bad data). Long examples are dropped or truncated per
+    ``data.overlength``.
     """
     try:
         messages = to_messages(record, fmt, system_prompt=data.system_prompt, where=where)

@@ -1,16 +1,15 @@
-"""``sftray.data.encoding.encode_record``: one raw record -> encoded fields or an exact drop reason (no Ray)."""
+"""``sftray.data.encoding.encode_conversation``: one raw record -> encoded fields or an exact drop reason (no Ray)."""
 
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 import pytest
 from transformers import AutoTokenizer
 
 from sftray.config import DataConfig
-from sftray.data.encoding import encode_record
+from sftray.data.encoding import encode_conversation
 from sftray.models.tiny import CHATML_TEMPLATE, ensure_tiny_tokenizer
 
 IGNORE = -100
@@ -36,12 +35,10 @@ def A(c: Any) -> dict:
     return {"role": "assistant", "content": c}
 
 
-def raw(record: Any, fmt: str = "messages", *, reason: str = "", error: str = "") -> dict[str, Any]:
-    return {"where": WHERE, "record": json.dumps(record), "fmt": fmt, "reason": reason, "error": error}
-
-
 def encode(tok: Any, record: Any, fmt: str = "messages", **data: Any) -> dict[str, Any]:
-    return encode_record(raw(record, fmt), tok, data=DataConfig(**data))
+    out = encode_conversation(record, tok, where=WHERE, fmt=fmt, data=DataConfig(**data))
+    out.pop("messages", None)  # returned for curation; the tests here check the encoding
+    return out
 
 
 def assert_bad(out: dict[str, Any], reason: str) -> str:
@@ -147,11 +144,6 @@ def test_special_token_text_in_content(tok: Any, token: str, turn: int) -> None:
     err = assert_bad(encode(tok, {"messages": msgs}), "special_token_in_content")
     role = msgs[turn]["role"]
     assert err.startswith(f"{WHERE}: message {turn} ({role}) contains the special token {token!r} as text")
-
-
-def test_upstream_reason_passes_through(tok: Any) -> None:
-    r = {"where": WHERE, "record": "", "fmt": "messages", "reason": "invalid_json", "error": "f.jsonl:3: bad"}
-    assert encode_record(r, tok, data=DataConfig()) == {"reason": "invalid_json", "error": "f.jsonl:3: bad"}
 
 
 # --- overlength ---------------------------------------------------------------------------------------------------

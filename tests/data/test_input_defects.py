@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from sftray.config import DataConfig, MixConfig, SourceConfig, compose_config
-from sftray.data.encoding import encode_record
+from sftray.data.encoding import encode_conversation
 from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
 from sftray.data.sources import iter_file_records, resolve_source
@@ -268,8 +268,7 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.mark.parametrize("messages", [[A("hello"), U("q"), A("a")], [S("s"), A("hello"), U("q"), A("a")]])
 def test_assistant_first_has_its_own_reason(tok: Any, messages: list[dict]) -> None:
-    r = {"where": "f.jsonl:3", "record": json.dumps({"messages": messages}), "fmt": "messages", "reason": ""}
-    out = encode_record(r, tok, data=DataConfig())
+    out = encode_conversation({"messages": messages}, tok, where="f.jsonl:3", fmt="messages", data=DataConfig())
     assert out["reason"] == "assistant_first", out
     assert out["error"] == (
         f"f.jsonl:3: message {len(messages) - 3} (assistant) starts the conversation: "
@@ -278,8 +277,8 @@ def test_assistant_first_has_its_own_reason(tok: Any, messages: list[dict]) -> N
 
 
 def test_assistant_first_is_fine_when_training_on_everything(tok: Any) -> None:
-    r = {"where": "f.jsonl:3", "record": json.dumps({"messages": [A("hi"), U("q"), A("a")]}), "fmt": "messages"}
-    out = encode_record({**r, "reason": ""}, tok, data=DataConfig(train_on="all"))
+    record = {"messages": [A("hi"), U("q"), A("a")]}
+    out = encode_conversation(record, tok, where="f.jsonl:3", fmt="messages", data=DataConfig(train_on="all"))
     assert "input_ids" in out, out
 
 
