@@ -178,11 +178,11 @@ class DataConfig:
     """Trained tokens / prompt (untrained) tokens below this: dropped (low_assistant_ratio); 0: off."""
     pack_group_size: int = 2048
     """Examples packed together per best-fit-decreasing group; larger packs tighter, costs memory."""
-    num_actors: int | None = None
-    """Most encoding actors (each reads and encodes pieces of the sources); None: one per CPU of the cluster (one
-    per cpus_per_actor CPUs when that is above 1)."""
-    cpus_per_actor: float = 0.5
-    """CPUs reserved per encoding actor; half a CPU leaves room for Ray Data's tasks beside a full pool."""
+    num_encoders: int | None = None
+    """Most encoding tasks at once (each reads and encodes one piece of the sources); None: one per CPU of the
+    cluster (one per cpus_per_encoder CPUs when that is above 1)."""
+    cpus_per_encoder: float = 1.0
+    """CPUs reserved per encoding task (it runs one Python thread)."""
 
     def __post_init__(self) -> None:
         _one_of("data.train_on", self.train_on, TRAIN_ON)
@@ -199,8 +199,8 @@ class DataConfig:
         _in_range("data.val_fraction", self.val_fraction, ge=0, lt=1)
         _in_range("data.max_seq_len", self.max_seq_len, ge=8)
         _in_range("data.pack_group_size", self.pack_group_size, ge=1)
-        _in_range("data.num_actors", self.num_actors, ge=1)
-        _in_range("data.cpus_per_actor", self.cpus_per_actor, gt=0)
+        _in_range("data.num_encoders", self.num_encoders, ge=1)
+        _in_range("data.cpus_per_encoder", self.cpus_per_encoder, gt=0)
         if not self.sources:
             raise ValueError("data.sources is empty: give at least one source")
         _check_sources("data.sources", self.sources, chat=True, weighted=True)
@@ -264,7 +264,10 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (processes); one GPU each when use_gpu."""
     use_gpu: bool = False
-    """Train on GPUs (NCCL, bf16 autocast) instead of CPUs (gloo, float32)."""
+    """Train on GPUs (NCCL) instead of CPUs (gloo)."""
+    precision: str = "auto"
+    """auto | fp32 | bf16. Compute dtype of the forward and backward (weights and optimizer stay float32). auto:
+    bf16 on GPUs that support it, float32 elsewhere (on CPU, bf16 autocast measured slower: make bench)."""
     cpus_per_worker: float = 0.8
     """CPUs reserved per worker (fractions allowed); also its torch thread count (at least 1)."""
     epochs: int = 2
@@ -307,6 +310,7 @@ class TrainConfig:
         _one_of("train.method", self.method, ("full", "lora"))
         _one_of("train.parallelism", self.parallelism, ("fsdp", "ddp"))
         _one_of("train.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         for name in ("num_workers", "epochs", "micro_batch_size", "grad_accum", "log_every_steps", "fail_at_step"):
             _in_range(f"train.{name}", getattr(self, name), ge=1)
         for name in ("weight_decay", "max_grad_norm", "neftune_alpha", "eval_every_steps"):

@@ -234,6 +234,7 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
         ("mix.window_len=2", "mix.window_len=2 must be >= 8"),
         ("data.sources=[]", "data.sources is empty: give at least one source"),
         ("data.dedup=fuzzy", "data.dedup='fuzzy' is not valid; choose one of: none, exact, near"),
+        ("train.precision=fp16", "train.precision='fp16' is not valid; choose one of: auto, fp32, bf16"),
         ("data.sources=[{path:/x.jsonl,weight:0}]", "data.sources[0].weight=0.0 must be > 0"),
         ("data.sources=[{path:/x.jsonl,max_rows:0}]", "data.sources[0].max_rows=0 must be >= 1"),
         (
@@ -257,8 +258,8 @@ OUT_OF_RANGE = [
     ("data.val_fraction=-0.1", "data.val_fraction=-0.1 must be in [0, 1)"),
     ("data.max_seq_len=7", "data.max_seq_len=7 must be >= 8"),
     ("data.pack_group_size=0", "data.pack_group_size=0 must be >= 1"),
-    ("data.num_actors=0", "data.num_actors=0 must be >= 1"),
-    ("data.cpus_per_actor=0", "data.cpus_per_actor=0.0 must be > 0"),
+    ("data.num_encoders=0", "data.num_encoders=0 must be >= 1"),
+    ("data.cpus_per_encoder=0", "data.cpus_per_encoder=0.0 must be > 0"),
     ("data.near_threshold=0", "data.near_threshold=0.0 must be in (0, 1)"),
     ("data.near_threshold=1", "data.near_threshold=1.0 must be in (0, 1)"),
     ("data.minhash_perm=15", "data.minhash_perm=15 must be >= 16"),

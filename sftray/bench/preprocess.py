@@ -1,19 +1,21 @@
 """Preprocessing throughput: conversations/s through templating, masking and packing, Ray Data versus ``datasets``.
 
 sftray's pipeline runs as ``sftray prep`` runs it (``sftray.recipes.prep.prep`` with ``force=True``: tokenizer load,
-read the JSONL, render + mask every conversation in the actor pool, pack per key group, write Parquet and the
-report) on the bench's Ray, with every CPU it has. The baselines do the same work with ``datasets``: read the
-JSONL, ``Dataset.map`` of ``encode_chat`` (overlong examples dropped), ``pack_examples`` per group of
-``data.pack_group_size``, write Parquet; once in one process and once with ``num_proc=2``. Both sides load the
-tokenizer inside the timed window, with their modules imported beforehand (as in a running process).
+read the JSONL, render + mask every conversation in one Ray Data task per piece of the file, pack per key group,
+write Parquet and the report) on the bench's Ray, with every CPU it has. The baselines do the same work with
+``datasets``: read the JSONL, ``Dataset.map`` of ``encode_chat`` (overlong examples dropped), ``pack_examples`` per
+group of ``data.pack_group_size``, write Parquet; once in one process and once with ``num_proc=2``. Both sides
+load the tokenizer inside the timed window, with their modules imported beforehand (as in a running process).
 
 Two more figures: scaling (the same file prepared by a fresh Ray started with ``num_cpus=1`` and with
 ``num_cpus=2``, each in its own process, after one warm-up prep) and the fixed cost (a 200-conversation prep on
-the running Ray). The ``num_cpus=1`` Ray is measured twice: confined to one core (``sched_setaffinity`` before
-``ray.init``, inherited by the raylet, GCS and every worker), which is what the scaling figure uses, and free to
-use the machine, where Ray's own processes and the driver run on the second core for nothing (1.2 s of driver
-CPU alone per 100k prep): that row shows how much of the second core a "1 CPU" Ray already gets. The pretraining corpus is one paragraph (``workload.NO_MIX``): no pretraining tokens go into the
-rows, and the SFT tokens of every side are checked equal.
+the running Ray). The scaling runs alternate (1 CPU, 1 CPU unconfined, 2 CPUs, then again), so that the
+machine's drift in speed falls on both sides of the ratio. The ``num_cpus=1`` Ray is measured twice: confined to
+one core (``sched_setaffinity`` before ``ray.init``, inherited by the raylet, GCS and every worker), which is what
+the scaling figure uses, and free to use the machine, where Ray's own processes and the driver run on the second
+core for nothing: that row shows how much of the second core a "1 CPU" Ray already gets. The pretraining corpus
+is one paragraph (``workload.NO_MIX``): no pretraining tokens go into the rows, and the SFT tokens of every side
+are checked equal.
 """
 
 from __future__ import annotations
@@ -95,18 +97,22 @@ def measure_preprocess(
                 chats=big, cfg=cfg(big), out=work_dir / "baseline" / f"{procs}-{r}.parquet", num_proc=procs
             )
             runs[name].append(time.perf_counter() - started)
-    for cpus, pinned in SCALING:
-        seconds, report = _fresh_ray_prep(
-            cpus=cpus,
-            pinned=pinned,
-            cache_dir=cache_dir,
-            work_dir=work_dir,
-            chats=big,
-            max_seq_len=max_seq_len,
-            repeats=repeats,
-        )
-        runs[scaling_name(cpus, pinned)] = seconds
-        counts[scaling_name(cpus, pinned)] = _counts(report)
+    # Side by side: each repeat runs every scaling configuration once, in its own fresh Ray, so a drift of the
+    # machine's speed between minutes (measured here: the same encoding task took 1.5 s to 3.1 s of CPU) falls on
+    # both sides of the ratio instead of on one.
+    for _ in range(repeats):
+        for cpus, pinned in SCALING:
+            seconds, report = _fresh_ray_prep(
+                cpus=cpus,
+                pinned=pinned,
+                cache_dir=cache_dir,
+                work_dir=work_dir,
+                chats=big,
+                max_seq_len=max_seq_len,
+                repeats=1,
+            )
+            runs[scaling_name(cpus, pinned)] += seconds
+            counts[scaling_name(cpus, pinned)] = _counts(report)
 
     sizes = {name: (FIXED_COST_CONVERSATIONS if name == fixed_cost_name() else conversations) for name in runs}
     for name, c in counts.items():

@@ -20,7 +20,7 @@ DATA_VERSION = 3
 def fingerprint(cfg: Config, tokenizer: Any, sources: list[ResolvedSource]) -> str:
     """Hash of everything the output depends on: inputs' bytes, tokenizer, template, transforms' knobs, seed."""
     data = dataclasses.asdict(cfg.data)
-    for runtime_only in ("num_actors", "cpus_per_actor"):
+    for runtime_only in ("num_encoders", "cpus_per_encoder"):
         data.pop(runtime_only)
     parts: dict[str, Any] = {
         "version": DATA_VERSION,

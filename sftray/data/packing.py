@@ -11,9 +11,13 @@ Rows are stored unpadded (length <= max_seq_len); ``sftray.data.collate`` pads a
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
 
 from sftray.data.chat import IGNORE_INDEX
 
@@ -82,3 +86,65 @@ def _concat(examples: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
         row["seq_lens"].append(n)
         row["seq_kinds"].append(int(ex.get("kind", KIND_SFT)))
     return row
+
+
+def pack_table(examples: pa.Table, *, max_seq_len: int, packing: bool, seed: int | None = None) -> pa.Table:
+    """The rows ``pack_examples`` (``packing``) or ``pad_examples`` make from the same examples, in the same order,
+    as Arrow columns of ``sftray.data.schema.ROW_SCHEMA``, plus ``num_tokens``, ``num_trained`` and
+    ``num_pretrain_tokens`` per row.
+
+    ``examples`` has ``input_ids`` and ``labels`` (int lists) and ``kind``. Only the bin packing loops in Python
+    (over lengths); tokens move as numpy gathers, which keeps the pipeline's pack step a small share of a prep.
+    """
+    ids, labels = _int32_lists(examples["input_ids"]), _int32_lists(examples["labels"])
+    offsets = ids.offsets.to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)
+    if not np.array_equal(np.diff(labels.offsets.to_numpy().astype(np.int64)), lengths):
+        bad = int(np.flatnonzero(np.diff(labels.offsets.to_numpy()) != lengths)[0])
+        raise ValueError(f"example {bad} has {lengths[bad]} input_ids but a different number of labels")
+    if len(lengths) and lengths.min() <= 0:
+        raise ValueError(f"example {int(np.argmin(lengths))} has no tokens")
+    if packing:
+        bins = pack_bfd(lengths.tolist(), capacity=max_seq_len)
+        if seed is not None:
+            random.Random(seed).shuffle(bins)  # the same permutation pack_examples applies to its rows
+    else:
+        bins = [[i] for i in range(len(lengths))]
+    order = np.fromiter(itertools.chain.from_iterable(bins), dtype=np.int64, count=len(lengths))
+    ex_len = lengths[order]
+    ex_start = np.concatenate([[0], np.cumsum(ex_len)])  # each example's first token in the output
+    total = int(ex_start[-1])
+    within = np.arange(total, dtype=np.int64) - np.repeat(ex_start[:-1], ex_len)  # = position_ids
+    gather = np.repeat(offsets[:-1][order], ex_len) + within
+    flat_ids = ids.values.to_numpy()[gather]
+    flat_labels = labels.values.to_numpy()[gather].copy()
+    # An example's first token is never a target (see _concat): in a packed row, the previous example would
+    # predict it.
+    flat_labels[ex_start[:-1]] = IGNORE_INDEX
+    row_ex = np.concatenate([[0], np.cumsum([len(b) for b in bins])]).astype(np.int64)
+    row_tok = ex_start[row_ex]
+    kinds = np.asarray(examples["kind"].to_numpy(), dtype=np.int8)[order] if len(order) else np.zeros(0, np.int8)
+    trained = np.concatenate([[0], np.cumsum(flat_labels != IGNORE_INDEX)])[row_tok]
+    pretrain = np.concatenate([[0], np.cumsum(np.where(kinds == KIND_PRETRAIN, ex_len, 0))])[row_ex]
+
+    def lists(offs: np.ndarray, values: np.ndarray, kind: pa.DataType) -> pa.ListArray:
+        return pa.ListArray.from_arrays(pa.array(offs, type=pa.int32()), pa.array(values, type=kind))
+
+    return pa.table(
+        {
+            "input_ids": lists(row_tok, flat_ids, pa.int32()),
+            "labels": lists(row_tok, flat_labels, pa.int32()),
+            "position_ids": lists(row_tok, within, pa.int32()),
+            "seq_lens": lists(row_ex, ex_len, pa.int32()),
+            "seq_kinds": lists(row_ex, kinds, pa.int8()),
+            "num_tokens": pa.array(np.diff(row_tok), type=pa.int32()),
+            "num_trained": pa.array(np.diff(trained), type=pa.int32()),
+            "num_pretrain_tokens": pa.array(np.diff(pretrain), type=pa.int32()),
+        }
+    )
+
+
+def _int32_lists(column: Any) -> pa.ListArray:
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    # A slice's offsets stay absolute into ``.values`` (the whole child array), which is how pack_table gathers.
+    return lists.cast(pa.list_(pa.int32()))

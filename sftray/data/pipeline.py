@@ -32,7 +32,7 @@ from sftray.data.encoding import encode_conversation
 from sftray.data.errors import DataError
 from sftray.data.fingerprint import fingerprint as data_fingerprint
 from sftray.data.mixing import chunk_windows, in_fraction, pretrain_token_target, select_windows, stable_key
-from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, pack_examples, pad_examples
+from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, pack_table
 from sftray.data.schema import EXAMPLE_COLUMNS, META_COLUMNS, ROW_SCHEMA
 from sftray.data.sources import (
     ResolvedSource,
@@ -122,15 +122,19 @@ def _data_context() -> Iterator[None]:
     from ray.data.context import ShuffleStrategy
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.shuffle_strategy)
+    saved = (ctx.execution_options.preserve_order, ctx.shuffle_strategy, ctx.op_resource_reservation_enabled)
     ctx.execution_options.preserve_order = True
     # The pull-based sort shuffle runs as plain tasks. The default hash shuffle starts aggregator actors on every
     # run, about 3 s of a 200-conversation prep on 2 CPUs (bench: prep_fixed_cost_s).
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    # Without per-operator reservations the encoder gets every CPU at once. With them (Ray's default) it starts
+    # with half of them and gets the rest after its first task reports: the second of 2 CPUs idled for a whole
+    # task (about 1.5 s of 9 s at 100k conversations).
+    ctx.op_resource_reservation_enabled = False
     try:
         yield
     finally:
-        ctx.execution_options.preserve_order, ctx.shuffle_strategy = saved
+        ctx.execution_options.preserve_order, ctx.shuffle_strategy, ctx.op_resource_reservation_enabled = saved
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -150,30 +154,35 @@ def _run(
 
     data, mix = cfg.data, cfg.mix
 
-    # 1. Every source, cut into pieces -> ONE actor pool reads its pieces and encodes them: conversations into
+    # 1. Every source, cut into pieces -> one Ray Data task per piece reads it and encodes it: conversations into
     #    masked examples (or a drop reason), pretraining text into windows. One pass, nothing but the pieces'
-    #    addresses goes in, and the encoded set is materialised once (the mix needs every length first).
+    #    addresses goes in, and the encoded set is materialised once (the mix needs every length first). Tasks,
+    #    not an actor pool: the tokenizer view costs ~10 ms to build, and an actor pool's start and teardown cost
+    #    whole seconds (100k conversations, 1 core: 16 s as tasks, 20 s as actors).
     sources = sft + val + text
     splits = ["train"] * len(sft) + ["val"] * len(val) + ["pretrain"] * len(text)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     pieces = _pieces(sources, splits, cpus=cpus)
-    actors = min(len(pieces), data.num_actors or max(1, round(cpus / max(data.cpus_per_actor, 1.0))))
+    encoders = min(len(pieces), data.num_encoders or max(1, round(cpus / max(data.cpus_per_encoder, 1.0))))
+    encoder = ray.put(
+        _EncoderArgs(
+            spec=spec,
+            sources=sources,
+            data=data,
+            window_len=cfg.window_len,
+            heldout_fraction=mix.heldout_fraction,
+            seed=cfg.seed,
+            hash_split=not val,
+        )
+    )
     encoded = (
         ray.data.from_items(pieces, override_num_blocks=len(pieces))
         .map_batches(
-            _Encoder,
-            fn_constructor_kwargs={
-                "spec": spec,
-                "sources": sources,
-                "data": data,
-                "window_len": cfg.window_len,
-                "heldout_fraction": mix.heldout_fraction,
-                "seed": cfg.seed,
-                "hash_split": not val,
-            },
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
-            num_cpus=data.cpus_per_actor,
-            batch_size=1,  # one piece per call: a piece is already a few thousand records
+            _encode_pieces,
+            fn_kwargs={"encoder": encoder},
+            concurrency=encoders,
+            num_cpus=data.cpus_per_encoder,
+            batch_size=1,  # one piece per task: a piece is already a few thousand records
             batch_format="pyarrow",
         )
         .materialize()
@@ -370,9 +379,9 @@ def _split_stats(path: Path, *, examples: int, max_seq_len: int) -> dict[str, in
 # --- reading ---------------------------------------------------------------------------------------------------
 
 PIECES_PER_CPU = 4
-"""Pieces per CPU of the cluster: enough that no actor idles while another finishes a long piece."""
+"""Pieces per CPU of the cluster: enough that no CPU idles while another finishes a long piece."""
 PIECE_BYTES = (1 << 18, 1 << 24)
-"""Bounds on a JSONL piece's size (256 KiB .. 16 MiB): small files stay whole, big ones spread over every actor."""
+"""Bounds on a JSONL piece's size (256 KiB .. 16 MiB): small files stay whole, big ones spread over every CPU."""
 
 
 def _pieces(sources: list[ResolvedSource], splits: list[str], *, cpus: int) -> list[dict[str, Any]]:
@@ -398,11 +407,11 @@ def _pieces(sources: list[ResolvedSource], splits: list[str], *, cpus: int) -> l
     return pieces
 
 
-# --- the actor (one tokenizer view each) ----------------------------------------------------------------------
+# --- the encoder (one tokenizer view per worker process) -------------------------------------------------------
 
 
 class _Encoder:
-    """Ray actor: reads pieces of the sources and encodes every record in them.
+    """Reads pieces of the sources and encodes every record in them.
 
     Conversations -> checked, masked examples with their seeded key and split (``encode_conversation``);
     pretraining text -> tokens + eos -> windows of ``window_len``, each trained on every token. A bad record is a
@@ -498,6 +507,33 @@ class _Encoder:
             heldout = in_fraction(stable_key("heldout", key, seed=self.seed), self.heldout_fraction)
             rows.append(_row(**base, key=key, input_ids=window, labels=window, heldout=heldout))
         return rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class _EncoderArgs:
+    """What every encoding task needs, put in the object store once per prep."""
+
+    spec: TokenizerSpec
+    sources: list[ResolvedSource]
+    data: DataConfig
+    window_len: int
+    heldout_fraction: float
+    seed: int
+    hash_split: bool
+
+
+_ENCODER: dict[Any, _Encoder] = {}
+"""The worker process's encoder of the current prep (a worker runs many tasks; the view is built once)."""
+
+
+def _encode_pieces(batch: pa.Table, *, encoder: Any) -> pa.Table:
+    """Ray Data task: the encoded records of a batch of pieces (``encoder``: object ref of ``_EncoderArgs``)."""
+    import ray
+
+    if encoder not in _ENCODER:
+        _ENCODER.clear()
+        _ENCODER[encoder] = _Encoder(**vars(ray.get(encoder)))
+    return _ENCODER[encoder](batch)
 
 
 def dedup_keys(messages: list[dict], *, data: DataConfig, seed: int) -> list[int]:
@@ -634,24 +670,12 @@ def _cut_lists(column: Any, keep: np.ndarray) -> pa.ListArray:
 
 def _pack_group(batch: pa.Table, *, max_seq_len: int, packing: bool, seed: int) -> pa.Table:
     split = batch["split"][0].as_py() if batch.num_rows else ""
-    examples = sorted(batch.to_pylist(), key=lambda r: r["key"]) if split else []  # arrival order must not matter
-    group = examples[0]["group"] if examples else 0
-    rows = pack_examples(examples, max_seq_len=max_seq_len, seed=seed + group) if packing else pad_examples(examples)
-    table = pa.table(
-        {
-            "input_ids": [r["input_ids"] for r in rows],
-            "labels": [r["labels"] for r in rows],
-            "position_ids": [r["position_ids"] for r in rows],
-            "seq_lens": [r["seq_lens"] for r in rows],
-            "seq_kinds": [r["seq_kinds"] for r in rows],
-            "num_tokens": [len(r["input_ids"]) for r in rows],
-            "num_trained": [sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows],
-            "num_pretrain_tokens": [
-                sum(n for n, k in zip(r["seq_lens"], r["seq_kinds"]) if k == KIND_PRETRAIN) for r in rows
-            ],
-        },
-        schema=ROW_SCHEMA,
-    )
+    if not split:  # the rows no split takes
+        examples = batch.slice(0, 0)
+    else:
+        examples = batch.take(pc.sort_indices(batch, [("key", "ascending")]))  # arrival order must not matter
+    group = batch["group"][0].as_py() if examples.num_rows else 0
+    table = pack_table(examples, max_seq_len=max_seq_len, packing=packing, seed=seed + group).cast(ROW_SCHEMA)
     return table.append_column("split", pa.array([split] * table.num_rows, type=pa.string()))
 
 

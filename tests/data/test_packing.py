@@ -6,12 +6,13 @@ import math
 import random
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from sftray.data.chat import IGNORE_INDEX
 from sftray.data.collate import LENGTH_GROUP, collate_rows, length_grouped
-from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, pack_bfd, pack_examples, pad_examples
+from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, pack_bfd, pack_examples, pack_table, pad_examples
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -286,6 +287,35 @@ def test_pad_examples_one_row_per_example() -> None:
         assert row["seq_lens"] == [len(ex["input_ids"])]
         assert row["seq_kinds"] == [ex["kind"]]
     _check_rows(rows, examples, max(lengths))
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("seed", [None, 7])
+def test_pack_table_makes_the_rows_of_pack_examples(packing: bool, seed: int | None) -> None:
+    """The pipeline's Arrow packer and the list packer give identical rows in identical order, counts included,
+    also from a slice of a larger table (offsets that do not start at 0)."""
+    rng = random.Random(13)
+    examples = _make_examples(rng, _long_tailed(rng, 300, 96))
+    for ex in examples:  # targets on some tokens only, as a chat's mask leaves them
+        ex["labels"] = [x if rng.random() < 0.6 else IGNORE_INDEX for x in ex["labels"]]
+    table = pa.Table.from_pylist(examples).slice(40, 200)
+    want = pack_examples(examples[40:240], max_seq_len=96, seed=seed) if packing else pad_examples(examples[40:240])
+    for row in want:
+        row["num_tokens"] = len(row["input_ids"])
+        row["num_trained"] = sum(1 for x in row["labels"] if x != IGNORE_INDEX)
+        row["num_pretrain_tokens"] = sum(n for n, k in zip(row["seq_lens"], row["seq_kinds"]) if k == KIND_PRETRAIN)
+    got = pack_table(table, max_seq_len=96, packing=packing, seed=seed)
+    assert got.to_pylist() == want
+    assert any(r["num_pretrain_tokens"] for r in want) and any(r["num_trained"] < r["num_tokens"] for r in want)
+
+
+def test_pack_table_rejects_mismatched_labels_and_empty_examples() -> None:
+    bad = pa.table({"input_ids": [[1, 2, 3]], "labels": [[1, 2]], "kind": [KIND_SFT]})
+    with pytest.raises(ValueError, match="example 0 has 3 input_ids but a different number of labels"):
+        pack_table(bad, max_seq_len=8, packing=True)
+    empty = pa.table({"input_ids": [[1], []], "labels": [[1], []], "kind": [KIND_SFT, KIND_SFT]})
+    with pytest.raises(ValueError, match="example 1 has no tokens"):
+        pack_table(empty, max_seq_len=8, packing=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
