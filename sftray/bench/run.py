@@ -91,7 +91,7 @@ def run_bench(
             case "throughput":
                 from sftray.bench.throughput import measure_throughput
 
-                rows = measure_throughput(
+                rows, summary = measure_throughput(
                     examples=chosen,
                     model_dir=model_dir,
                     max_seq_len=size.train_seq_len,
@@ -100,6 +100,7 @@ def run_bench(
                     threads=threads,
                     repeats=repeats,
                 )
+                results.setdefault("summary", {}).update(summary)
             case "preprocess":
                 from sftray.bench.preprocess import measure_preprocess
 

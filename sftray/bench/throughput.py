@@ -1,8 +1,8 @@
 """Training throughput: sftray's step path versus TRL's ``SFTTrainer`` on the same model, data, threads and steps.
 
-Five configurations train the same random tiny Llama (full fine-tuning, float32, CPU) on the same examples for
-the same number of optimizer steps, with the same optimizer (``torch.optim.AdamW``, no weight decay), constant
-learning rate, gradient clipping at 1.0 and no gradient checkpointing:
+Eight configurations train the same random tiny Llama (full fine-tuning, CPU) on the same examples for the same
+number of optimizer steps, with the same optimizer (``torch.optim.AdamW``, no weight decay), constant learning
+rate, gradient clipping at 1.0 and no gradient checkpointing. Weights and optimizer state are float32 everywhere:
 
 - sftray packed / padded: sftray's own per-step code, in this process: micro-batches exactly as
   ``sftray.train.loop`` builds them (length-grouped, padded to the longest row), the optimizer of
@@ -10,14 +10,28 @@ learning rate, gradient clipping at 1.0 and no gradient checkpointing:
   ``scaled_loss``, clipping, AdamW). In-process rather than through ``run_training`` because a Ray Train run adds
   worker start-up, evals and checkpoints that TRL's loop does not have; those costs are measured apart
   (``sftray.bench.overhead``), and the step math is the same function;
+- sftray packed, bf16 autocast: the same path with ``optimizer_step(..., bf16=True)``, which runs the forward
+  under ``torch.autocast(device.type, torch.bfloat16)`` (on CPU here); the loss is still float32. Reported like the
+  others, never a TRL-best candidate;
 - TRL default (padding), TRL packing (BFD, which implies padding-free batches) and TRL padding_free: ``SFTTrainer``
-  with a pre-tokenized dataset (``input_ids`` + ``labels``), so it trains on exactly the tokens sftray trains on.
+  with a pre-tokenized dataset (``input_ids`` + ``labels``), so it trains on exactly the tokens sftray trains on;
+- TRL padded + group_by_length: the default padding collator over length-grouped batches. transformers 5 removed
+  ``TrainingArguments.group_by_length``; its replacement is ``train_sampling_strategy="group_by_length"`` (the same
+  ``LengthGroupedSampler``). It sorts megabatches of min(50, batches per epoch // 4) optimizer batches by length,
+  so on this bench's epoch of only ``steps`` batches (3 to 12) it groups 1 to 3 batches at a time: little or no
+  less padding than the default here, unlike on an epoch of hundreds of steps;
+- TRL BFD, batch 1 x grad accum: TRL's BFD rows one per micro-batch (so they stay apart instead of being flattened
+  into one padding-free row), ``gradient_accumulation_steps`` = sftray packed's rows per step. TRL's and sftray's
+  BFD may pack an epoch into different row counts, so ``choose_examples`` also keeps only epochs whose TRL row count
+  takes exactly ``steps`` steps at sftray's rows per step; the epoch's tokens and targets are then the same.
 
 Every configuration trains one epoch over the same example set in exactly ``steps`` optimizer steps; rows per
 step are ceil(rows / steps), so every step carries about the same number of real tokens (the batch token budget).
-The timed window is that whole epoch (from the first batch to the end of the last optimizer step); a warm-up run
-before the first configuration keeps one-off process costs out. The bench asserts that every configuration
-trained on the same number of target tokens (label != -100 after the causal shift) and real tokens.
+The timed window is that whole epoch (from the first batch to the end of the last optimizer step); warm-up runs
+(float32 and bf16) before the first configuration keep one-off process and kernel costs out. The bench asserts that
+every configuration trained on the same number of target tokens (label != -100 after the causal shift) and real
+tokens. TRL's best configuration is the TRL one of highest median target tokens/s; the summary holds sftray
+packed's ratio to it.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +53,36 @@ LR = 1e-4
 """Learning rate of every configuration (sftray's full fine-tuning default)."""
 MAX_GRAD_NORM = 1.0
 """Gradient clipping of every configuration (sftray's and TrainingArguments' default)."""
-CONFIGS = (
-    "sftray packed",
-    "sftray padded",
-    "TRL default (padding)",
-    "TRL packing (BFD)",
-    "TRL padding_free",
-)
+SFTRAY_PACKED = "sftray packed"
+SFTRAY_PADDED = "sftray padded"
+SFTRAY_BF16 = "sftray packed, bf16 autocast"
+SFTRAY_CONFIGS = (SFTRAY_PACKED, SFTRAY_PADDED, SFTRAY_BF16)
+
+
+@dataclass(frozen=True)
+class TrlSetup:
+    """How one TRL configuration differs from ``SFTConfig``'s defaults (besides what every configuration sets)."""
+
+    packing: bool = False
+    padding_free: bool = False
+    group_by_length: bool = False
+    one_row_micro_batches: bool = False
+    """Micro-batches of one row, accumulated to sftray packed's rows per step."""
+
+
+TRL_SETUPS = {
+    "TRL default (padding)": TrlSetup(),
+    "TRL packing (BFD)": TrlSetup(packing=True),
+    "TRL padding_free": TrlSetup(padding_free=True),
+    "TRL padded + group_by_length": TrlSetup(group_by_length=True),
+    "TRL BFD, batch 1 x grad accum": TrlSetup(packing=True, one_row_micro_batches=True),
+}
+TRL_CONFIGS = tuple(TRL_SETUPS)
+"""The candidates of ``trl_best``."""
+CONFIGS = SFTRAY_CONFIGS + TRL_CONFIGS
 """Configuration names, in table order."""
-TRL_CONFIGS = CONFIGS[2:]
+SUMMARY_KEYS = ("train_in_process_over_best_trl", "trl_best_config")
+"""This part's keys of the bench's top-level summary."""
 
 
 def measure_throughput(
@@ -58,91 +94,62 @@ def measure_throughput(
     steps: int,
     threads: int,
     repeats: int,
-) -> list[dict]:
+) -> tuple[list[dict], dict[str, Any]]:
     """One row per configuration: median target / real tokens per second over ``repeats`` epochs of ``examples``
-    (from ``choose_examples``), and the ratio of each median to TRL's best configuration."""
+    (from ``choose_examples``), and the ratio of each median to TRL's best configuration; and the summary
+    (``SUMMARY_KEYS``)."""
     import torch
     from transformers import AutoTokenizer
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     chosen = list(examples)  # every configuration's epoch
+    for bf16 in (False, True):  # warm-up: thread pools, allocator, lazy imports, bf16 kernels
+        _sftray_epoch(
+            chosen[: 2 * rows_per_step],
+            model_dir=model_dir,
+            tokenizer=tokenizer,
+            packed=True,
+            bf16=bf16,
+            steps=2,
+            max_seq_len=max_seq_len,
+        )
     runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
-    _sftray_epoch(
-        chosen[: 2 * rows_per_step],
-        model_dir=model_dir,
-        tokenizer=tokenizer,
-        packed=True,
-        steps=2,
-        max_seq_len=max_seq_len,
-    )  # warm-up: thread pools, allocator, lazy imports
     with tempfile.TemporaryDirectory(prefix="sftray-bench-trl-") as tmp:
         for r in range(repeats):
             for name in CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]:  # rotate: drift spreads evenly
-                if name.startswith("sftray"):
-                    run = _sftray_epoch(
-                        chosen,
-                        model_dir=model_dir,
-                        tokenizer=tokenizer,
-                        packed=name == "sftray packed",
-                        steps=steps,
-                        max_seq_len=max_seq_len,
-                    )
-                else:
-                    run = _trl_epoch(
-                        chosen,
-                        name=name,
-                        model_dir=model_dir,
-                        tokenizer=tokenizer,
-                        steps=steps,
-                        max_seq_len=max_seq_len,
-                        out_dir=Path(tmp),
-                    )
+                run = _epoch(
+                    name,
+                    chosen,
+                    model_dir=model_dir,
+                    tokenizer=tokenizer,
+                    steps=steps,
+                    max_seq_len=max_seq_len,
+                    out_dir=Path(tmp),
+                )
                 assert torch.get_num_threads() == threads, (name, torch.get_num_threads())
                 runs[name].append(run)
-
-    reference = runs[CONFIGS[0]][0]
-    for name, name_runs in runs.items():
-        for run in name_runs:
-            assert run["steps"] == steps, (name, run["steps"], steps)
-            assert run["target_tokens"] == reference["target_tokens"], (name, run["target_tokens"], reference)
-            assert run["tokens"] == reference["tokens"], (name, run["tokens"], reference["tokens"])
-
+    _check_same_work(runs, steps=steps)
     medians = {name: statistics.median(r["target_tokens"] / r["seconds"] for r in runs[name]) for name in CONFIGS}
-    best_trl = max(TRL_CONFIGS, key=lambda n: medians[n])
-    rows = []
-    for name in CONFIGS:
-        first = runs[name][0]
-        seconds = [r["seconds"] for r in runs[name]]
-        rows.append(
-            {
-                "section": SECTION,
-                "name": name,
-                "target_tokens_per_s": _figure([first["target_tokens"] / s for s in seconds], "tokens/s"),
-                "tokens_per_s": _figure([first["tokens"] / s for s in seconds], "tokens/s"),
-                "slots_per_s": _figure([first["slots"] / s for s in seconds], "positions/s"),
-                "epoch_seconds": _figure(seconds, "s"),
-                "ratio_to_trl_best": medians[name] / medians[best_trl],
-                "trl_best": best_trl,
-                "steps": first["steps"],
-                "rows_per_step": first["rows_per_step"],
-                "examples": len(chosen),
-                "target_tokens": first["target_tokens"],
-                "tokens": first["tokens"],
-                "slots": first["slots"],
-                "efficiency": first["tokens"] / first["slots"],
-                "max_seq_len": max_seq_len,
-                "threads": threads,
-            }
-        )
-    return rows
+    summary = summarize(medians)
+    common = {"examples": len(chosen), "max_seq_len": max_seq_len, "threads": threads}
+    rows = [
+        _row(name, runs[name], ratio=medians[name] / medians[summary["trl_best_config"]], summary=summary, **common)
+        for name in CONFIGS
+    ]
+    return rows, summary
+
+
+def summarize(medians: dict[str, float]) -> dict[str, Any]:
+    """``SUMMARY_KEYS`` from median target tokens/s per configuration: the best TRL configuration (only TRL
+    configurations are candidates) and sftray packed's figure over it."""
+    best = max(TRL_CONFIGS, key=lambda name: medians[name])
+    return {"train_in_process_over_best_trl": medians[SFTRAY_PACKED] / medians[best], "trl_best_config": best}
 
 
 def choose_examples(examples: Sequence[dict], *, max_seq_len: int, rows_per_step: int, steps: int) -> list[dict]:
     """The epoch every configuration trains on: about ``steps x rows_per_step`` packed rows of examples, trimmed so
-    that ceil(rows / steps) rows per step gives exactly ``steps`` steps for every configuration's row count."""
-    from sftray.data.packing import pack_examples
-
+    that every configuration's rows per step give exactly ``steps`` steps (see ``_takes_steps``)."""
     kept = shuffled(fitting(examples, max_seq_len=max_seq_len))
     budget = steps * rows_per_step * max_seq_len  # tokens of that many full rows
     n, tokens = 0, 0
@@ -150,19 +157,82 @@ def choose_examples(examples: Sequence[dict], *, max_seq_len: int, rows_per_step
         tokens += len(kept[n]["input_ids"])
         n += 1
     while n >= steps:
-        subset = kept[:n]
-        counts = (n, len(pack_examples(subset, max_seq_len=max_seq_len)), _trl_packed_rows(subset, max_seq_len))
-        if all(math.ceil(c / math.ceil(c / steps)) == steps for c in counts):
-            return subset
+        if _takes_steps(kept[:n], max_seq_len=max_seq_len, steps=steps):
+            return kept[:n]
         n -= 1
     raise ValueError(f"{len(kept)} examples of <= {max_seq_len} tokens are too few for {steps} steps")
+
+
+def _takes_steps(examples: Sequence[dict], *, max_seq_len: int, steps: int) -> bool:
+    """Whether every configuration trains ``examples`` in exactly ``steps`` steps: examples, sftray's and TRL's
+    packed rows at ceil(rows / steps) rows per step, and TRL's packed rows at sftray packed's rows per step (the
+    batch 1 x grad accum configuration)."""
+    sftray_rows, trl_rows = _sftray_packed_rows(examples, max_seq_len), _trl_packed_rows(examples, max_seq_len)
+    own = all(math.ceil(c / _per_step(c, steps)) == steps for c in (len(examples), sftray_rows, trl_rows))
+    return own and math.ceil(trl_rows / _per_step(sftray_rows, steps)) == steps
+
+
+def _per_step(rows: int, steps: int) -> int:
+    return math.ceil(rows / steps)
+
+
+def _epoch(name: str, examples: Sequence[dict], *, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    if name in SFTRAY_CONFIGS:
+        return _sftray_epoch(examples, packed=name != SFTRAY_PADDED, bf16=name == SFTRAY_BF16, **kwargs)
+    return _trl_epoch(examples, name=name, out_dir=out_dir, **kwargs)
+
+
+def _check_same_work(runs: dict[str, list[dict]], *, steps: int) -> None:
+    """Every run of every configuration took ``steps`` steps over the same target and real tokens."""
+    reference = runs[CONFIGS[0]][0]
+    for name, name_runs in runs.items():
+        for run in name_runs:
+            assert run["steps"] == steps, (name, run["steps"], steps)
+            assert run["target_tokens"] == reference["target_tokens"], (name, run["target_tokens"], reference)
+            assert run["tokens"] == reference["tokens"], (name, run["tokens"], reference["tokens"])
+
+
+def _row(name: str, runs: list[dict], *, ratio: float, summary: dict[str, Any], **common: Any) -> dict[str, Any]:
+    first = runs[0]
+    seconds = [r["seconds"] for r in runs]
+    return {
+        "section": SECTION,
+        "name": name,
+        "target_tokens_per_s": _figure([first["target_tokens"] / s for s in seconds], "tokens/s"),
+        "tokens_per_s": _figure([first["tokens"] / s for s in seconds], "tokens/s"),
+        "slots_per_s": _figure([first["slots"] / s for s in seconds], "positions/s"),
+        "epoch_seconds": _figure(seconds, "s"),
+        "ratio_to_trl_best": ratio,
+        "trl_best": summary["trl_best_config"],
+        "steps": first["steps"],
+        "rows_per_step": first["rows_per_step"],
+        "rows_per_micro_batch": first["rows_per_micro_batch"],
+        "target_tokens": first["target_tokens"],
+        "tokens": first["tokens"],
+        "slots": first["slots"],
+        "efficiency": first["tokens"] / first["slots"],
+        **common,
+    }
 
 
 # --- sftray ------------------------------------------------------------------------------------------------------
 
 
+def _sftray_packed_rows(examples: Sequence[dict], max_seq_len: int) -> int:
+    from sftray.data.packing import pack_examples
+
+    return len(pack_examples(examples, max_seq_len=max_seq_len))
+
+
 def _sftray_epoch(
-    examples: Sequence[dict], *, model_dir: Path, tokenizer: Any, packed: bool, steps: int, max_seq_len: int
+    examples: Sequence[dict],
+    *,
+    model_dir: Path,
+    tokenizer: Any,
+    packed: bool,
+    bf16: bool,
+    steps: int,
+    max_seq_len: int,
 ) -> dict[str, Any]:
     import random
 
@@ -178,7 +248,7 @@ def _sftray_epoch(
     rows = pack_examples(examples, max_seq_len=max_seq_len, seed=SEED) if packed else pad_examples(examples)
     if not packed:
         random.Random(SEED).shuffle(rows)
-    per_step = math.ceil(len(rows) / steps)
+    per_step = _per_step(len(rows), steps)
     torch.manual_seed(SEED)
     model, _ = load_model(str(model_dir), tokenizer=tokenizer)
     model.train()
@@ -188,7 +258,8 @@ def _sftray_epoch(
     targets = tokens = slots = done = 0
     started = time.perf_counter()
     for batch in sftray_micro_batches(rows, size=per_step, pad_id=tokenizer.pad_token_id, packed=packed):
-        optimizer_step(model, optimizer, [batch], cfg=cfg, device=device, world=1, bf16=False)
+        # bf16 autocasts the forward for device.type (CPU here); weights and AdamW state stay float32.
+        optimizer_step(model, optimizer, [batch], cfg=cfg, device=device, world=1, bf16=bf16)
         targets += count_targets(batch["labels"])
         tokens += int((batch["token_kind"] > 0).sum())
         slots += batch["input_ids"].numel()
@@ -198,6 +269,7 @@ def _sftray_epoch(
         "seconds": seconds,
         "steps": done,
         "rows_per_step": per_step,
+        "rows_per_micro_batch": per_step,
         "target_tokens": targets,
         "tokens": tokens,
         "slots": slots,
@@ -211,6 +283,49 @@ def _trl_packed_rows(examples: Sequence[dict], max_seq_len: int) -> int:
     from trl.data_utils import pack_dataset
 
     return len(pack_dataset(trl_dataset(examples), max_seq_len, strategy="bfd", map_kwargs={"keep_in_memory": True}))
+
+
+def trl_layout(name: str, examples: Sequence[dict], *, steps: int, max_seq_len: int) -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches per optimizer step) of TRL configuration ``name`` on ``examples``."""
+    setup = TRL_SETUPS[name]
+    if setup.one_row_micro_batches:
+        return 1, _per_step(_sftray_packed_rows(examples, max_seq_len), steps)
+    rows = _trl_packed_rows(examples, max_seq_len) if setup.packing else len(examples)
+    return _per_step(rows, steps), 1
+
+
+def trl_args(name: str, *, batch: int, grad_accum: int, steps: int, max_seq_len: int, out_dir: Path) -> Any:
+    """The ``SFTConfig`` of TRL configuration ``name``."""
+    from trl import SFTConfig
+
+    setup = TRL_SETUPS[name]
+    return SFTConfig(
+        output_dir=str(out_dir / "trl"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        optim="adamw_torch",  # sftray's optimizer; TRL's own default on torch >= 2.8 is the fused AdamW kernel
+        bf16=False,  # float32 like sftray on CPU (SFTConfig defaults to bf16)
+        gradient_checkpointing=False,  # sftray's default (SFTConfig defaults to True)
+        use_cpu=True,
+        packing=setup.packing,
+        packing_strategy="bfd",
+        padding_free=setup.padding_free,
+        # transformers 5's spelling of the removed TrainingArguments.group_by_length=True.
+        train_sampling_strategy="group_by_length" if setup.group_by_length else "random",
+        max_length=None if setup.padding_free else max_seq_len,  # padding_free without packing refuses a max_length
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=SEED,
+        dataset_num_proc=None,
+    )
 
 
 class _CountingCollator:
@@ -239,35 +354,10 @@ def _trl_epoch(
 ) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    packing, padding_free = name == "TRL packing (BFD)", name == "TRL padding_free"
-    rows = _trl_packed_rows(examples, max_seq_len) if packing else len(examples)
-    per_step = math.ceil(rows / steps)
-    args = SFTConfig(
-        output_dir=str(out_dir / "trl"),
-        per_device_train_batch_size=per_step,
-        max_steps=steps,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=MAX_GRAD_NORM,
-        optim="adamw_torch",  # sftray's optimizer; TRL's own default on torch >= 2.8 is the fused AdamW kernel
-        bf16=False,  # float32 like sftray on CPU (SFTConfig defaults to bf16)
-        gradient_checkpointing=False,  # sftray's default (SFTConfig defaults to True)
-        use_cpu=True,
-        packing=packing,
-        packing_strategy="bfd",
-        padding_free=padding_free,
-        max_length=None if padding_free else max_seq_len,  # padding_free without packing refuses a max_length
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=SEED,
-        dataset_num_proc=None,
-    )
+    batch, grad_accum = trl_layout(name, examples, steps=steps, max_seq_len=max_seq_len)
+    args = trl_args(name, batch=batch, grad_accum=grad_accum, steps=steps, max_seq_len=max_seq_len, out_dir=out_dir)
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
     times: dict[str, float] = {}
@@ -292,11 +382,12 @@ def _trl_epoch(
     counter = _CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     trainer.train()
-    batches = counter.batches[:steps]  # the dataloader may build one batch ahead
+    batches = counter.batches[: steps * grad_accum]  # the dataloader may build one batch ahead
     return {
         "seconds": times["end"] - times["start"],
         "steps": int(times["steps"]),
-        "rows_per_step": per_step,
+        "rows_per_step": batch * grad_accum,
+        "rows_per_micro_batch": batch,
         "target_tokens": sum(b["target_tokens"] for b in batches),
         "tokens": sum(b["tokens"] for b in batches),
         "slots": sum(b["slots"] for b in batches),

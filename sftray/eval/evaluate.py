@@ -2,6 +2,10 @@
 
 Every rank runs the same number of forward passes (FSDP2 all-gathers parameters in each one), so probes are
 dealt out evenly and generation uses ``synced_gpus`` to keep ranks stepping together until all have finished.
+
+The eval rows are small by construction (``eval.max_eval_rows`` per set) and read every epoch, so each rank holds
+its share in memory as Arrow rather than streaming it through Ray Data: a Ray Data shard costs a coordinator actor
+per set at start-up and an execution per pass (``make bench``: seconds to the first step).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -29,10 +34,10 @@ class Evaluator:
     device: torch.device
     collate: Callable[..., dict[str, torch.Tensor]]
     """Rows -> a collated micro-batch (as training collates them)."""
-    val: Any
-    """This rank's shard of the validation rows (a Ray ``DataIterator``)."""
-    heldout: Any
-    """This rank's shard of the held-out pretraining rows (a Ray ``DataIterator``)."""
+    val: pa.Table
+    """This rank's share of the validation rows (``eval_share``)."""
+    heldout: pa.Table
+    """This rank's share of the held-out pretraining rows."""
     micro_batch_size: int
     probes: list[dict]
     max_new_tokens: int
@@ -41,14 +46,9 @@ class Evaluator:
 
     def run(self) -> tuple[dict[str, float], list[dict]]:
         """(metrics, probe table rows); every rank must call it (the losses are all-reduced)."""
-        mb = self.micro_batch_size
         metrics = {
-            VAL_LOSS: heldout_loss(
-                self.model, self.val.iter_torch_batches(batch_size=mb, collate_fn=self.collate), device=self.device
-            ),
-            PRETRAIN_LOSS: heldout_loss(
-                self.model, self.heldout.iter_torch_batches(batch_size=mb, collate_fn=self.collate), device=self.device
-            ),
+            VAL_LOSS: heldout_loss(self.model, self._batches(self.val), device=self.device),
+            PRETRAIN_LOSS: heldout_loss(self.model, self._batches(self.heldout), device=self.device),
         }
         table: list[dict] = []
         if self.probes:
@@ -63,6 +63,19 @@ class Evaluator:
             )
             metrics.update(probe_metrics)
         return metrics, table
+
+    def _batches(self, rows: pa.Table) -> Iterable[dict[str, torch.Tensor]]:
+        size = self.micro_batch_size
+        return (self.collate(rows.slice(i, size).to_pydict()) for i in range(0, rows.num_rows, size))
+
+
+def eval_share(rows: pa.Table, *, rank: int, world: int) -> pa.Table:
+    """Rank ``rank``'s contiguous share of ``rows``; the driver pads the set to a multiple of ``world`` rows so every
+    rank runs the same number of forward passes."""
+    if rows.num_rows % world:
+        raise ValueError(f"{rows.num_rows} eval rows do not split evenly over {world} ranks")
+    per = rows.num_rows // world
+    return rows.slice(rank * per, per)
 
 
 @torch.no_grad()

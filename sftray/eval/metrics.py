@@ -36,6 +36,11 @@ BASE_EVAL_REUSED = "eval/base_reused"
 # Train metrics that modules other than the training loop read (the loop computes them).
 TRAIN_LOSS = "train/loss"
 TRAIN_TOKENS_PER_S = "train/tokens_per_s"
+"""Real (non-pad) tokens per second of an epoch's training, from its first micro-batch to its last step."""
+TRAIN_TARGET_TOKENS_PER_S = "train/target_tokens_per_s"
+"""Trained (label != -100) tokens per second over the same window: what ``make bench`` compares."""
+TRAIN_INPUT_WAIT = "train/input_wait_s"
+"""Seconds of an epoch the loop waited for micro-batches (Ray Data shard, shuffle, collate), first one included."""
 
 MAX, MIN = "max", "min"
 DIRECTIONS = {

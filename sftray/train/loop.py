@@ -25,10 +25,19 @@ import torch.distributed as dist
 
 from sftray.config import Config
 from sftray.core.parallel import wrap
+from sftray.core.precision import use_bf16
 from sftray.data.collate import LENGTH_GROUP, collate_rows, grouped_micro_batches
 from sftray.eval import base_eval
-from sftray.eval.evaluate import Evaluator
-from sftray.eval.metrics import BASE_EVAL_REUSED, PRETRAIN_LOSS, TRAIN_LOSS, TRAIN_TOKENS_PER_S, with_forgetting
+from sftray.eval.evaluate import Evaluator, eval_share
+from sftray.eval.metrics import (
+    BASE_EVAL_REUSED,
+    PRETRAIN_LOSS,
+    TRAIN_INPUT_WAIT,
+    TRAIN_LOSS,
+    TRAIN_TARGET_TOKENS_PER_S,
+    TRAIN_TOKENS_PER_S,
+    with_forgetting,
+)
 from sftray.models.loading import load_model
 from sftray.models.lora import apply_lora
 from sftray.train import checkpoint as ckpt_mod
@@ -48,6 +57,8 @@ class WorkerJob:
     """The tokenizer the data was prepared with."""
     rows_per_rank: int
     """Training rows each rank reads per epoch (the dataset is padded so every rank gets the same count)."""
+    eval_rows: dict[str, Any] = field(default_factory=dict)
+    """Object refs of the val and heldout rows (Arrow tables padded to a multiple of the workers)."""
     probes: list[dict] = field(default_factory=list)
     max_new_tokens: int = 32
     """Generation limit of the probes (``eval.max_new_tokens``, or sized to their reference answers)."""
@@ -67,6 +78,7 @@ class WorkerJob:
 
 def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray Train entry point; returns (on rank 0) the metric history of the run."""
+    import ray
     import ray.train
     import ray.train.torch
     from transformers import AutoTokenizer
@@ -77,7 +89,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = use_bf16(t.precision, device)
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
 
     # This run's own latest checkpoint (after a worker-group restart) wins over train.resume_from, which seeds
@@ -111,8 +123,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         tokenizer=tokenizer,
         device=device,
         collate=collate,
-        val=ray.train.get_dataset_shard("val"),
-        heldout=ray.train.get_dataset_shard("heldout"),
+        val=eval_share(ray.get(job.eval_rows["val"]), rank=rank, world=world),
+        heldout=eval_share(ray.get(job.eval_rows["heldout"]), rank=rank, world=world),
         micro_batch_size=t.micro_batch_size,
         probes=job.probes,
         max_new_tokens=job.max_new_tokens,
@@ -139,17 +151,25 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     for epoch in range(start_epoch, t.epochs + 1):
         torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)  # dropout/NEFTune noise: same on resume
         sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, targets, sft loss/targets, pt loss/targets
-        tokens, started = 0, time.perf_counter()
+        tokens, wait, first_batch = 0, 0.0, None
+        timing = {"epoch_started_at": time.time()}  # wall clock on this rank: the bench's start-up figures read it
+        epoch_started = time.perf_counter()
         batches = _micro_batches(shard, size=t.micro_batch_size, collate=collate, seed=cfg.seed + epoch)
         remaining = job.micro_batches_per_epoch
         for _ in range(job.steps_per_epoch):
+            waited = time.perf_counter()
             group = [next(batches) for _ in range(min(t.grad_accum, remaining))]
+            wait += time.perf_counter() - waited
+            # Throughput counts from the first micro-batch: the shard's start-up is start-up (input_wait_s shows it).
+            first_batch = first_batch or time.perf_counter()
             remaining -= len(group)
             step_sums = optimizer_step(model, optimizer, group, cfg=t, device=device, world=world, bf16=bf16)
             scheduler.step()
             sums += step_sums
             tokens += sum(int((b["token_kind"] > 0).sum()) for b in group)
             step += 1
+            if step == 1:
+                timing["first_step_at"] = time.time()
             if t.fail_at_step is not None and fresh_start and step == t.fail_at_step and rank == world - 1:
                 log.warning("fault injection: rank %d exits at step %d", rank, step)
                 os._exit(1)
@@ -169,7 +189,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
                 )
         for _ in batches:  # an equal split yields exactly rows_per_rank rows; anything left would be a bug
             raise RuntimeError("the training shard yielded more rows than planned")
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - (first_batch or epoch_started)
         if dist.is_initialized():
             dist.all_reduce(sums)
             tok = torch.tensor([tokens], dtype=torch.float64, device=device)
@@ -184,6 +204,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             "train/pretrain_loss": float(sums[4] / sums[5].clamp(min=1)) if sums[5] > 0 else float("nan"),
             "train/target_tokens": int(sums[1]),
             TRAIN_TOKENS_PER_S: tokens / max(seconds, 1e-9),
+            TRAIN_TARGET_TOKENS_PER_S: float(sums[1]) / max(seconds, 1e-9),
+            TRAIN_INPUT_WAIT: wait,
             "train/lr": scheduler.get_last_lr()[0],
             "train/restarts": restarts,  # resumptions from a checkpoint so far (worker failures, resume_from)
             **_with_forgetting(metrics, base, cfg),
@@ -198,6 +220,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             "restarts": restarts,
             "history": history,
             "probes_base": tables["probes_base"],
+            "timing": timing,  # wall-clock marks, not metrics: they mean nothing in a plot
         }
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_mod.save(

@@ -68,7 +68,8 @@ def check_resources(t: TrainConfig, *, available: dict[str, float]) -> None:
 
 
 def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[WorkerJob, dict[str, Any]]:
-    """The worker job and the (padded, materialised) Ray datasets for train / val / heldout."""
+    """The worker job (eval rows in the object store) and the training rows as a materialised Ray dataset."""
+    import ray
     import ray.data
     from transformers import AutoTokenizer
 
@@ -77,7 +78,7 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[Work
     ray.data.DataContext.get_current().enable_progress_bars = False
     tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
     markers = turn_markers(tokenizer)
-    datasets, rows = {}, {}
+    tables = {}
     for name, folder, limit in (
         ("train", prepared.train_dir, None),
         ("val", prepared.val_dir, cfg.eval.max_eval_rows),
@@ -89,9 +90,7 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[Work
         # Every rank must read the same number of rows (an equal split would otherwise drop the remainder):
         # pad with empty rows that hold one pad token and no target.
         fill = (-table.num_rows) % world if table.num_rows else world
-        table = pa.concat_tables([table, empty_rows(fill, pad_id=tokenizer.pad_token_id)])
-        rows[name] = table.num_rows
-        datasets[name] = ray.data.from_arrow(table).materialize()
+        tables[name] = pa.concat_tables([table, empty_rows(fill, pad_id=tokenizer.pad_token_id)])
     probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
     max_new_tokens = _generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer)
     key = base_eval.base_eval_key(
@@ -105,14 +104,15 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[Work
         cfg=cfg,
         base_model=base_model,
         tokenizer_dir=str(prepared.tokenizer_dir),
-        rows_per_rank=rows["train"] // world,
+        rows_per_rank=tables["train"].num_rows // world,
+        eval_rows={name: ray.put(tables[name]) for name in ("val", "heldout")},
         probes=probes,
         max_new_tokens=max_new_tokens,
         base_eval_path=str(base_eval.cache_path(cfg.paths.output_dir, key)) if cfg.eval.reuse_base_eval else None,
         end_of_turn_id=tokenizer.convert_tokens_to_ids(markers["end_of_turn"]),
         user_opener=markers["user_opener"],
     )
-    return job, datasets
+    return job, {"train": ray.data.from_arrow(tables["train"]).materialize()}
 
 
 def run_training(

@@ -1,19 +1,29 @@
 """The bench at its smallest size on the shared Ray instance: every part produces every row, with
-plausible values (the figures themselves are the bench's job, not the test's)."""
+plausible values (the figures themselves are the bench's job, not the test's). Without Ray: the throughput part's
+configurations, their TRL arguments and its summary."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from sftray.bench import memory, overhead, packing, preprocess, throughput
+from sftray.bench import memory, overhead, packing, preprocess, throughput, workload
 from sftray.bench.run import PARTS, run_bench
 from sftray.bench.sizes import get_size
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+TRL_CONFIGS = (
+    "TRL default (padding)",
+    "TRL packing (BFD)",
+    "TRL padding_free",
+    "TRL padded + group_by_length",
+    "TRL BFD, batch 1 x grad accum",
+)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     size = get_size("smoke")
     results = run_bench(size=size, out_dir=tmp_path, cache_dir=cache_dir)
@@ -21,12 +31,18 @@ def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     names = {part: [r["name"] for r in results[part]] for part in PARTS}
     cells = {(r["dataset"], r["max_seq_len"], r["name"]) for r in results["packing"]}
     assert cells == {(d, n, m) for d in ("demo", "synthetic") for n in size.packing_seq_lens for m in packing.METHODS}
-    assert names["throughput"] == list(throughput.CONFIGS)
+    assert names["throughput"] == ["sftray packed", "sftray padded", "sftray packed, bf16 autocast", *TRL_CONFIGS]
     assert all(r["ratio_to_trl_best"] > 0 for r in results["throughput"])
     assert names["preprocess"] == preprocess.row_names()
     summary = results["summary"]
     assert set(preprocess.SUMMARY_KEYS) <= set(summary) and summary["prep_summary_size"] == size.prep_conversations
     assert all(isinstance(summary[k], float) and summary[k] > 0 for k in preprocess.SUMMARY_KEYS), summary
+    # Throughput: sftray packed over the best of the five TRL configurations, the one every row's ratio refers to.
+    best = summary["trl_best_config"]
+    assert best in TRL_CONFIGS and {r["trl_best"] for r in results["throughput"]} == {best}, summary
+    ratios = {r["name"]: r["ratio_to_trl_best"] for r in results["throughput"]}
+    assert ratios[best] == 1.0 and max(ratios[n] for n in TRL_CONFIGS) == 1.0, ratios
+    assert summary["train_in_process_over_best_trl"] == pytest.approx(ratios["sftray packed"]), summary
     # Overhead: every milestone of the `sftray train` process was measured, in order, before the process ended; the
     # Ray Train path trained at some rate and the sweep's trial reached its first step. The ray.init row is there
     # (its value is None here: Ray was already up).
@@ -49,3 +65,51 @@ def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     for part in PARTS:
         for name in names[part]:
             assert f"| {name} |" in table, name
+    for key in (*preprocess.SUMMARY_KEYS, *throughput.SUMMARY_KEYS):
+        assert f"| {key} |" in table, key
+
+
+def test_throughput_configurations():
+    """Five TRL candidates for the best; the bf16 row is measured but never a candidate."""
+    assert throughput.TRL_CONFIGS == TRL_CONFIGS
+    assert throughput.CONFIGS == ("sftray packed", "sftray padded", "sftray packed, bf16 autocast", *TRL_CONFIGS)
+    assert throughput.SUMMARY_KEYS == ("train_in_process_over_best_trl", "trl_best_config")
+
+
+def test_throughput_summary_ignores_sftray_rows():
+    medians = dict.fromkeys(throughput.CONFIGS, 100.0)
+    medians |= {"sftray packed": 150.0, "sftray packed, bf16 autocast": 900.0, "TRL BFD, batch 1 x grad accum": 120.0}
+    summary = throughput.summarize(medians)
+    assert summary == {"train_in_process_over_best_trl": 1.25, "trl_best_config": "TRL BFD, batch 1 x grad accum"}
+
+
+def test_throughput_trl_arguments(tmp_path):
+    """Every TRL configuration's SFTConfig builds and trains the chosen epoch in exactly ``steps`` optimizer steps:
+    group_by_length through transformers 5's sampler option, BFD one row per micro-batch accumulated to sftray
+    packed's rows per step."""
+    from trl.data_utils import pack_dataset
+
+    from sftray.data.packing import pack_examples
+
+    steps, max_seq_len = 3, 256
+    examples = throughput.choose_examples(
+        workload.synthetic_examples(n=300, vocab_size=4096), max_seq_len=max_seq_len, rows_per_step=2, steps=steps
+    )
+    sftray_rows = len(pack_examples(examples, max_seq_len=max_seq_len))
+    trl_rows = len(pack_dataset(workload.trl_dataset(examples), max_seq_len, strategy="bfd"))
+    rows = {name: len(examples) for name in TRL_CONFIGS} | {
+        "TRL packing (BFD)": trl_rows,
+        "TRL BFD, batch 1 x grad accum": trl_rows,
+    }
+    for name in TRL_CONFIGS:
+        batch, accum = throughput.trl_layout(name, examples, steps=steps, max_seq_len=max_seq_len)
+        args = throughput.trl_args(
+            name, batch=batch, grad_accum=accum, steps=steps, max_seq_len=max_seq_len, out_dir=tmp_path
+        )
+        assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (batch, accum), name
+        assert math.ceil(math.ceil(rows[name] / batch) / accum) == steps == args.max_steps, (name, batch, accum)
+        grouped = name == "TRL padded + group_by_length"
+        assert args.train_sampling_strategy == ("group_by_length" if grouped else "random"), name
+        assert not args.bf16 and not args.gradient_checkpointing, name
+    bfd_one_row = throughput.trl_layout("TRL BFD, batch 1 x grad accum", examples, steps=steps, max_seq_len=max_seq_len)
+    assert bfd_one_row == (1, math.ceil(sftray_rows / steps))

@@ -94,3 +94,65 @@ def test_accumulated_step_equals_one_step_over_the_whole_batch():
     assert targets == int((whole["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert sft_targets + pt_targets == targets and pt_targets > 0
     assert sft_loss + pt_loss == pytest.approx(loss)
+
+
+class _Linear(torch.nn.Module):
+    """Embedding -> Linear: a matmul, which bf16 autocast runs in bfloat16 (the bigram's lookup it would not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Parameter(torch.randn(VOCAB, 8, generator=g))
+        self.head = torch.nn.Linear(8, VOCAB)
+        with torch.no_grad():  # the same start for every instance
+            self.head.weight.copy_(torch.randn(VOCAB, 8, generator=g))
+            self.head.bias.zero_()
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, *, input_ids, position_ids, attention_mask=None, use_cache=False):
+        logits = self.head(self.embed[input_ids])
+        self.seen.append(logits.dtype)
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize(("precision", "compute"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_sets_the_compute_dtype_and_keeps_float32_weights(precision: str, compute: torch.dtype):
+    """train.precision=bf16 runs the step under bf16 autocast on this CPU too; weights and their update stay
+    float32, and the loss stays within bf16's rounding of the float32 loss."""
+    from sftray.core.precision import use_bf16
+
+    cpu = torch.device("cpu")
+    cfg = TrainConfig(parallelism="ddp", lr=1e-2, precision=precision)
+    batch = _batch(3, width=16, kinds=[KIND_SFT] * 16)
+    model, reference = _Linear(), _Linear()
+    sums = optimizer_step(
+        model,
+        build_optimizer(model.parameters(), cfg=cfg),
+        [batch],
+        cfg=cfg,
+        device=cpu,
+        world=1,
+        bf16=use_bf16(cfg.precision, cpu),
+    )
+    ref = optimizer_step(
+        reference,
+        build_optimizer(reference.parameters(), cfg=cfg),
+        [batch],
+        cfg=cfg,
+        device=cpu,
+        world=1,
+        bf16=False,
+    )
+    assert model.seen == [compute]
+    assert model.head.weight.dtype == torch.float32 and model.embed.grad is None  # zeroed after the step
+    assert float(sums[0]) == pytest.approx(float(ref[0]), rel=2e-2)
+    assert (float(sums[0]) == float(ref[0])) == (precision == "fp32")
+
+
+def test_precision_auto_is_float32_on_cpu():
+    from sftray.core.precision import use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", cpu) is False and use_bf16("fp32", cpu) is False and use_bf16("bf16", cpu) is True
+    with pytest.raises(ValueError, match="train.precision='fp16'"):
+        use_bf16("fp16", cpu)
