@@ -1,20 +1,24 @@
-"""Ray overhead: seconds from ``sftray train`` process start, and from a sweep's start, to the first optimizer step.
+"""The Ray Train path: seconds from ``sftray train`` (and a sweep trial) to the first optimizer step, and its training
+throughput next to the in-process step code on the very same rows.
 
-``sftray.train.loop`` records no timestamp of its first step, so the bench derives it from what a run leaves:
-the epoch's checkpoint files are written right after the epoch (mtime, worker-side), and the epoch's own training
-time is ``tokens / train/tokens_per_s`` (both from the checkpoint's history and the data report). So
+Every run joins the bench's running Ray ($RAY_ADDRESS) with its data already prepared (cached): the figures are
+what a user pays per run and per trial, not a cold cluster (a cold ``ray.init`` is reported apart). The worker
+loop writes wall-clock marks into each epoch checkpoint's ``train_state.pt`` (``timing``: epoch start, first
+optimizer step), so the milestones are read, not derived. Two earlier milestones come from the run's own log
+lines: Ray connected (Ray's timestamp, ms) and TorchTrainer launched (sftray's "training ... on N worker(s)" line,
+1 s resolution).
 
-    loop start = first checkpoint file's mtime - epoch training seconds
+Throughput: ``sftray train`` runs ``EPOCHS`` epochs, 1 worker x 1 CPU (DDP) and 2 workers x 1 CPU (FSDP2); its
+figure is ``train/target_tokens_per_s`` (trained tokens from an epoch's first micro-batch to its last step), median
+over the epochs after the first (the first warms thread pools and the allocator, as the in-process side's warm-up
+epoch does). The in-process reference trains the same model on the same prepared rows with the loop's own pieces
+(``grouped_micro_batches``, ``collate_rows``, ``build_optimizer``, ``optimizer_step``), with 1 thread, and with 2
+threads at the 2-worker run's global batch (grad_accum 2), without Ray. ``train_ray_over_in_process`` is the lower
+of the two ratios.
 
-and the time to the first optimizer step is (loop start - process start) + one step's share of the epoch. This is
-an upper bound by the epoch-end eval (8 val + 8 held-out rows, one 2-token probe) and the checkpoint write, both
-well under a second here. The run is 1 worker x 1 CPU, full fine-tuning, DDP, 1 epoch, data already prepared
-(cached), and joins the running Ray instance ($RAY_ADDRESS), so a cold ``ray.init`` is reported apart. Two
-milestones before that come from the run's own log lines: Ray connected (Ray's timestamp, ms) and TorchTrainer
-launched (sftray's "training ... on N worker(s)" line, 1 s resolution).
-
-The sweep figure is the same measure for the single trial of a one-point sweep (``run_sweep`` called in this,
-already warm, process): Tune's trial start-up plus the same TorchTrainer start-up.
+The sweep figure: a sweep of ``SWEEP_TRIALS`` one-epoch trials (one at a time on 2 CPUs); for each trial, seconds
+from the trial function's start to its first optimizer step. The first trial also pays the worker processes'
+first imports; ``sweep_trial_first_step_s`` is the slowest of the later ones.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -31,21 +37,33 @@ from pathlib import Path
 from typing import Any
 
 from sftray.bench.workload import NO_MIX, SEED, demo_conversations
-from sftray.eval.metrics import TRAIN_TOKENS_PER_S
+from sftray.eval.metrics import TRAIN_TARGET_TOKENS_PER_S
 
 SECTION = "overhead"
 TRAIN_ROW = "sftray train: process start -> first optimizer step"
 TRAIN_CONNECTED_ROW = "sftray train: process start -> Ray connected (imports, config, ray.init)"
 TRAIN_LAUNCH_ROW = "sftray train: process start -> TorchTrainer launched (cached data checked, datasets built)"
 TRAIN_LOOP_ROW = "sftray train: process start -> training loop start (workers up, model loaded, base eval)"
-TRAIN_WALL_ROW = "sftray train: whole process (1 epoch, evals, checkpoint, exit)"
-SWEEP_ROW = "sweep (1 trial): run_sweep() -> first optimizer step"
+TRAIN_WALL_ROW = "sftray train: whole process (3 epochs, evals, checkpoints, exit)"
+RAY_TPS_1 = "Ray Train path, 1 worker x 1 CPU (DDP): target tokens/s"
+IN_PROCESS_TPS_1 = "in-process step code, 1 thread, same rows: target tokens/s"
+RAY_TPS_2 = "Ray Train path, 2 workers x 1 CPU (FSDP2): target tokens/s"
+IN_PROCESS_TPS_2 = "in-process step code, 2 threads, same rows and global batch: target tokens/s"
+SWEEP_FIRST_ROW = "sweep: trial start -> first optimizer step, first trial"
+SWEEP_ROW = "sweep: trial start -> first optimizer step, slowest later trial"
+SWEEP_WALL_ROW = "sweep: whole run_sweep()"
 RAY_INIT_ROW = "ray.init(): cold local Ray start"
-RAY_TRAIN_TPS_ROW = "Ray Train path: train/tokens_per_s (1 worker x 1 CPU, whole epoch)"
+EPOCHS = 3
+SWEEP_TRIALS = 3
+SUMMARY_KEYS = ("first_step_s_warm", "sweep_trial_first_step_s", "train_ray_over_in_process")
+"""This part's keys of the bench's top-level summary (``train_ray_over_best_trl`` joins it with the throughput
+part's ``train_in_process_over_best_trl`` in ``sftray.bench.run``)."""
 
 
-def overrides(*, cache_dir: Path, out_dir: Path, chats: Path, model_dir: Path, max_seq_len: int) -> list[str]:
-    """The training run both figures share: 1 worker x 1 CPU, full fine-tuning, 1 epoch, minimal evals."""
+def overrides(
+    *, cache_dir: Path, out_dir: Path, chats: Path, model_dir: Path, max_seq_len: int, workers: int = 1
+) -> list[str]:
+    """The training run every figure shares: full fine-tuning, 1 CPU per worker, minimal evals."""
     return [
         f"paths.cache_dir={cache_dir}",
         f"paths.output_dir={out_dir}",
@@ -56,10 +74,10 @@ def overrides(*, cache_dir: Path, out_dir: Path, chats: Path, model_dir: Path, m
         "data.val_fraction=0.1",  # a few validation rows even from ~100 conversations
         *NO_MIX,
         "train=full",
-        "train.num_workers=1",
+        f"train.num_workers={workers}",
         "train.cpus_per_worker=1",
-        "train.parallelism=ddp",
-        "train.epochs=1",
+        f"train.parallelism={'ddp' if workers == 1 else 'fsdp'}",
+        f"train.epochs={EPOCHS}",
         "train.schedule=constant",
         "train.warmup_ratio=0",
         "train.max_failures=0",
@@ -79,26 +97,30 @@ def measure_overhead(
     max_seq_len: int,
     sweep: bool,
     ray_init_seconds: float | None,
-) -> list[dict]:
-    """One ``sftray train`` subprocess and (with ``sweep``) one one-trial sweep; Ray must be initialised."""
-    import ray
-
+) -> tuple[list[dict], dict[str, float]]:
+    """Rows and this part's summary figures; Ray must be initialised (the runs join it)."""
     from sftray.config import compose_config
     from sftray.recipes.prep import prep
 
     work_dir = Path(work_dir)
-    for previous in ("runs", "sweeps"):  # earlier bench runs' checkpoints: the latest run must be this one
+    for previous in ("runs", "sweeps"):  # earlier bench runs' checkpoints: every run read below must be this one's
         shutil.rmtree(work_dir / "out" / previous, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     chats = work_dir / "chats.jsonl"
     chats.write_text("".join(json.dumps(c) + "\n" for c in demo_conversations(n=conversations)))
-    args = overrides(
-        cache_dir=cache_dir, out_dir=work_dir / "out", chats=chats, model_dir=model_dir, max_seq_len=max_seq_len
-    )
-    cfg = compose_config(args, base=work_dir)
-    prepared = prep(cfg)  # cached for the runs below: they measure start-up, not data preparation
-    tokens = prepared.report["splits"]["train"]["tokens"]
 
+    def args(workers: int) -> list[str]:
+        return overrides(
+            cache_dir=cache_dir,
+            out_dir=work_dir / "out",
+            chats=chats,
+            model_dir=model_dir,
+            max_seq_len=max_seq_len,
+            workers=workers,
+        )
+
+    cfg = compose_config(args(1), base=work_dir)
+    prepared = prep(cfg)  # cached for every run below: they measure training, not data preparation
     rows = [
         _row(
             RAY_INIT_ROW,
@@ -107,66 +129,154 @@ def measure_overhead(
         )
     ]
 
+    one = _sftray_train(args(1), work_dir=work_dir, label="1x1")
+    two = _sftray_train(args(2), work_dir=work_dir, label="2x1")
+    local_one = _in_process(prepared, cfg=cfg, model_dir=model_dir, threads=1, grad_accum=1)
+    local_two = _in_process(prepared, cfg=cfg, model_dir=model_dir, threads=2, grad_accum=2)
+    rows += [
+        _row(TRAIN_CONNECTED_ROW, _since(one["marks"].get("connected"), one["started"]), note="Ray's log line (ms)"),
+        _row(TRAIN_LAUNCH_ROW, _since(one["marks"].get("launch"), one["started"]), note="sftray's log line (+-1 s)"),
+        _row(TRAIN_LOOP_ROW, one["loop_start"] - one["started"]),
+        _row(TRAIN_ROW, one["first_step"] - one["started"]),
+        _row(TRAIN_WALL_ROW, one["ended"] - one["started"]),
+        _tps(RAY_TPS_1, one["tps"], note=f"median of epochs 2-{EPOCHS}"),
+        _tps(IN_PROCESS_TPS_1, local_one, note=f"median of epochs 2-{EPOCHS}"),
+        _tps(RAY_TPS_2, two["tps"], note=f"median of epochs 2-{EPOCHS}"),
+        _tps(IN_PROCESS_TPS_2, local_two, note=f"median of epochs 2-{EPOCHS}"),
+    ]
+    summary = {
+        "first_step_s_warm": one["first_step"] - one["started"],
+        "train_ray_over_in_process": min(
+            statistics.median(one["tps"]) / statistics.median(local_one),
+            statistics.median(two["tps"]) / statistics.median(local_two),
+        ),
+    }
+    if sweep:
+        trials, wall = _sweep(args(1), prepared=prepared, model_dir=model_dir, work_dir=work_dir)
+        later = trials[1:]
+        rows += [
+            _row(SWEEP_FIRST_ROW, trials[0], note="includes the worker processes' first imports"),
+            _row(SWEEP_ROW, max(later), note=f"{len(later)} later trials: " + ", ".join(f"{t:.1f}" for t in later)),
+            _row(SWEEP_WALL_ROW, wall, note=f"{SWEEP_TRIALS} one-epoch trials, one at a time"),
+        ]
+        summary["sweep_trial_first_step_s"] = max(later)
+    return rows, summary
+
+
+def _sftray_train(args: list[str], *, work_dir: Path, label: str) -> dict[str, Any]:
+    """One ``sftray train`` process on the bench's Ray: its milestones and per-epoch target tokens/s."""
+    import ray
+
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     sftray = Path(sys.executable).with_name("sftray")
     command = [str(sftray)] if sftray.is_file() else [sys.executable, "-m", "sftray.cli"]
-    log = work_dir / "train.log"
+    log = work_dir / f"train-{label}.log"
+    runs = work_dir / "out" / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
     started = time.time()
     with log.open("w") as fh:
         proc = subprocess.run([*command, "train", *args], cwd=work_dir, env=env, stdout=fh, stderr=subprocess.STDOUT)
     ended = time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"sftray train failed (exit {proc.returncode}); see {log}")
-    train = _first_step(sorted((work_dir / "out" / "runs").glob("train-*/epoch_01")), tokens=tokens)
-    marks = _log_marks(log.read_text(), started=started)
-    rows += [
-        _row(TRAIN_CONNECTED_ROW, _since(marks.get("connected"), started), note="from Ray's log line (ms)"),
-        _row(TRAIN_LAUNCH_ROW, _since(marks.get("launch"), started), note="from sftray's log line (+-1 s)"),
-        _row(TRAIN_LOOP_ROW, train["loop_start"] - started),
-        _row(TRAIN_ROW, train["first_step"] - started, note="upper bound (see sftray.bench.overhead)"),
-        _row(TRAIN_WALL_ROW, ended - started),
-        {
-            "section": SECTION,
-            "name": RAY_TRAIN_TPS_ROW,
-            "value": train["tokens_per_s"],
-            "unit": "tokens/s",
-            "note": "epoch incl. its first step and Ray Data iteration; compare with the throughput table",
-        },
-    ]
-
-    if sweep:
-        from sftray.tune.sweep import run_sweep
-
-        sweep_cfg = compose_config(
-            [*args, "sweep.name=bench", "sweep.lr.values=[1e-4]", "sweep.epochs=[1]"], base=work_dir
-        )
-        started = time.time()
-        outcome = run_sweep(sweep_cfg, prepared=prepared, base_model=str(model_dir))
-        if not outcome.best:
-            raise RuntimeError(f"the bench sweep's trial did not finish: {outcome.trials}")
-        trial = _first_step(sorted((work_dir / "out" / "sweeps" / "runs").glob("*/bench-*/epoch_01")), tokens=tokens)
-        rows.append(_row(SWEEP_ROW, trial["first_step"] - started, note="upper bound; warm driver process"))
-    return rows
+    epochs = _epoch_states(sorted(runs.glob("train-*/epoch_*")))
+    return {
+        "started": started,
+        "ended": ended,
+        "marks": _log_marks(log.read_text(), started=started),
+        "loop_start": epochs[1]["timing"]["epoch_started_at"],
+        "first_step": epochs[1]["timing"]["first_step_at"],
+        "tps": [
+            _epoch_metrics(state, epoch)[TRAIN_TARGET_TOKENS_PER_S] for epoch, state in epochs.items() if epoch > 1
+        ],
+    }
 
 
-def _first_step(checkpoints: list[Path], *, tokens: int) -> dict[str, Any]:
-    """Loop start and first-step time of the latest run, from its epoch-1 checkpoint (see the module docstring)."""
+def _sweep(args: list[str], *, prepared: Any, model_dir: Path, work_dir: Path) -> tuple[list[float], float]:
+    """Seconds from each trial's start to its first optimizer step (in start order), and the sweep's wall time."""
+    from sftray.config import compose_config
+    from sftray.tune.sweep import read_outcome, run_sweep
+
+    lrs = ", ".join(f"{1e-4 * (i + 1):g}" for i in range(SWEEP_TRIALS))
+    cfg = compose_config(
+        [*args, "train.epochs=1", "sweep.name=bench", f"sweep.lr.values=[{lrs}]", "sweep.epochs=[1]"], base=work_dir
+    )
+    started = time.time()
+    outcome = run_sweep(cfg, prepared=prepared, base_model=str(model_dir))
+    wall = time.time() - started
+    trials = []
+    for trial in outcome.trials:
+        record = read_outcome(trial["path"]) if trial.get("path") else None
+        if record is None:
+            raise RuntimeError(f"a bench sweep trial did not finish: {trial}")
+        first = _epoch_states(sorted(Path(record["run_path"]).glob("epoch_*")))[1]["timing"]["first_step_at"]
+        trials.append((record["started_at"], first - record["started_at"]))
+    return [seconds for _, seconds in sorted(trials)], wall
+
+
+def _epoch_states(checkpoints: list[Path]) -> dict[int, dict[str, Any]]:
+    """epoch -> ``train_state.pt`` of a run's epoch checkpoints."""
     import torch
 
     if not checkpoints:
-        raise RuntimeError("the bench run left no epoch_01 checkpoint")
-    checkpoint = max(checkpoints, key=lambda p: p.stat().st_mtime)
-    written = min(f.stat().st_mtime for f in checkpoint.rglob("*") if f.is_file())
-    state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False)
-    epoch = next(m for m in state["history"] if m.get("epoch") == 1)
-    seconds = tokens / epoch[TRAIN_TOKENS_PER_S]
-    steps = max(1, int(epoch["step"]))
-    loop_start = written - seconds
-    return {
-        "loop_start": loop_start,
-        "first_step": loop_start + seconds / steps,
-        "tokens_per_s": epoch[TRAIN_TOKENS_PER_S],
-    }
+        raise RuntimeError("the bench run left no epoch checkpoint")
+    states = {}
+    for folder in checkpoints:
+        state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=False)
+        states[int(state["epoch"])] = state
+    return states
+
+
+def _epoch_metrics(state: dict[str, Any], epoch: int) -> dict[str, Any]:
+    return next(m for m in state["history"] if m.get("epoch") == epoch and TRAIN_TARGET_TOKENS_PER_S in m)
+
+
+def _in_process(prepared: Any, *, cfg: Any, model_dir: Path, threads: int, grad_accum: int) -> list[float]:
+    """Target tokens/s of epochs 2..EPOCHS of the loop's step code in this process on the prepared training rows
+    (shuffled per epoch, length-grouped micro-batches, the run's micro-batch size and optimizer)."""
+    from functools import partial
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoTokenizer
+
+    from sftray.data.collate import LENGTH_GROUP, collate_rows, grouped_micro_batches
+    from sftray.models.loading import load_model
+    from sftray.train.step import build_optimizer, optimizer_step
+
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
+        table = pa.concat_tables([pq.read_table(f) for f in sorted(prepared.train_dir.glob("*.parquet"))])
+        columns = table.to_pydict()
+        torch.manual_seed(cfg.seed)
+        model, _ = load_model(str(model_dir), tokenizer=tokenizer, trust_remote_code=False)
+        model.train()
+        optimizer = build_optimizer(model.parameters(), cfg=cfg.train)
+        collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing)
+        size, device, rates = cfg.train.micro_batch_size, torch.device("cpu"), []
+        for epoch in range(1, EPOCHS + 1):
+            order = list(range(table.num_rows))
+            random.Random(cfg.seed + epoch).shuffle(order)
+            step = LENGTH_GROUP * size
+            windows = (
+                {k: [v[i] for i in order[s : s + step]] for k, v in columns.items()} for s in range(0, len(order), step)
+            )
+            batches = grouped_micro_batches(windows, size=size, seed=cfg.seed + epoch, collate=collate)
+            group = [next(batches, None) for _ in range(grad_accum)]
+            started, targets = time.perf_counter(), 0  # from the first micro-batch, as the loop counts
+            while group and group[0] is not None:
+                group = [b for b in group if b is not None]
+                sums = optimizer_step(model, optimizer, group, cfg=cfg.train, device=device, world=1, bf16=False)
+                targets += int(sums[1])
+                group = [next(batches, None) for _ in range(grad_accum)]
+            if epoch > 1:
+                rates.append(targets / (time.perf_counter() - started))
+        return rates
+    finally:
+        torch.set_num_threads(saved_threads)
 
 
 _RAY_CONNECTED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\s+INFO worker\.py:\d+ -- Connected to Ray")
@@ -193,3 +303,14 @@ def _since(mark: float | None, started: float) -> float | None:
 def _row(name: str, seconds: float | None, *, note: str = "") -> dict[str, Any]:
     value = None if seconds is None or math.isnan(seconds) else seconds
     return {"section": SECTION, "name": name, "value": value, "unit": "s", "note": note}
+
+
+def _tps(name: str, rates: list[float], *, note: str) -> dict[str, Any]:
+    return {
+        "section": SECTION,
+        "name": name,
+        "value": statistics.median(rates),
+        "values": rates,
+        "unit": "tokens/s",
+        "note": note,
+    }

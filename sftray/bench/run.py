@@ -115,15 +115,16 @@ def run_bench(
             case "overhead":
                 from sftray.bench.overhead import measure_overhead
 
-                rows = measure_overhead(
+                rows, summary = measure_overhead(
                     cache_dir=cache_dir,
                     work_dir=work / part,
-                    conversations=max(len(chosen), 100),  # enough for a few validation rows
+                    conversations=size.ray_train_conversations,
                     max_seq_len=size.train_seq_len,
                     model_dir=model_dir,
                     sweep=size.sweep,
                     ray_init_seconds=ray_init_seconds,
                 )
+                results.setdefault("summary", {}).update(summary)
             case "memory":
                 from sftray.bench.memory import measure_memory
                 from sftray.data.packing import pack_examples
@@ -142,8 +143,18 @@ def run_bench(
             "load_average_before": load_before,  # 1-minute load: other work on the machine skews timings
             "load_average_after": os.getloadavg()[0],
         }
+        _joint_summary(results.get("summary", {}))
         report.write(results, out_dir=out_dir)  # after every part: a long run leaves what it measured so far
     return results
+
+
+def _joint_summary(summary: dict[str, Any]) -> None:
+    """``train_ray_over_best_trl``: the Ray Train path over TRL's best, chained through the in-process step code
+    (Ray vs in-process on the same prepared rows, in-process vs TRL on the same examples), once both parts ran."""
+    if "train_ray_over_in_process" in summary and "train_in_process_over_best_trl" in summary:
+        summary["train_ray_over_best_trl"] = (
+            summary["train_ray_over_in_process"] * summary["train_in_process_over_best_trl"]
+        )
 
 
 def _quiet() -> None:

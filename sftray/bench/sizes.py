@@ -54,8 +54,11 @@ class BenchSize:
     """Optimizer steps before peak RSS is read (AdamW state exists after the first)."""
     prep_conversations: int
     """Conversations through the preprocessing pipeline and its single-process baseline."""
+    ray_train_conversations: int
+    """Demo conversations of the Ray Train path runs (``sftray.bench.overhead``): enough steps per epoch that
+    the epoch's throughput is not its first step's."""
     sweep: bool
-    """Also time a one-trial sweep (Tune start-up on top of a training run)."""
+    """Also time a sweep's trials from start to first step (Tune and Train start-up per trial)."""
 
 
 _SMOKE_MODEL = ModelSize(
@@ -82,6 +85,7 @@ _SMALL = BenchSize(
     train_steps=6,
     memory_steps=3,
     prep_conversations=20000,  # the summary's prep figures at 20k (prep_summary_size); full: 100k
+    ray_train_conversations=600,
     sweep=True,
 )
 
@@ -99,6 +103,7 @@ SIZES: dict[str, BenchSize] = {
         train_steps=3,
         memory_steps=2,
         prep_conversations=400,
+        ray_train_conversations=100,
     ),
     "small": _SMALL,
     # Closer to real fine-tuning shapes; tens of minutes on 2 cores.
@@ -113,6 +118,7 @@ SIZES: dict[str, BenchSize] = {
         train_seq_len=512,  # padded configurations run ~50 rows of 512 per step: attention scores stay < 1 GB
         train_steps=12,
         prep_conversations=100000,
+        ray_train_conversations=1200,
     ),
 }
 

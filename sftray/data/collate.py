@@ -41,6 +41,17 @@ def length_grouped(batch: Mapping[str, Sequence[Any]], *, size: int, rng: random
         yield {k: [col[i] for i in group] for k, col in batch.items()}
 
 
+def epoch_rows(num_rows: int, *, rank: int, world: int, seed: int) -> list[int]:
+    """Row indices rank ``rank`` trains on in one epoch: a permutation of all rows drawn from ``seed`` (the same on
+    every rank), dealt out round-robin, as torch's DistributedSampler does. Every epoch (seed) reshuffles the whole
+    set, and ranks never share a row; ``num_rows`` must be a multiple of ``world`` (the driver pads it)."""
+    if num_rows % world:
+        raise ValueError(f"{num_rows} rows do not split evenly over {world} ranks")
+    order = list(range(num_rows))
+    random.Random(seed).shuffle(order)
+    return order[rank::world]
+
+
 def grouped_micro_batches(
     windows: Iterable[Mapping[str, Sequence[Any]]], *, size: int, seed: int, collate: Callable[[dict], Any]
 ) -> Iterator[Any]:

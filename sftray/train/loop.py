@@ -1,4 +1,4 @@
-"""The per-worker training loop: shard -> micro-batches -> globally normalised loss -> step -> eval -> report.
+"""The per-worker training loop: this rank's rows -> micro-batches -> globally normalised loss -> step -> eval -> report.
 
 Runs inside each Ray Train worker. Every rank executes the same number of optimizer steps, evals and
 ``ray.train.report`` calls (report is a barrier); metrics are all-reduced before rank 0's dict travels on.
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from sftray.config import Config
 from sftray.core.parallel import wrap
 from sftray.core.precision import use_bf16
-from sftray.data.collate import LENGTH_GROUP, collate_rows, grouped_micro_batches
+from sftray.data.collate import LENGTH_GROUP, collate_rows, epoch_rows, grouped_micro_batches
 from sftray.eval import base_eval
 from sftray.eval.evaluate import Evaluator, eval_share
 from sftray.eval.metrics import (
@@ -57,6 +57,8 @@ class WorkerJob:
     """The tokenizer the data was prepared with."""
     rows_per_rank: int
     """Training rows each rank reads per epoch (the dataset is padded so every rank gets the same count)."""
+    train_rows: Any = None
+    """Object ref of the training rows (an Arrow table padded to a multiple of the workers)."""
     eval_rows: dict[str, Any] = field(default_factory=dict)
     """Object refs of the val and heldout rows (Arrow tables padded to a multiple of the workers)."""
     probes: list[dict] = field(default_factory=list)
@@ -147,14 +149,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         row = {"epoch": 0, "step": 0, BASE_EVAL_REUSED: float(reused), **_with_forgetting(base_metrics, base, cfg)}
         history.append(_report(row, rank=rank))
 
-    shard = ray.train.get_dataset_shard("train")
+    train_rows = ray.get(job.train_rows)  # zero-copy from the node's object store
     for epoch in range(start_epoch, t.epochs + 1):
         torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)  # dropout/NEFTune noise: same on resume
         sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, targets, sft loss/targets, pt loss/targets
         tokens, wait, first_batch = 0, 0.0, None
         timing = {"epoch_started_at": time.time()}  # wall clock on this rank: the bench's start-up figures read it
         epoch_started = time.perf_counter()
-        batches = _micro_batches(shard, size=t.micro_batch_size, collate=collate, seed=cfg.seed + epoch)
+        batches = _micro_batches(
+            train_rows, rank=rank, world=world, size=t.micro_batch_size, collate=collate, seed=cfg.seed + epoch
+        )
         remaining = job.micro_batches_per_epoch
         for _ in range(job.steps_per_epoch):
             waited = time.perf_counter()
@@ -286,14 +290,12 @@ def _build_model(job: WorkerJob, *, tokenizer: Any, checkpoint_dir: Path | None)
     return apply_lora(model, cfg=cfg.train.lora, new_token_ids=new_ids)
 
 
-def _micro_batches(shard: Any, *, size: int, collate: Any, seed: int) -> Any:
-    """Shuffled micro-batches of a training shard, rows of similar length together (``length_grouped``)."""
-    windows = shard.iter_batches(
-        batch_size=LENGTH_GROUP * size,
-        batch_format="numpy",
-        local_shuffle_buffer_size=2 * LENGTH_GROUP * size,
-        local_shuffle_seed=seed,
-    )
+def _micro_batches(rows: Any, *, rank: int, world: int, size: int, collate: Any, seed: int) -> Any:
+    """This rank's micro-batches of one epoch: its share of a fresh permutation of every row (``epoch_rows``), in
+    windows of ``LENGTH_GROUP`` micro-batches whose rows of similar length go together (``length_grouped``)."""
+    mine = epoch_rows(rows.num_rows, rank=rank, world=world, seed=seed)
+    step = LENGTH_GROUP * size
+    windows = (rows.take(mine[i : i + step]).to_pydict() for i in range(0, len(mine), step))
     return grouped_micro_batches(windows, size=size, seed=seed, collate=collate)
 
 

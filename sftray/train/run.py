@@ -1,4 +1,4 @@
-"""One training run from the driver: resources check, datasets, probes, a TorchTrainer, and the best checkpoint.
+"""One training run from the driver: resources check, rows, probes, a TorchTrainer, and the best checkpoint.
 
 Used by ``sftray train`` and by each Tune trial of a sweep. Never imports tune/ or tracking/.
 """
@@ -67,15 +67,18 @@ def check_resources(t: TrainConfig, *, available: dict[str, float]) -> None:
         )
 
 
-def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[WorkerJob, dict[str, Any]]:
-    """The worker job (eval rows in the object store) and the training rows as a materialised Ray dataset."""
+def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> WorkerJob:
+    """The worker job; its training and eval rows go to the object store once, and every worker reads them there.
+
+    Each rank trains on its round-robin share of a new permutation of all rows per epoch (``epoch_rows``), like
+    torch's DistributedSampler, rather than on a Ray Data shard: the rows are in memory already, a shard costs a
+    split-coordinator actor at start-up and a new streaming execution per epoch (``make bench``: seconds to the
+    first step), and a local shuffle buffer reorders only within a window while this reshuffles the whole set.
+    """
     import ray
-    import ray.data
     from transformers import AutoTokenizer
 
     world = cfg.train.num_workers
-    # Workers log our own progress lines; Ray Data's per-shard bars would drown them.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
     markers = turn_markers(tokenizer)
     tables = {}
@@ -105,6 +108,7 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[Work
         base_model=base_model,
         tokenizer_dir=str(prepared.tokenizer_dir),
         rows_per_rank=tables["train"].num_rows // world,
+        train_rows=ray.put(tables["train"]),
         eval_rows={name: ray.put(tables[name]) for name in ("val", "heldout")},
         probes=probes,
         max_new_tokens=max_new_tokens,
@@ -112,7 +116,7 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> tuple[Work
         end_of_turn_id=tokenizer.convert_tokens_to_ids(markers["end_of_turn"]),
         user_opener=markers["user_opener"],
     )
-    return job, {"train": ray.data.from_arrow(tables["train"]).materialize()}
+    return job
 
 
 def run_training(
@@ -127,7 +131,7 @@ def run_training(
     check_resources(t, available=ray.cluster_resources())
     check_validation(prepared.report)
     check_select_metric(cfg.eval.select_metric, probes=cfg.eval.num_probes > 0)
-    job, datasets = build_job(cfg, prepared=prepared, base_model=base_model)
+    job = build_job(cfg, prepared=prepared, base_model=base_model)
     if t.resume_from:
         check_resumable(Path(t.resume_from), cfg=cfg, steps_per_epoch=job.steps_per_epoch)
     log.info(
@@ -154,7 +158,6 @@ def run_training(
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # keep all: selection is by eval
         ),
-        datasets=datasets,
     )
     result = trainer.fit()
     checkpoints = sorted(((c.path, m) for c, m in (result.best_checkpoints or [])), key=lambda cm: cm[1]["epoch"])

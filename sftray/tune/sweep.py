@@ -193,6 +193,7 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
     """One Tune trial: apply the sampled keys, launch a TorchTrainer, leave the outcome in the trial folder."""
     import ray.tune
 
+    started_at = time.time()  # wall clock: the bench's per-trial start-up figure starts here
     cfg = base_cfg
     for key, value in config.items():
         cfg = override(cfg, key, value)
@@ -217,6 +218,7 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
         "history": outcome.history,
         "run_path": outcome.path,
         "data_report": str(prepared.out_dir / "report.json"),
+        "started_at": started_at,
         "finished_at": time.time(),
     }
     (Path(ctx.get_trial_dir()) / OUTCOME_FILE).write_text(json.dumps(record, indent=1, default=str))

@@ -44,8 +44,8 @@ def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     assert ratios[best] == 1.0 and max(ratios[n] for n in TRL_CONFIGS) == 1.0, ratios
     assert summary["train_in_process_over_best_trl"] == pytest.approx(ratios["sftray packed"]), summary
     # Overhead: every milestone of the `sftray train` process was measured, in order, before the process ended; the
-    # Ray Train path trained at some rate and the sweep's trial reached its first step. The ray.init row is there
-    # (its value is None here: Ray was already up).
+    # Ray Train path and the in-process step code trained at some rate on both layouts; every later sweep trial
+    # reached its first step. The ray.init row is there (its value is None here: Ray was already up).
     values = {r["name"]: r["value"] for r in results["overhead"]}
     connected, loop, first_step, wall = (
         values[overhead.TRAIN_CONNECTED_ROW],
@@ -55,8 +55,18 @@ def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     )
     assert 0 < connected < loop < first_step < wall, values
     assert 0 < values[overhead.TRAIN_LAUNCH_ROW] < wall, values
-    assert values[overhead.RAY_TRAIN_TPS_ROW] > 0 and values[overhead.SWEEP_ROW] > 0, values
+    for row in (overhead.RAY_TPS_1, overhead.IN_PROCESS_TPS_1, overhead.RAY_TPS_2, overhead.IN_PROCESS_TPS_2):
+        assert values[row] > 0, (row, values)
+    assert 0 < values[overhead.SWEEP_ROW] < values[overhead.SWEEP_WALL_ROW], values
     assert overhead.RAY_INIT_ROW in values
+    assert summary["first_step_s_warm"] == values[overhead.TRAIN_ROW]
+    assert summary["sweep_trial_first_step_s"] == values[overhead.SWEEP_ROW]
+    ratio = min(
+        values[overhead.RAY_TPS_1] / values[overhead.IN_PROCESS_TPS_1],
+        values[overhead.RAY_TPS_2] / values[overhead.IN_PROCESS_TPS_2],
+    )
+    assert summary["train_ray_over_in_process"] == pytest.approx(ratio), summary
+    assert summary["train_ray_over_best_trl"] == pytest.approx(ratio * summary["train_in_process_over_best_trl"])
     assert [r["method"] for r in results["memory"]] == list(memory.METHODS)
 
     # The JSON holds what run_bench returned; the markdown has a row for every measured figure.
@@ -65,7 +75,7 @@ def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     for part in PARTS:
         for name in names[part]:
             assert f"| {name} |" in table, name
-    for key in (*preprocess.SUMMARY_KEYS, *throughput.SUMMARY_KEYS):
+    for key in (*preprocess.SUMMARY_KEYS, *throughput.SUMMARY_KEYS, *overhead.SUMMARY_KEYS, "train_ray_over_best_trl"):
         assert f"| {key} |" in table, key
 
 

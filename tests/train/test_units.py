@@ -86,3 +86,20 @@ def test_a_run_without_validation_conversations_fails_before_any_worker_starts()
     ):
         check_validation(report)
     check_validation({**report, "conversations": {"train": 24, "val": 1}})
+
+
+def test_epoch_rows_deal_a_fresh_permutation_to_every_rank():
+    """Ranks share no row and cover every row once per epoch; a new seed (epoch) reshuffles the whole set, so a
+    rank's rows change between epochs (a shard with a local shuffle buffer would keep them)."""
+    from sftray.data.collate import epoch_rows
+
+    world, n = 3, 30
+    one = [epoch_rows(n, rank=r, world=world, seed=1) for r in range(world)]
+    two = [epoch_rows(n, rank=r, world=world, seed=2) for r in range(world)]
+    for epoch in (one, two):
+        assert sorted(i for rank in epoch for i in rank) == list(range(n))
+        assert {len(rank) for rank in epoch} == {n // world}
+    assert one == [epoch_rows(n, rank=r, world=world, seed=1) for r in range(world)]  # same seed, same deal
+    assert all(set(a) != set(b) for a, b in zip(one, two))
+    with pytest.raises(ValueError, match="31 rows do not split evenly over 3 ranks"):
+        epoch_rows(31, rank=0, world=3, seed=1)

@@ -193,14 +193,19 @@ def test_mlflow_finished_child_runs_carry_epochs_artifacts_and_the_selected_epoc
 def test_the_base_models_eval_is_computed_once_and_reused_by_every_other_trial(sweep_cfg, swept, store):
     # Four trials share the model, data and eval inputs: one computes the base eval (the others wait on its lock
     # when they run at once) and stores it, three read it. Each trial's epoch-0 row says which it was.
+    # The two trials that fault at step 1 may die before Train's controller collects their epoch-0 report (it
+    # polls, about every 2 s; only checkpoint reports are waited for), so only the finished trials must carry it.
     client, _, children = store
-    reused = sorted(
-        tuple(m.value for m in client.get_metric_history(c.info.run_id, BASE_EVAL_REUSED)) for c in children
-    )
-    assert reused == [(0.0,), (1.0,), (1.0,), (1.0,)]
+    reused = {
+        c.info.run_id: [m.value for m in client.get_metric_history(c.info.run_id, BASE_EVAL_REUSED)] for c in children
+    }
+    finished = [c.info.run_id for c in children if c.info.status == "FINISHED"]
+    assert all(len(reused[run]) == 1 for run in finished), reused
+    values = sorted(v for history in reused.values() for v in history)
+    assert values.count(0.0) <= 1 and values.count(1.0) >= 1 and set(values) <= {0.0, 1.0}, reused
     (cached,) = (Path(sweep_cfg.paths.output_dir) / "base_eval").glob("*.json")
     metrics, _ = load_base_eval(cached)
-    for child in children:
+    for child in [c for c in children if c.info.run_id in finished]:
         base = min(client.get_metric_history(child.info.run_id, "val/loss"), key=lambda m: m.step)  # epoch 0
         assert base.value == pytest.approx(metrics["val/loss"])
 
