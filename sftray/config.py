@@ -267,7 +267,7 @@ class TrainConfig:
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
     precision: str = "auto"
     """auto | fp32 | bf16. Compute dtype of the forward and backward (weights and optimizer stay float32). auto:
-    bf16 on GPUs that support it, float32 elsewhere (on CPU, bf16 autocast measured slower: make bench)."""
+    bf16 on GPUs that support it, float32 elsewhere; bf16 also runs on CPU (make bench measures both)."""
     cpus_per_worker: float = 0.8
     """CPUs reserved per worker (fractions allowed); also its torch thread count (at least 1)."""
     epochs: int = 2

@@ -180,7 +180,7 @@ def _run(
         .map_batches(
             _encode_pieces,
             fn_kwargs={"encoder": encoder},
-            concurrency=encoders,
+            compute=ray.data.TaskPoolStrategy(size=encoders),
             num_cpus=data.cpus_per_encoder,
             batch_size=1,  # one piece per task: a piece is already a few thousand records
             batch_format="pyarrow",
