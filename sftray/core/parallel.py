@@ -35,8 +35,12 @@ def wrap(model: nn.Module, *, parallelism: str, device: torch.device, world_size
         kwargs: dict[str, Any] = {"mesh": mesh}
         if policy is not None:
             kwargs["mp_policy"] = policy
-        for layer in decoder_layers(model):
-            fully_shard(layer, **kwargs)
+        layers = decoder_layers(model)
+        for i, layer in enumerate(layers):
+            # Backward starts with the last layer, right after forward: freeing its gathered weights only to gather
+            # them again at once is a wasted all-gather (torchtitan's default too). The others free theirs. FSDP2
+            # already keeps the root's own parameters (embeddings, head) gathered for the same reason.
+            fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
         fully_shard(model, **kwargs)
         return model
     if parallelism == "ddp":

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,51 +39,20 @@ from sftray.eval.metrics import (
 from sftray.models.loading import load_model
 from sftray.models.lora import apply_lora
 from sftray.train import checkpoint as ckpt_mod
+from sftray.train.job import WorkerJob
 from sftray.train.step import build_optimizer, build_scheduler, optimizer_step
 
 log = logging.getLogger("sftray.train")
 
 
-@dataclass(kw_only=True)
-class WorkerJob:
-    """Everything a worker needs, computed once by the driver (pickled to each worker)."""
-
-    cfg: Config
-    base_model: str
-    """from_pretrained path of the base model."""
-    tokenizer_dir: str
-    """The tokenizer the data was prepared with."""
-    rows_per_rank: int
-    """Training rows each rank reads per epoch (the dataset is padded so every rank gets the same count)."""
-    train_rows: Any = None
-    """Object ref of the training rows (an Arrow table padded to a multiple of the workers)."""
-    eval_rows: dict[str, Any] = field(default_factory=dict)
-    """Object refs of the val and heldout rows (Arrow tables padded to a multiple of the workers)."""
-    probes: list[dict] = field(default_factory=list)
-    max_new_tokens: int = 32
-    """Generation limit of the probes (``eval.max_new_tokens``, or sized to their reference answers)."""
-    end_of_turn_id: int = 0
-    user_opener: str = ""
-    base_eval_path: str | None = None
-    """Where the base model's eval is cached (``sftray.eval.base_eval``); None: compute it, cache nothing."""
-
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        return math.ceil(self.rows_per_rank / self.cfg.train.micro_batch_size)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.micro_batches_per_epoch / self.cfg.train.grad_accum)
-
-
-def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray Train entry point; returns (on rank 0) the metric history of the run."""
+def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
+    """One worker's whole run (entered through ``sftray.train.job.train_fn_per_worker``); returns (on rank 0) the
+    metric history of the run."""
     import ray
     import ray.train
     import ray.train.torch
     from transformers import AutoTokenizer
 
-    job: WorkerJob = config["job"]
     cfg, t = job.cfg, job.cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

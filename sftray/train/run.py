@@ -32,7 +32,7 @@ from sftray.eval.metrics import (
 from sftray.eval.probes import generation_limit, probes_from_file, probes_from_rows, reference_lengths
 from sftray.train.checkpoint import STATE_FILE as CHECKPOINT_STATE
 from sftray.train.checkpoint import load_state
-from sftray.train.loop import WorkerJob, train_fn_per_worker
+from sftray.train.job import WorkerJob, train_fn_per_worker
 
 log = logging.getLogger("sftray.train")
 
