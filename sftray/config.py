@@ -217,10 +217,16 @@ class MixConfig:
         default_factory=lambda: [SourceConfig(path="builtin:pydoc_topics", format="text")]
     )
     """Pretraining text: .txt files (one document per file) or a text column."""
+    heldout_sources: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig(path="builtin:pydoc_topics_heldout", format="text")]
+    )
+    """Text the BASE MODEL never trained on: forgetting is measured on its windows (up to max_heldout_windows), and
+    none of it is mixed in. Empty: hold out heldout_fraction of mix.sources' windows instead, which is clean only if
+    the base never saw mix.sources. The default is the pydoc prose the builtin base was kept from."""
     window_len: int | None = None
     """Tokens per pretraining window; None: data.max_seq_len."""
     heldout_fraction: float = 0.05
-    """Share of pretraining windows held out to measure forgetting (never trained on)."""
+    """With no heldout_sources: share of mix.sources' windows held out to measure forgetting (never trained on)."""
     max_heldout_windows: int = 256
     """Cap on held-out windows, so forgetting eval stays cheap."""
 
@@ -228,6 +234,13 @@ class MixConfig:
         _in_range("mix.ratio", self.ratio, ge=0, lt=1)
         _in_range("mix.heldout_fraction", self.heldout_fraction, ge=0, lt=1)
         _check_sources("mix.sources", self.sources, chat=False)
+        _check_sources("mix.heldout_sources", self.heldout_sources, chat=False)
+        for i, src in enumerate(self.heldout_sources):
+            if src.path in {s.path for s in self.sources}:
+                raise ValueError(
+                    f"mix.heldout_sources[{i}].path={src.path!r} is also in mix.sources: held-out text must never be "
+                    "mixed into training; remove it from one of them"
+                )
         _in_range("mix.window_len", self.window_len, ge=8)
         _in_range("mix.max_heldout_windows", self.max_heldout_windows, ge=1)
 

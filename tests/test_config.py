@@ -177,7 +177,7 @@ def test_typo_at_root_lists_root_keys(tmp_path: Path) -> None:
     [
         ("model.nme=x", "model", "name_or_path, trust_remote_code, chat_template"),
         ("paths.out=x", "paths", "output_dir, cache_dir"),
-        ("mix.rato=0.2", "mix", "ratio, sources, window_len, heldout_fraction, max_heldout_windows"),
+        ("mix.rato=0.2", "mix", "ratio, sources, heldout_sources, window_len, heldout_fraction, max_heldout_windows"),
     ],
 )
 def test_typo_in_other_groups(tmp_path: Path, override: str, group: str, keys: str) -> None:
@@ -240,6 +240,11 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
         (
             "mix.sources=[{path:/x.txt,weight:2}]",
             "mix.sources[0].weight=2.0: weight applies to data.sources (training conversations) only; remove it here",
+        ),
+        (
+            "mix.heldout_sources=[{path:'builtin:pydoc_topics'}]",
+            "mix.heldout_sources[0].path='builtin:pydoc_topics' is also in mix.sources: held-out text must never be "
+            "mixed into training; remove it from one of them",
         ),
         (
             "data.val_sources=[{path:/v.jsonl,max_rows:10}]",

@@ -29,6 +29,7 @@ __all__ = [
     "BUILTIN_NAMES",
     "generate_demo_conversations",
     "generate_demo_heldout",
+    "pydoc_topics_split",
     "pydoc_topics_text",
     "resolve_builtin",
 ]
@@ -37,8 +38,12 @@ __all__ = [
 BUILTIN_NAMES: dict[str, str] = {
     "demo": "demo-train.jsonl",
     "demo-heldout": "demo-heldout.jsonl",
-    "pydoc_topics": "pydoc_topics.txt",
+    "pydoc_topics": "pydoc_topics_train.txt",
+    "pydoc_topics_heldout": "pydoc_topics_heldout.txt",
 }
+HELDOUT_TOPIC_SHARE = 0.05
+"""Share of the pydoc prose (characters, whole topics, the last in key order) that the builtin base never trains on
+and the mix never mixes in: the forgetting measure's text (``builtin:pydoc_topics_heldout``)."""
 _DEMO_TRAIN_SIZE = 2000
 _DEMO_TRAIN_SEED = 0
 _DEMO_HELDOUT_SIZE = 200
@@ -91,6 +96,23 @@ def pydoc_topics_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key].strip("\n") for key in sorted(topics)) + "\n"
+
+
+def pydoc_topics_split() -> tuple[str, str]:
+    """(train, held-out) parts of ``pydoc_topics_text()``, whole topics each: the last topics in key order that make up
+    ``HELDOUT_TOPIC_SHARE`` of the characters are held out, the rest is what the builtin base pretrains on.
+
+    Whole documents, so no held-out text is a neighbour window of a trained one: forgetting measured on the held-out
+    part is loss on prose the base has never seen, not on memorised text.
+    """
+    from pydoc_data.topics import topics
+
+    bodies = [topics[key].strip("\n") for key in sorted(topics)]
+    total, tail, cut = sum(len(b) for b in bodies), 0, len(bodies)
+    while cut > 1 and tail < HELDOUT_TOPIC_SHARE * total:
+        cut -= 1
+        tail += len(bodies[cut])
+    return "\n\n".join(bodies[:cut]) + "\n", "\n\n".join(bodies[cut:]) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -286,7 +308,9 @@ def resolve_builtin(uri: str, cache_dir: Path) -> Path:
 
     `builtin:demo` -> demo-train.jsonl (2000 conversations, seed 0),
     `builtin:demo-heldout` -> demo-heldout.jsonl (200 probes, seed 0),
-    `builtin:pydoc_topics` -> pydoc_topics.txt. Existing files are reused;
+    `builtin:pydoc_topics` -> pydoc_topics_train.txt (the prose the builtin base trains on),
+    `builtin:pydoc_topics_heldout` -> pydoc_topics_heldout.txt (the prose it never sees; ``pydoc_topics_split``).
+    Existing files are reused;
     writes are atomic, so concurrent callers are safe.
     """
     prefix = "builtin:"
@@ -301,7 +325,9 @@ def resolve_builtin(uri: str, cache_dir: Path) -> Path:
         text = _jsonl(generate_demo_conversations(_DEMO_TRAIN_SIZE, seed=_DEMO_TRAIN_SEED))
     elif name == "demo-heldout":
         text = _jsonl(generate_demo_heldout(_DEMO_HELDOUT_SIZE, seed=_DEMO_HELDOUT_SEED))
+    elif name == "pydoc_topics":
+        text = pydoc_topics_split()[0]
     else:
-        text = pydoc_topics_text()
+        text = pydoc_topics_split()[1]
     write_text_atomic(path, text)
     return path

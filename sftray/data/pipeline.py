@@ -95,8 +95,12 @@ def prepare(cfg: Config, *, tokenizer: Any, force: bool = False) -> Prepared:
         resolve_source(s, cache_dir=cache_dir, what=f"mix.sources[{i}]", text=True)
         for i, s in enumerate(cfg.mix.sources)
     ]
+    heldout = [
+        resolve_source(s, cache_dir=cache_dir, what=f"mix.heldout_sources[{i}]", text=True)
+        for i, s in enumerate(cfg.mix.heldout_sources)
+    ]
 
-    fingerprint = data_fingerprint(cfg, tokenizer, sft + val + text)
+    fingerprint = data_fingerprint(cfg, tokenizer, sft + val + text + heldout)
     out_dir = Path(cfg.paths.output_dir) / "data" / f"{cfg.data.name}-{fingerprint[:12]}"
     if (out_dir / "report.json").is_file() and not force:
         log.info("prepared data is up to date: %s", out_dir)
@@ -104,7 +108,7 @@ def prepare(cfg: Config, *, tokenizer: Any, force: bool = False) -> Prepared:
 
     with atomic_dir(out_dir, replace=True) as tmp, _data_context():  # a crash never leaves a prepared-looking folder
         tokenizer.save_pretrained(tmp / "tokenizer")
-        report = _run(cfg, spec=spec_of(tokenizer), sft=sft, val=val, text=text, out=tmp)
+        report = _run(cfg, spec=spec_of(tokenizer), sft=sft, val=val, text=text, heldout=heldout, out=tmp)
         report.update(
             fingerprint=fingerprint,
             chat_template_hash=template_hash(tokenizer),
@@ -147,6 +151,7 @@ def _run(
     sft: list[ResolvedSource],
     val: list[ResolvedSource],
     text: list[ResolvedSource],
+    heldout: list[ResolvedSource],
     out: Path,
 ) -> dict[str, Any]:
     import ray
@@ -159,8 +164,8 @@ def _run(
     #    addresses goes in, and the encoded set is materialised once (the mix needs every length first). Tasks,
     #    not an actor pool: the tokenizer view costs ~10 ms to build, and an actor pool's start and teardown cost
     #    whole seconds (100k conversations, 1 core: 16 s as tasks, 20 s as actors).
-    sources = sft + val + text
-    splits = ["train"] * len(sft) + ["val"] * len(val) + ["pretrain"] * len(text)
+    sources = sft + val + text + heldout
+    splits = ["train"] * len(sft) + ["val"] * len(val) + ["pretrain"] * (len(text) + len(heldout))
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     pieces = _pieces(sources, splits, cpus=cpus)
     encoders = min(len(pieces), data.num_encoders or max(1, round(cpus / max(data.cpus_per_encoder, 1.0))))
@@ -171,6 +176,7 @@ def _run(
             data=data,
             window_len=cfg.window_len,
             heldout_fraction=mix.heldout_fraction,
+            heldout_sources=tuple(range(len(sources) - len(heldout), len(sources))),
             seed=cfg.seed,
             hash_split=not val,
         )
@@ -433,13 +439,14 @@ class _Encoder:
         data: DataConfig,
         window_len: int,
         heldout_fraction: float,
+        heldout_sources: tuple[int, ...],
         seed: int,
         hash_split: bool,
     ) -> None:
         self.tokenizer = TokenizerView(spec)
         self.eos_id = spec.eos_token_id
         self.sources, self.data, self.seed, self.hash_split = sources, data, seed, hash_split
-        self.window_len, self.heldout_fraction = window_len, heldout_fraction
+        self.window_len, self.heldout_fraction, self.heldout_sources = window_len, heldout_fraction, heldout_sources
         self._hub: dict[str, Any] = {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -449,7 +456,7 @@ class _Encoder:
             src = self.sources[piece["source"]]
             for where, fmt, record in self._records(src, piece):
                 if piece["split"] == "pretrain":
-                    rows.extend(self._windows(where, src, record))
+                    rows.extend(self._windows(where, src, record, held_out=self._held_out(piece["source"])))
                 else:
                     rows.append(self._chat(where, src, piece["split"], fmt, record))
                 if len(rows) >= ROWS_PER_CHUNK:
@@ -503,7 +510,14 @@ class _Encoder:
             return {"reason": failed[0], "error": f"{where}: {failed[1]}"}
         return {**fields, "dedup": dedup_keys(messages, data=self.data, seed=self.seed)}
 
-    def _windows(self, where: str, src: ResolvedSource, record: Any) -> list[dict[str, Any]]:
+    def _held_out(self, source: int) -> bool | None:
+        """Whether every window of source ``source`` is held out (True), none is (False), or each by its hash (None:
+        no mix.heldout_sources, so mix.sources lend heldout_fraction of their windows)."""
+        if not self.heldout_sources:
+            return None
+        return source in self.heldout_sources
+
+    def _windows(self, where: str, src: ResolvedSource, record: Any, *, held_out: bool | None) -> list[dict[str, Any]]:
         base = dict(where=where, source=src.label, split="pretrain", kind=KIND_PRETRAIN)
         try:
             if isinstance(record, DataError):
@@ -516,7 +530,11 @@ class _Encoder:
         rows = []
         for w, window in enumerate(chunk_windows(ids, window_len=self.window_len)):
             key = stable_key(where, w, seed=self.seed)
-            heldout = in_fraction(stable_key("heldout", key, seed=self.seed), self.heldout_fraction)
+            heldout = (
+                in_fraction(stable_key("heldout", key, seed=self.seed), self.heldout_fraction)
+                if held_out is None
+                else held_out
+            )
             rows.append(_row(**base, key=key, input_ids=window, labels=window, heldout=heldout))
         return rows
 
@@ -530,6 +548,8 @@ class _EncoderArgs:
     data: DataConfig
     window_len: int
     heldout_fraction: float
+    heldout_sources: tuple[int, ...]
+    """Indices (into ``sources``) of mix.heldout_sources: all their windows are held out, no other window is."""
     seed: int
     hash_split: bool
 

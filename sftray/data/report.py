@@ -63,6 +63,9 @@ def build(
             "total": int(len(wok)),
             "heldout_pool": int(wok["heldout"].sum()),
             "heldout_used": stats["pretrain_heldout"]["examples"],
+            # where the forgetting measure's text comes from: text the base never saw, or a hashed share of the mix
+            "heldout_from": [s.path for s in cfg.mix.heldout_sources]
+            or f"mix.sources, {cfg.mix.heldout_fraction:g} of their windows by hash",
         },
         "drops": dict(sorted(drops.items())),
         "splits": splits,

@@ -1,8 +1,9 @@
 """The builtin base model: a tiny Llama pretrained from scratch on pydoc prose, cached as an ordinary HF folder.
 
 ``builtin:tiny-llama`` needs weights that already know some English, or SFT and forgetting measurements
-start from noise. ``pretrain_tiny`` trains one on CPU in a few minutes (next-token loss on
-``pydoc_topics_text()``, the last windows held out); ``ensure_tiny_model`` builds it once per cache dir.
+start from noise. ``pretrain_tiny`` trains one on CPU in a few minutes (next-token loss on the train topics of
+``pydoc_topics_split()``, its loss reported on the held-out topics, which it never trains on and on which the mix
+measures forgetting); ``ensure_tiny_model`` builds it once per cache dir.
 The held-out loss is reported next to a unigram baseline, so "it learned something" is a number, not a hope.
 """
 
@@ -21,7 +22,7 @@ import transformers
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sftray.data.builtin import pydoc_topics_text
+from sftray.data.builtin import pydoc_topics_split
 from sftray.models.cache import build_once
 from sftray.models.tiny import EOS_TOKEN, IM_END, ensure_tiny_tokenizer, tiny_llama_config
 
@@ -30,11 +31,12 @@ __all__ = [
     "TINY_MODEL_DIRNAME",
     "ensure_tiny_model",
     "pretrain_tiny",
-    "split_windows",
+    "windows",
     "unigram_loss",
 ]
 
-TINY_MODEL_DIRNAME = "tiny-llama-base"
+TINY_MODEL_DIRNAME = "tiny-llama-base-v2"
+"""v2: pretrained on the train topics only (``pydoc_topics_split``); a v1 base had seen the forgetting measure's text."""
 REPORT_NAME = "pretrain_report.json"
 COMPLETE_MARKERS = ("model.safetensors", "config.json", "tokenizer.json", REPORT_NAME)
 """Files whose presence marks a finished tiny-model folder (``sftray.models.cache.is_complete``)."""
@@ -51,7 +53,6 @@ def pretrain_tiny(
     batch_size: int = 8,
     lr: float = 3e-3,
     warmup_steps: int = 30,
-    heldout_fraction: float = 0.05,
     seed: int = 0,
     log_every: int = 50,
 ) -> dict:
@@ -62,7 +63,6 @@ def pretrain_tiny(
       seq_len: tokens per training window; the token stream is cut into consecutive windows of this length.
       batch_size: windows per step (tokens per step = batch_size * seq_len).
       lr: peak AdamW learning rate, reached after ``warmup_steps`` linear steps, then cosine decay to 0.
-      heldout_fraction: share of windows held out for the final loss: the LAST ones, contiguous, never trained.
       seed: seeds initialisation and window order.
       log_every: steps between log lines (and the span of the reported train loss).
 
@@ -76,8 +76,6 @@ def pretrain_tiny(
             f"pretrain_tiny: steps={steps}, batch_size={batch_size}, log_every={log_every} must be >= 1 "
             f"and seq_len={seq_len} >= 2"
         )
-    if not 0 < heldout_fraction < 1:
-        raise ValueError(f"pretrain_tiny: heldout_fraction={heldout_fraction} must be in (0, 1)")
     started = time.perf_counter()
     torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -85,9 +83,11 @@ def pretrain_tiny(
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
-    train_windows, heldout_windows = split_windows(
-        _corpus_ids(tokenizer, eos_id=eos_id), seq_len=seq_len, heldout_fraction=heldout_fraction
-    )
+    # Trained on the train topics, judged on the held-out topics: the very text the mix measures forgetting on
+    # (``builtin:pydoc_topics_heldout``), so the report also shows the base has never seen it.
+    train_text, heldout_text = pydoc_topics_split()
+    train_windows = windows(_corpus_ids(tokenizer, train_text, eos_id=eos_id), seq_len=seq_len)
+    heldout_windows = windows(_corpus_ids(tokenizer, heldout_text, eos_id=eos_id), seq_len=seq_len)
     vocab_size = len(tokenizer)
 
     config = tiny_llama_config(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id)
@@ -159,32 +159,24 @@ def pretrain_tiny(
     return report
 
 
-def _corpus_ids(tokenizer, *, eos_id: int) -> list[int]:
-    """pydoc prose as one document closed by eos (as the mix's windower tokenizes pretraining text)."""
+def _corpus_ids(tokenizer, text: str, *, eos_id: int) -> list[int]:
+    """``text`` as one document closed by eos (as the mix's windower tokenizes pretraining text)."""
     # The stream is far longer than model_max_length; it is windowed below, so the length warning is noise.
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        ids = tokenizer(pydoc_topics_text(), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     finally:
         transformers.logging.set_verbosity(verbosity)
     return ids + [eos_id]
 
 
-def split_windows(ids: list[int], *, seq_len: int, heldout_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) windows of ``seq_len`` tokens; the last ``heldout_fraction`` of them, contiguous, held out.
-
-    The trailing partial window is dropped so batches stay rectangular.
-    """
+def windows(ids: list[int], *, seq_len: int) -> torch.Tensor:
+    """Consecutive windows of ``seq_len`` tokens; the trailing partial window is dropped so batches stay rectangular."""
     num_windows = len(ids) // seq_len
-    num_heldout = max(1, round(heldout_fraction * num_windows))
-    if num_windows - num_heldout < 1:
-        raise ValueError(
-            f"pretrain corpus has {len(ids)} tokens: too few for seq_len={seq_len} with "
-            f"heldout_fraction={heldout_fraction}"
-        )
-    windows = torch.tensor(ids[: num_windows * seq_len], dtype=torch.long).view(num_windows, seq_len)
-    return windows[:-num_heldout], windows[-num_heldout:]
+    if num_windows < 1:
+        raise ValueError(f"pretrain corpus has {len(ids)} tokens: too few for one window of seq_len={seq_len}")
+    return torch.tensor(ids[: num_windows * seq_len], dtype=torch.long).view(num_windows, seq_len)
 
 
 def _window_order(num_windows: int, *, steps: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -223,7 +215,7 @@ def unigram_loss(train: torch.Tensor, heldout: torch.Tensor, *, vocab_size: int)
 
 
 def ensure_tiny_model(cache_dir: Path, **pretrain_kwargs) -> Path:
-    """Return ``cache_dir/"tiny-llama-base"`` holding the pretrained tiny Llama, pretraining it once if missing.
+    """Return ``cache_dir / TINY_MODEL_DIRNAME`` holding the pretrained tiny Llama, pretraining it once if missing.
 
     ``pretrain_kwargs`` go to ``pretrain_tiny`` and only matter when the model is built; a complete folder is
     reused whatever they say (delete it to rebuild).

@@ -12,6 +12,7 @@ import pytest
 from sftray.data.builtin import (
     generate_demo_conversations,
     generate_demo_heldout,
+    pydoc_topics_split,
     pydoc_topics_text,
     resolve_builtin,
 )
@@ -62,6 +63,21 @@ def template_shape(prompt: str) -> str:
 
 
 # --- pydoc -----------------------------------------------------------------
+
+
+def test_pydoc_split_holds_out_whole_topics_the_base_never_trains_on():
+    from pydoc_data.topics import topics
+
+    from sftray.data.builtin import HELDOUT_TOPIC_SHARE
+
+    train, heldout = pydoc_topics_split()
+    bodies = [topics[k].strip("\n") for k in sorted(topics)]
+    in_train = [b for b in bodies if b in train]
+    in_heldout = [b for b in bodies if b in heldout]
+    # every topic is on exactly one side, whole; the held-out side is the last topics, at least the stated share
+    assert len(in_train) + len(in_heldout) == len(bodies) and in_heldout == bodies[len(in_train) :]
+    assert not any(b in train for b in in_heldout) and not any(b in heldout for b in in_train)
+    assert HELDOUT_TOPIC_SHARE <= len(heldout) / (len(train) + len(heldout)) < 2 * HELDOUT_TOPIC_SHARE
 
 
 def test_pydoc_topics_text_is_sorted_topics_joined():
@@ -198,14 +214,18 @@ def test_resolve_builtin_writes_files(tmp_path):
     assert probes == generate_demo_heldout(200, seed=0)
 
     pydoc = resolve_builtin("builtin:pydoc_topics", tmp_path)
-    assert pydoc.name == "pydoc_topics.txt"
-    assert pydoc.read_text(encoding="utf-8") == pydoc_topics_text()
+    assert pydoc.name == "pydoc_topics_train.txt"
+    assert pydoc.read_text(encoding="utf-8") == pydoc_topics_split()[0]
+    pydoc_heldout = resolve_builtin("builtin:pydoc_topics_heldout", tmp_path)
+    assert pydoc_heldout.name == "pydoc_topics_heldout.txt"
+    assert pydoc_heldout.read_text(encoding="utf-8") == pydoc_topics_split()[1]
 
     # No temp files left behind.
     assert sorted(p.name for p in (tmp_path / "builtin").iterdir()) == [
         "demo-heldout.jsonl",
         "demo-train.jsonl",
-        "pydoc_topics.txt",
+        "pydoc_topics_heldout.txt",
+        "pydoc_topics_train.txt",
     ]
 
 
@@ -231,6 +251,6 @@ def test_resolve_builtin_rejects_unknown(tmp_path, uri):
     with pytest.raises(ValueError) as info:
         resolve_builtin(uri, tmp_path)
     message = str(info.value)
-    for name in ("builtin:demo", "builtin:demo-heldout", "builtin:pydoc_topics"):
+    for name in ("builtin:demo", "builtin:demo-heldout", "builtin:pydoc_topics", "builtin:pydoc_topics_heldout"):
         assert name in message
     assert not (tmp_path / "builtin").exists()

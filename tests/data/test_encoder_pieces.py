@@ -35,6 +35,7 @@ def encoder_and_source(tmp_path_factory: pytest.TempPathFactory):
         data=DataConfig(max_seq_len=64),
         window_len=64,
         heldout_fraction=0.05,
+        heldout_sources=(),
         seed=0,
         hash_split=True,
     )

@@ -13,9 +13,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from sftray.config import compose_config
+from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import IGNORE_INDEX, encode_chat
 from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
+from sftray.data.mixing import chunk_windows
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT
 from sftray.recipes.prep import prep
 
@@ -168,6 +170,36 @@ def test_mix_ratio_is_exact_and_heldout_is_disjoint(formats_run):
     train_windows = {tuple(ids) for r in rows for k, ids, _ in _segments(r) if k == KIND_PRETRAIN}
     heldout = [tuple(ids) for r in _rows(prepared.heldout_dir) for k, ids, _ in _segments(r)]
     assert heldout and not (set(heldout) & train_windows)
+
+
+def test_forgetting_is_measured_on_the_heldout_source_only(formats_run, cache_dir):
+    # The default mix.heldout_sources is the pydoc prose the builtin base never trained on: every one of its windows
+    # is held out, none of it is mixed into training, and no window of mix.sources is held out.
+    cfg, _, prepared = formats_run
+    tok = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
+    text = resolve_builtin("builtin:pydoc_topics_heldout", cache_dir).read_text(encoding="utf-8")
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"] + [tok.eos_token_id]
+    expected = [tuple(w) for w in chunk_windows(ids, window_len=cfg.window_len)]
+    heldout = [tuple(ids) for r in _rows(prepared.heldout_dir) for _, ids, _ in _segments(r)]
+    assert sorted(heldout) == sorted(expected[: cfg.mix.max_heldout_windows])
+    trained = [tuple(ids) for r in _rows(prepared.train_dir) for k, ids, _ in _segments(r) if k == KIND_PRETRAIN]
+    assert trained and not any(w[: len(seg)] == seg for seg in trained for w in expected)
+    assert prepared.report["pretraining_windows"]["heldout_from"] == ["builtin:pydoc_topics_heldout"]
+
+
+def test_without_heldout_sources_a_hashed_share_of_the_mix_is_held_out(ray_local, cache_dir, tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": _messages(i)}) + "\n" for i in range(200)))
+    cfg = _cfg(tmp_path, cache_dir, [str(path)], "mix.ratio=0.2", "mix.window_len=64", "mix.heldout_sources=[]")
+    prepared = prep(cfg)
+    pool = resolve_builtin("builtin:pydoc_topics", cache_dir).read_text(encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
+    ids = tok(pool, add_special_tokens=False, verbose=False)["input_ids"] + [tok.eos_token_id]
+    windows = {tuple(w) for w in chunk_windows(ids, window_len=64)}
+    heldout = {tuple(ids) for r in _rows(prepared.heldout_dir) for _, ids, _ in _segments(r)}
+    trained = {tuple(ids) for r in _rows(prepared.train_dir) for k, ids, _ in _segments(r) if k == KIND_PRETRAIN}
+    assert heldout and heldout <= windows and not heldout & trained
+    assert prepared.report["pretraining_windows"]["heldout_from"] == "mix.sources, 0.05 of their windows by hash"
 
 
 def test_report_fields(formats_run):

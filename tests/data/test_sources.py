@@ -295,7 +295,7 @@ def test_resolve_builtin_demo_into_cache(tmp_path: Path) -> None:
     assert src.kind == "files" and src.fmt == "messages"
     assert expected.is_file()
     pydoc = _resolve("builtin:pydoc_topics", cache_dir=tmp_path, text=True)
-    assert pydoc.paths == (str(tmp_path / "builtin" / "pydoc_topics.txt"),) and pydoc.fmt == "text"
+    assert pydoc.paths == (str(tmp_path / "builtin" / "pydoc_topics_train.txt"),) and pydoc.fmt == "text"
 
 
 def test_resolve_unknown_builtin(tmp_path: Path) -> None:
