@@ -308,6 +308,14 @@ def _since(mark: float | None, started: float) -> float | None:
     return None if mark is None else mark - started
 
 
+def layout_rows(threads: int) -> tuple[str, str]:
+    """(Ray Train path row, in-process row) of the layout with ``threads`` CPUs: 1 worker x 1 CPU vs 1 thread, or
+    2 FSDP workers x 1 CPU vs 2 threads."""
+    if threads not in (1, 2):
+        raise ValueError(f"the Ray Train path is measured at 1 and 2 CPUs, not {threads}")
+    return (RAY_TPS_1, IN_PROCESS_TPS_1) if threads == 1 else (RAY_TPS_2, IN_PROCESS_TPS_2)
+
+
 def _row(name: str, seconds: float | None, *, note: str = "") -> dict[str, Any]:
     value = None if seconds is None or math.isnan(seconds) else seconds
     return {"section": SECTION, "name": name, "value": value, "unit": "s", "note": note}

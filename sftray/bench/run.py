@@ -143,18 +143,24 @@ def run_bench(
             "load_average_before": load_before,  # 1-minute load: other work on the machine skews timings
             "load_average_after": os.getloadavg()[0],
         }
-        _joint_summary(results.get("summary", {}))
+        _joint_summary(results, threads=threads)
         report.write(results, out_dir=out_dir)  # after every part: a long run leaves what it measured so far
     return results
 
 
-def _joint_summary(summary: dict[str, Any]) -> None:
+def _joint_summary(results: dict[str, Any], *, threads: int) -> None:
     """``train_ray_over_best_trl``: the Ray Train path over TRL's best, chained through the in-process step code
-    (Ray vs in-process on the same prepared rows, in-process vs TRL on the same examples), once both parts ran."""
-    if "train_ray_over_in_process" in summary and "train_in_process_over_best_trl" in summary:
-        summary["train_ray_over_best_trl"] = (
-            summary["train_ray_over_in_process"] * summary["train_in_process_over_best_trl"]
-        )
+    (Ray vs in-process on the same prepared rows, in-process vs TRL on the same examples), once both parts ran. The
+    Ray layout is the one with the throughput part's CPU count (1 worker x 1 CPU against 1 thread; 2 FSDP workers
+    against 2 threads), so both links of the chain compare the same compute."""
+    summary = results.get("summary", {})
+    rows = {r["name"]: r["value"] for r in results.get("overhead", [])}
+    if "train_in_process_over_best_trl" not in summary or not rows:
+        return
+    from sftray.bench.overhead import layout_rows
+
+    ray_row, local_row = layout_rows(threads)
+    summary["train_ray_over_best_trl"] = rows[ray_row] / rows[local_row] * summary["train_in_process_over_best_trl"]
 
 
 def _quiet() -> None:
