@@ -74,3 +74,27 @@ def write_sums() -> Callable[[Path, Iterable[int]], Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def write_training_chats() -> Callable[[Path], Path]:
+    """Writes the training tests' 30 conversations ("Add i and i+3.", every fourth with a second "Now double it."
+    exchange, so multi-turn masks are trained too) as messages-format JSONL; returns the path."""
+
+    def write(path: Path) -> Path:
+        out = []
+        for i in range(30):
+            msgs = [
+                {"role": "user", "content": f"Add {i} and {i + 3}."},
+                {"role": "assistant", "content": str(2 * i + 3)},
+            ]
+            if i % 4 == 0:
+                msgs += [
+                    {"role": "user", "content": "Now double it."},
+                    {"role": "assistant", "content": str(4 * i + 6)},
+                ]
+            out.append({"messages": msgs})
+        path.write_text("".join(json.dumps(c) + "\n" for c in out))
+        return path
+
+    return write

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 import shutil
 import statistics
@@ -249,7 +248,7 @@ def _in_process(prepared: Any, *, cfg: Any, model_dir: Path, threads: int, grad_
     import torch
     from transformers import AutoTokenizer
 
-    from sftray.data.collate import LENGTH_GROUP, collate_rows, grouped_micro_batches
+    from sftray.data.collate import collate_rows, micro_batches
     from sftray.models.loading import load_model
     from sftray.train.step import build_optimizer, optimizer_step
 
@@ -258,7 +257,6 @@ def _in_process(prepared: Any, *, cfg: Any, model_dir: Path, threads: int, grad_
     try:
         tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
         table = pa.concat_tables([pq.read_table(f) for f in sorted(prepared.train_dir.glob("*.parquet"))])
-        columns = table.to_pydict()
         torch.manual_seed(cfg.seed)
         model, _ = load_model(str(model_dir), tokenizer=tokenizer, trust_remote_code=False)
         model.train()
@@ -266,13 +264,8 @@ def _in_process(prepared: Any, *, cfg: Any, model_dir: Path, threads: int, grad_
         collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing)
         size, device, rates = cfg.train.micro_batch_size, torch.device("cpu"), []
         for epoch in range(1, EPOCHS + 1):
-            order = list(range(table.num_rows))
-            random.Random(cfg.seed + epoch).shuffle(order)
-            step = LENGTH_GROUP * size
-            windows = (
-                {k: [v[i] for i in order[s : s + step]] for k, v in columns.items()} for s in range(0, len(order), step)
-            )
-            batches = grouped_micro_batches(windows, size=size, seed=cfg.seed + epoch, collate=collate)
+            # the loop's own epoch: a fresh permutation of every row, length-grouped micro-batches
+            batches = micro_batches(table, rank=0, world=1, size=size, collate=collate, seed=cfg.seed + epoch)
             group = [next(batches, None) for _ in range(grad_accum)]
             started, targets = time.perf_counter(), 0  # from the first micro-batch, as the loop counts
             while group and group[0] is not None:

@@ -96,3 +96,16 @@ def collate_rows(
     if not packed:
         out["attention_mask"] = attention_mask
     return out
+
+
+def micro_batches(
+    rows: Any, *, rank: int, world: int, size: int, collate: Callable[[dict], Any], seed: int
+) -> Iterator[Any]:
+    """The micro-batches rank ``rank`` trains on in one epoch (``rows``: an Arrow table of all training rows): its
+    share of a fresh permutation of every row (``epoch_rows``), in windows of ``LENGTH_GROUP`` micro-batches whose
+    rows of similar length go together (``length_grouped``). The worker loop and the bench's in-process run both
+    call it, so the bench times the epoch that trains."""
+    mine = epoch_rows(rows.num_rows, rank=rank, world=world, seed=seed)
+    step = LENGTH_GROUP * size
+    windows = (rows.take(mine[i : i + step]).to_pydict() for i in range(0, len(mine), step))
+    return grouped_micro_batches(windows, size=size, seed=seed, collate=collate)

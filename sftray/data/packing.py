@@ -96,7 +96,7 @@ def pack_table(examples: pa.Table, *, max_seq_len: int, packing: bool, seed: int
     ``examples`` has ``input_ids`` and ``labels`` (int lists) and ``kind``. Only the bin packing loops in Python
     (over lengths); tokens move as numpy gathers, which keeps the pipeline's pack step a small share of a prep.
     """
-    ids, labels = _int32_lists(examples["input_ids"]), _int32_lists(examples["labels"])
+    ids, labels = int32_lists(examples["input_ids"]), int32_lists(examples["labels"])
     offsets = ids.offsets.to_numpy().astype(np.int64)
     lengths = np.diff(offsets)
     if not np.array_equal(np.diff(labels.offsets.to_numpy().astype(np.int64)), lengths):
@@ -144,7 +144,8 @@ def pack_table(examples: pa.Table, *, max_seq_len: int, packing: bool, seed: int
     )
 
 
-def _int32_lists(column: Any) -> pa.ListArray:
+def int32_lists(column: Any) -> pa.ListArray:
+    """An Arrow list column (chunked or not) as one ``list<int32>`` array."""
     lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     # A slice's offsets stay absolute into ``.values`` (the whole child array), which is how pack_table gathers.
     return lists.cast(pa.list_(pa.int32()))

@@ -32,7 +32,7 @@ from sftray.data.encoding import encode_conversation
 from sftray.data.errors import DataError
 from sftray.data.fingerprint import fingerprint as data_fingerprint
 from sftray.data.mixing import chunk_windows, in_fraction, pretrain_token_target, select_windows, stable_key
-from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, pack_table
+from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, int32_lists, pack_table
 from sftray.data.schema import EXAMPLE_COLUMNS, META_COLUMNS, ROW_SCHEMA
 from sftray.data.sources import (
     ResolvedSource,
@@ -686,8 +686,7 @@ def _tag_splits(batch: pa.Table, *, plan: _SplitPlan) -> pa.Table:
 
 def _cut_lists(column: Any, keep: np.ndarray) -> pa.ListArray:
     """The first ``keep[i]`` values of each list ``i`` of an int32 list column, without a Python loop per row."""
-    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lists = lists.cast(pa.list_(pa.int32()))
+    lists = int32_lists(column)
     offsets = lists.offsets.to_numpy()[: len(lists) + 1] if len(lists) else np.zeros(1, dtype=np.int32)
     values = lists.values.to_numpy()
     lengths = np.diff(offsets)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from sftray.config import Config
 from sftray.core.parallel import wrap
 from sftray.core.precision import use_bf16
-from sftray.data.collate import LENGTH_GROUP, collate_rows, epoch_rows, grouped_micro_batches
+from sftray.data.collate import collate_rows, micro_batches
 from sftray.eval import base_eval
 from sftray.eval.evaluate import Evaluator, eval_share
 from sftray.eval.metrics import (
@@ -123,7 +123,7 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
         tokens, wait, first_batch = 0, 0.0, None
         timing = {"epoch_started_at": time.time()}  # wall clock on this rank: the bench's start-up figures read it
         epoch_started = time.perf_counter()
-        batches = _micro_batches(
+        batches = micro_batches(
             train_rows, rank=rank, world=world, size=t.micro_batch_size, collate=collate, seed=cfg.seed + epoch
         )
         remaining = job.micro_batches_per_epoch
@@ -255,15 +255,6 @@ def _build_model(job: WorkerJob, *, tokenizer: Any, checkpoint_dir: Path | None)
 
         return PeftModel.from_pretrained(model, str(checkpoint_dir / "model"), is_trainable=True)
     return apply_lora(model, cfg=cfg.train.lora, new_token_ids=new_ids)
-
-
-def _micro_batches(rows: Any, *, rank: int, world: int, size: int, collate: Any, seed: int) -> Any:
-    """This rank's micro-batches of one epoch: its share of a fresh permutation of every row (``epoch_rows``), in
-    windows of ``LENGTH_GROUP`` micro-batches whose rows of similar length go together (``length_grouped``)."""
-    mine = epoch_rows(rows.num_rows, rank=rank, world=world, seed=seed)
-    step = LENGTH_GROUP * size
-    windows = (rows.take(mine[i : i + step]).to_pydict() for i in range(0, len(mine), step))
-    return grouped_micro_batches(windows, size=size, seed=seed, collate=collate)
 
 
 def _report(

@@ -144,23 +144,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _conversations() -> list[dict]:
-    """The training tests' tiny sums dataset (tests/train/test_training.py)."""
-    out = []
-    for i in range(30):
-        msgs = [{"role": "user", "content": f"Add {i} and {i + 3}."}, {"role": "assistant", "content": str(2 * i + 3)}]
-        if i % 4 == 0:
-            msgs += [{"role": "user", "content": "Now double it."}, {"role": "assistant", "content": str(4 * i + 6)}]
-        out.append({"messages": msgs})
-    return out
-
-
 @pytest.fixture(scope="module")
-def two_nodes(cache_dir, random_base, tmp_path_factory):
+def two_nodes(cache_dir, random_base, tmp_path_factory, write_training_chats):
     """Runs the training on the two-node cluster once; returns (its result dict, storage path, failures seen)."""
     root = tmp_path_factory.mktemp("multinode-train")
     data = root / "chats.jsonl"
-    data.write_text("".join(json.dumps(c) + "\n" for c in _conversations()))
+    write_training_chats(data)
     shared = root / "shared"  # both "nodes" see it: the shared storage of a real cluster
     overrides = [
         f"paths.cache_dir={cache_dir}",

@@ -8,7 +8,6 @@ then produce the same losses up to float32 reduction order (tolerance below).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shlex
@@ -42,21 +41,11 @@ RTOL = 1e-4
 """Relative tolerance between parallel layouts: float32 sums in a different order differ by ~1e-6."""
 
 
-def _conversations() -> list[dict]:
-    out = []
-    for i in range(30):
-        msgs = [{"role": "user", "content": f"Add {i} and {i + 3}."}, {"role": "assistant", "content": str(2 * i + 3)}]
-        if i % 4 == 0:
-            msgs += [{"role": "user", "content": "Now double it."}, {"role": "assistant", "content": str(4 * i + 6)}]
-        out.append({"messages": msgs})
-    return out
-
-
 @pytest.fixture(scope="module")
-def setup(ray_local, cache_dir, tmp_path_factory, random_base):
+def setup(ray_local, cache_dir, tmp_path_factory, random_base, write_training_chats):
     root = tmp_path_factory.mktemp("train")
     data = root / "chats.jsonl"
-    data.write_text("".join(json.dumps(c) + "\n" for c in _conversations()))
+    write_training_chats(data)
     overrides = [
         f"paths.cache_dir={cache_dir}",
         f"paths.output_dir={root / 'out'}",
