@@ -77,11 +77,13 @@ def write_sums() -> Callable[[Path, Iterable[int]], Path]:
 
 
 @pytest.fixture(scope="session")
-def write_training_chats() -> Callable[[Path], Path]:
-    """Writes the training tests' 30 conversations ("Add i and i+3.", every fourth with a second "Now double it."
-    exchange, so multi-turn masks are trained too) as messages-format JSONL; returns the path."""
+def training_run(cache_dir: Path) -> Callable[[Path, Path], list[str]]:
+    """The training tests' run: writes their 30 conversations ("Add i and i+3.", every fourth with a second "Now
+    double it." exchange, so multi-turn masks are trained too) under ``root`` and returns the overrides every
+    training test shares (full fine-tuning of the random base, constant lr, a lax forgetting budget), with outputs
+    in ``output_dir``. Each test appends its own layout."""
 
-    def write(path: Path) -> Path:
+    def setup(root: Path, output_dir: Path) -> list[str]:
         out = []
         for i in range(30):
             msgs = [
@@ -94,7 +96,23 @@ def write_training_chats() -> Callable[[Path], Path]:
                     {"role": "assistant", "content": str(4 * i + 6)},
                 ]
             out.append({"messages": msgs})
-        path.write_text("".join(json.dumps(c) + "\n" for c in out))
-        return path
+        data = root / "chats.jsonl"
+        data.write_text("".join(json.dumps(c) + "\n" for c in out))
+        return [
+            f"paths.cache_dir={cache_dir}",
+            f"paths.output_dir={output_dir}",
+            "data=files",
+            f"data.sources=[{{path:'{data}'}}]",
+            "data.max_seq_len=64",
+            "data.val_fraction=0.2",
+            "mix.ratio=0.1",
+            "eval.num_probes=4",
+            "eval.max_new_tokens=6",
+            "eval.forgetting_budget=10",
+            "train.method=full",
+            "train.lr=1e-3",
+            "train.warmup_ratio=0",
+            "train.schedule=constant",
+        ]
 
-    return write
+    return setup

@@ -188,12 +188,12 @@ def _window_order(num_windows: int, *, steps: int, batch_size: int, seed: int) -
 
 
 @torch.no_grad()
-def _heldout_loss(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int) -> float:
-    """Mean next-token cross-entropy (nats) over every predicted token of ``windows``."""
+def _heldout_loss(model: torch.nn.Module, heldout: torch.Tensor, *, batch_size: int) -> float:
+    """Mean next-token cross-entropy (nats) over every predicted token of the ``heldout`` windows."""
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size]
+    for start in range(0, len(heldout), batch_size):
+        batch = heldout[start : start + batch_size]
         logits = model(input_ids=batch).logits[:, :-1].float()
         targets = batch[:, 1:]
         total += torch.nn.functional.cross_entropy(

@@ -145,28 +145,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(cache_dir, random_base, tmp_path_factory, write_training_chats):
+def two_nodes(random_base, tmp_path_factory, training_run):
     """Runs the training on the two-node cluster once; returns (its result dict, storage path, failures seen)."""
     root = tmp_path_factory.mktemp("multinode-train")
-    data = root / "chats.jsonl"
-    write_training_chats(data)
     shared = root / "shared"  # both "nodes" see it: the shared storage of a real cluster
     overrides = [
-        f"paths.cache_dir={cache_dir}",
-        f"paths.output_dir={shared}",
-        "data=files",
-        f"data.sources=[{{path:'{data}'}}]",
-        "data.max_seq_len=64",
-        "data.val_fraction=0.2",
-        "mix.ratio=0.1",
-        "eval.num_probes=4",
-        "eval.max_new_tokens=6",
-        "eval.forgetting_budget=10",
-        "train.method=full",
+        *training_run(root, shared),
         "train.parallelism=fsdp",
-        "train.lr=1e-3",
-        "train.warmup_ratio=0",
-        "train.schedule=constant",
         f"train.epochs={EPOCHS}",
         "train.num_workers=2",
         "train.cpus_per_worker=1.6",

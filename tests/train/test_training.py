@@ -42,29 +42,14 @@ RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def setup(ray_local, cache_dir, tmp_path_factory, random_base, write_training_chats):
+def setup(ray_local, tmp_path_factory, random_base, training_run):
     root = tmp_path_factory.mktemp("train")
-    data = root / "chats.jsonl"
-    write_training_chats(data)
     overrides = [
-        f"paths.cache_dir={cache_dir}",
-        f"paths.output_dir={root / 'out'}",
-        "data=files",
-        f"data.sources=[{{path:'{data}'}}]",
-        "data.max_seq_len=64",
-        "data.val_fraction=0.2",
-        "mix.ratio=0.1",
-        "eval.num_probes=4",
-        "eval.max_new_tokens=6",
-        "train.method=full",
-        "train.lr=1e-3",
-        "train.warmup_ratio=0",
-        "train.schedule=constant",
+        *training_run(root, root / "out"),
         "train.epochs=3",
         "train.cpus_per_worker=0.5",
         "train.lora.dropout=0",
         "train.lora.target_modules=[q_proj,v_proj]",
-        "eval.forgetting_budget=10",
     ]
     cfg = compose_config(overrides, conf=CONF, base=root)
     prepared = prep(cfg)
