@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.train import UserCallback
-
 from sftray.config import Config, override
 from sftray.data.pipeline import Prepared, load_prepared
 from sftray.eval.metrics import (
@@ -31,6 +29,7 @@ from sftray.eval.metrics import (
 )
 from sftray.recipes.prep import prep
 from sftray.train.run import check_validation, run_training
+from sftray.tune.reports import ReportsToQueue
 
 log = logging.getLogger("sftray.sweep")
 
@@ -243,7 +242,7 @@ def _train_reporting_to_tune(cfg: Config, **kwargs: Any) -> Any:
 
     def train() -> None:
         try:
-            done.put((run_training(cfg, callbacks=[_ReportsToQueue(reports)], **kwargs), None))
+            done.put((run_training(cfg, callbacks=[ReportsToQueue(reports)], **kwargs), None))
         except BaseException as exc:  # handed to the trial thread, which raises it
             done.put((None, exc))
 
@@ -258,19 +257,6 @@ def _train_reporting_to_tune(cfg: Config, **kwargs: Any) -> Any:
     if error is not None:
         raise error
     return outcome
-
-
-class _ReportsToQueue(UserCallback):
-    """Train callback (runs in the Train controller): each rank-0 report, plus its checkpoint path, onto a queue."""
-
-    def __init__(self, reports: Any) -> None:
-        self.reports = reports
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        item = dict(metrics[0])
-        if checkpoint is not None:
-            item["checkpoint_path"] = checkpoint.path
-        self.reports.put(item)
 
 
 def _trial_row(result: Any) -> dict[str, Any]:
