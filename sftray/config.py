@@ -370,7 +370,8 @@ class LrSpace:
     """Learning rates to try: explicit ``values`` (a grid), or a log-uniform range ``low``..``high``."""
 
     values: list[float] = field(default_factory=list)
-    """Explicit learning rates, tried as a grid; leave empty to sample the range instead."""
+    """Explicit learning rates, tried as a grid; leave empty to sample the range instead (empty and no range: the
+    LR is not swept, train.lr or a sweep.points entry sets it)."""
     low: float | None = None
     """Lower end of the log-uniform range (used when values is empty)."""
     high: float | None = None
@@ -389,6 +390,10 @@ class SweepConfig:
     """train.epochs values, tried as a grid; empty keeps train.epochs."""
     params: dict[str, list[Any]] = field(default_factory=dict)
     """Any other dotted config key -> values tried as a grid, e.g. {train.lora.r: [8, 16]}."""
+    points: list[dict[str, Any]] = field(default_factory=list)
+    """One more grid axis whose points each set several keys together, e.g. each method at its own LR:
+    [{train.method: lora, train.lr: 5e-3}, {train.method: full, train.lr: 1e-3}]; a trial's config names its
+    point as sweep.point (index) beside the keys it set."""
     num_samples: int = 1
     """Repeats of the grid (with a range or random search: draws per grid point)."""
     max_concurrent_trials: int | None = None
@@ -403,8 +408,8 @@ class SweepConfig:
     def __post_init__(self) -> None:
         _one_of("sweep.scheduler", self.scheduler, ("none", "asha"))
         _one_of("sweep.search", self.search, ("grid", "optuna"))
-        if not self.lr.values and (self.lr.low is None or self.lr.high is None):
-            raise ValueError("sweep.lr needs values: [...] or both low and high")
+        if not self.lr.values and (self.lr.low is None) != (self.lr.high is None):
+            raise ValueError("sweep.lr needs values: [...], both low and high, or neither (LR not swept)")
         for i, lr in enumerate(self.lr.values):
             _in_range(f"sweep.lr.values[{i}]", lr, gt=0)
         _in_range("sweep.lr.low", self.lr.low, gt=0)
@@ -412,8 +417,22 @@ class SweepConfig:
             _in_range("sweep.lr.high", self.lr.high, gt=self.lr.low)
         for i, epochs in enumerate(self.epochs):
             _in_range(f"sweep.epochs[{i}]", epochs, ge=1)
+        for i, point in enumerate(self.points):
+            if not point:
+                raise ValueError(f"sweep.points[{i}] sets no key")
         _in_range("sweep.num_samples", self.num_samples, ge=1)
         _in_range("sweep.max_concurrent_trials", self.max_concurrent_trials, ge=1)
+
+    def trial_overrides(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A Tune trial's config as the config keys it sets: its ``sweep.point`` expanded into that point's keys."""
+        flat = {k: v for k, v in config.items() if k != SWEEP_POINT}
+        if config.get(SWEEP_POINT) is not None:
+            flat.update(self.points[config[SWEEP_POINT]])
+        return flat
+
+
+SWEEP_POINT = "sweep.point"
+"""The Tune config key of a trial's ``sweep.points`` index (not a config key: ``trial_overrides`` expands it)."""
 
 
 @dataclass(kw_only=True)

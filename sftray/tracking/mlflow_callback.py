@@ -51,7 +51,7 @@ class MlflowTrialLogger(Callback):
         )
         self.runs[trial.trial_id] = run.info.run_id
         params = flatten(self.cfg)
-        params.update({k: v for k, v in (trial.config or {}).items()})
+        params.update(self.cfg.sweep.trial_overrides(dict(trial.config or {})))
         for key, value in params.items():
             client.log_param(run.info.run_id, key, param_value(value))
 
@@ -94,7 +94,8 @@ class MlflowTrialLogger(Callback):
                 if name and isinstance(value, int | float) and math.isfinite(value):
                     client.log_metric(run_id, name, float(value))
             client.log_text(run_id, json.dumps(dataclasses.asdict(self.cfg), indent=1, default=str), "config.json")
-            client.log_text(run_id, json.dumps(trial.config, indent=1, default=str), "overrides.json")
+            overrides = self.cfg.sweep.trial_overrides(dict(trial.config or {}))
+            client.log_text(run_id, json.dumps(overrides, indent=1, default=str), "overrides.json")
             client.log_text(run_id, json.dumps(outcome, indent=1, default=str), OUTCOME_FILE)
             report = Path(outcome["data_report"])
             if report.is_file():

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sftray.config import Config
+from sftray.config import SWEEP_POINT, Config
 from sftray.eval.metrics import EXACT_MATCH, FORGETTING, FORMAT_COMPLIANCE, PRETRAIN_LOSS, SCORE, VAL_LOSS
 
 log = logging.getLogger("sftray.tracking")
@@ -127,7 +127,9 @@ def start_parent(cfg: Config, *, space: dict[str, Any], data_report: dict[str, A
         run_name=f"{cfg.sweep.name} (sweep)",
         tags={**base_tags(cfg, data_report=data_report), "sftray.role": "sweep"},
     )
-    searched = {key: describe_domain(domain) for key, domain in space.items()}
+    searched = {key: describe_domain(domain) for key, domain in space.items() if key != SWEEP_POINT}
+    for key in dict.fromkeys(k for point in cfg.sweep.points for k in point):  # each key a point sets, in order
+        searched[key] = f"sweep.points({[point.get(key) for point in cfg.sweep.points]})"
     # A swept key shows what its trials tried, not the base value none of them used.
     for key, value in {**flatten(cfg), **searched}.items():
         client.log_param(run.info.run_id, key, param_value(value))

@@ -36,7 +36,7 @@ def wandb_callback(cfg: Config) -> Any:
     class _Callback(WandbLoggerCallback):
         def log_trial_start(self, trial: Any) -> None:
             # Ray passes self.kwargs to wandb.init after its own arguments, so this config wins for this trial.
-            self.kwargs["config"] = {**base, **flatten(dict(trial.config or {}))}
+            self.kwargs["config"] = {**base, **cfg.sweep.trial_overrides(dict(trial.config or {}))}
             super().log_trial_start(trial)
 
     folder = Path(cfg.paths.output_dir).resolve()  # W&B adds its own wandb/ below

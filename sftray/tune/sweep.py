@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftray.config import Config, override
+from sftray.config import SWEEP_POINT, Config, override
 from sftray.data.pipeline import Prepared, load_prepared
 from sftray.eval.metrics import (
     EXACT_MATCH,
@@ -72,7 +72,7 @@ def read_outcome(trial_dir: str | Path) -> dict[str, Any] | None:
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
-    """The Tune param space: dotted config keys -> Tune domains."""
+    """The Tune param space: dotted config keys -> Tune domains (``sweep.point``: an index into ``sweep.points``)."""
     from ray import tune
 
     s = cfg.sweep
@@ -81,7 +81,11 @@ def search_space(cfg: Config) -> dict[str, Any]:
     def choice(values: list) -> Any:
         return tune.grid_search(list(values)) if grid else tune.choice(list(values))
 
-    space: dict[str, Any] = {"train.lr": choice(s.lr.values) if s.lr.values else tune.loguniform(s.lr.low, s.lr.high)}
+    space: dict[str, Any] = {}
+    if s.lr.values:
+        space["train.lr"] = choice(s.lr.values)
+    elif s.lr.low is not None:
+        space["train.lr"] = tune.loguniform(s.lr.low, s.lr.high)
     if s.epochs:
         space["train.epochs"] = choice(s.epochs)
     for key, values in s.params.items():
@@ -89,6 +93,16 @@ def search_space(cfg: Config) -> dict[str, Any]:
             raise ValueError(f"sweep.params.{key} is an empty list")
         override(cfg, key, values[0])  # an unknown key raises here, with the valid keys listed
         space[key] = choice(values)
+    for i, point in enumerate(s.points):
+        for key, value in point.items():
+            if key in space:
+                raise ValueError(
+                    f"sweep.points[{i}] sets {key}, which the sweep also varies on its own axis"
+                    f"{' (sweep.lr: set sweep.lr.values=[] to take the LR from the points)' if key == 'train.lr' else ''}"
+                )
+            override(cfg, key, value)  # an unknown key or a bad value raises here
+    if s.points:
+        space[SWEEP_POINT] = choice(range(len(s.points)))
     return space
 
 
@@ -148,7 +162,7 @@ def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: li
             ),
         )
     grid = tuner.fit()
-    rows = [_trial_row(r) for r in grid]
+    rows = [_trial_row(r, cfg) for r in grid]
     done = [r for r in rows if r["status"] == "finished" and r.get("score") is not None]
     if not done:
         return SweepOutcome(path=str(path), trials=rows, best=None)
@@ -161,14 +175,22 @@ def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: li
 
 
 def table(outcome: SweepOutcome) -> str:
-    """The trial table people read at the end of a sweep."""
-    head = f"{'trial':<14}{'lr':>10}{'epochs':>7}{'val loss':>10}{'format':>8}{'exact':>8}{'forget':>8}  status"
+    """The trial table people read at the end of a sweep: LR, epochs, any other swept key, then the metrics."""
+    extra = sorted({k for r in outcome.trials for k in r["overrides"]} - {"train.lr", "train.epochs"})
+    widths = {
+        k: max(len(k.rsplit(".", 1)[-1]), *(len(str(r["overrides"].get(k, "-"))) for r in outcome.trials)) + 2
+        for k in extra
+    }
+    head = f"{'trial':<14}{'lr':>10}{'epochs':>7}" + "".join(f"{k.rsplit('.', 1)[-1]:>{widths[k]}}" for k in extra)
+    head += f"{'val loss':>10}{'format':>8}{'exact':>8}{'forget':>8}  status"
     lines = [head]
     for r in sorted(outcome.trials, key=lambda r: r["trial_id"]):
         mark = " *" if outcome.best and r["trial_id"] == outcome.best["trial_id"] else ""
+        o = r["overrides"]
         lines.append(
-            f"{r['trial_id']:<14}{r['overrides'].get('train.lr', float('nan')):>10.2e}"
-            f"{r['overrides'].get('train.epochs', '-'):>7}{_f(r.get('val_loss'), '.4f'):>10}"
+            f"{r['trial_id']:<14}{_f(o.get('train.lr'), '.2e'):>10}{o.get('train.epochs', '-'):>7}"
+            + "".join(f"{str(o.get(k, '-')):>{widths[k]}}" for k in extra)
+            + f"{_f(r.get('val_loss'), '.4f'):>10}"
             f"{_f(r.get('format_compliance'), '.0%'):>8}{_f(r.get('exact_match'), '.0%'):>8}"
             f"{_f(r.get('forgetting'), '+.1%'):>8}  {r['status']}{mark}"
         )
@@ -194,11 +216,12 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
 
     started_at = time.time()  # wall clock: the bench's per-trial start-up figure starts here
     cfg = base_cfg
-    for key, value in config.items():
+    overrides = base_cfg.sweep.trial_overrides(config)
+    for key, value in overrides.items():
         cfg = override(cfg, key, value)
     ctx = ray.tune.get_context()
     # Data/mix keys change the prepared data: prepare (cached by fingerprint) for this trial's config.
-    if any(k.startswith(("data.", "mix.", "model.")) for k in config):
+    if any(k.startswith(("data.", "mix.", "model.")) for k in overrides):
         prepared = prep(cfg)
     else:
         prepared = load_prepared(Path(prepared_dir))
@@ -210,7 +233,7 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
         storage_path=str(trial_runs_dir(cfg)),
     )
     record = {
-        "overrides": config,
+        "overrides": overrides,
         "best_checkpoint": outcome.best_checkpoint,
         "best_metrics": outcome.best_metrics,
         "reason": outcome.best_reason,
@@ -259,10 +282,11 @@ def _train_reporting_to_tune(cfg: Config, **kwargs: Any) -> Any:
     return outcome
 
 
-def _trial_row(result: Any) -> dict[str, Any]:
+def _trial_row(result: Any, cfg: Config) -> dict[str, Any]:
     trial_dir = Path(result.path)
     trial_id = (result.metrics or {}).get("trial_id") or trial_dir.name
-    row: dict[str, Any] = {"trial_id": trial_id, "overrides": dict(result.config or {}), "path": str(trial_dir)}
+    overrides = cfg.sweep.trial_overrides(dict(result.config or {}))
+    row: dict[str, Any] = {"trial_id": trial_id, "overrides": overrides, "path": str(trial_dir)}
     outcome = read_outcome(trial_dir)
     if result.error is not None or outcome is None:
         row.update(status="failed" if result.error is not None else "stopped", error=str(result.error or "")[:300])

@@ -66,6 +66,10 @@ def mlflow_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+RANK_AT = {1e-3: 4, 3e-3: 8}
+"""sweep.points of the sweep below: LR -> the LoRA rank set with it."""
+
+
 @pytest.fixture(scope="module")
 def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server, random_base, write_sums):
     root = tmp_path_factory.mktemp("sweep")
@@ -89,7 +93,9 @@ def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server, random_base
             "train.micro_batch_size=8",
             "train.max_failures=0",
             "sweep.name=tiny",
-            "sweep.lr.values=[1e-3,3e-3]",
+            # The LR comes from sweep.points, each with its own LoRA rank: the trials' params must be those pairs.
+            "sweep.lr.values=[]",
+            f"sweep.points=[{{train.lr: 1e-3, train.lora.r: {RANK_AT[1e-3]}}}, {{train.lr: 3e-3, train.lora.r: {RANK_AT[3e-3]}}}]",
             "sweep.epochs=[1]",
             # one grid point makes its trial's worker exit at step 1: that trial must fail alone
             "+sweep.params={train.fail_at_step: [null, 1]}",
@@ -141,6 +147,10 @@ def test_a_crashing_trial_fails_alone(swept):
         (r["trial_id"], r["status"], r.get("error")) for r in outcome.trials
     ]
     assert all(r["overrides"]["train.fail_at_step"] == 1 for r in outcome.trials if r["status"] == "failed")
+    # Every (point, fail_at_step) pair ran once; each row names its point's keys, not the point's index.
+    pairs = sorted((r["overrides"]["train.lr"], r["overrides"]["train.fail_at_step"] or 0) for r in outcome.trials)
+    assert pairs == [(1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)]
+    assert all(r["overrides"]["train.lora.r"] == RANK_AT[r["overrides"]["train.lr"]] for r in outcome.trials)
 
 
 def test_the_best_trial_is_a_finished_one_and_the_table_says_why(swept):
@@ -150,6 +160,7 @@ def test_the_best_trial_is_a_finished_one_and_the_table_says_why(swept):
     text = table(outcome)
     assert f"best trial: {outcome.best['trial_id']}" in text and "why this epoch: highest" in text
     assert "ranked first: " in text and "within the forgetting budget" in outcome.best_reason
+    assert text.splitlines()[0].split()[:5] == ["trial", "lr", "epochs", "fail_at_step", "r"]  # every swept key
 
 
 def test_mlflow_parent_run_names_the_best_trial_and_keeps_the_sweeps_files(swept, store):
@@ -160,6 +171,8 @@ def test_mlflow_parent_run_names_the_best_trial_and_keeps_the_sweeps_files(swept
     assert {"config.json", "search_space.json", "data_report.json", "trials.txt", "best_trial.json"} <= {
         a.path for a in client.list_artifacts(parent)
     }
+    params = client.get_run(parent).data.params  # a key set by sweep.points shows the values its points gave it
+    assert params["train.lr"] == "sweep.points([0.001, 0.003])" and "sweep.point" not in params
 
 
 def test_mlflow_child_runs_carry_status_tags_and_params(sweep_cfg, swept, store):
@@ -173,6 +186,8 @@ def test_mlflow_child_runs_carry_status_tags_and_params(sweep_cfg, swept, store)
         assert tags["chat_template_hash"] == prepared.report["chat_template_hash"] and tags["git_commit"]
         assert tags["sftray_version"] == "0.1.0"
         assert params["train.method"] == cfg.train.method and params["train.lr"] in ("0.001", "0.003")
+        assert params["train.lora.r"] == str(RANK_AT[float(params["train.lr"])])  # a point's keys travel together
+        assert "sweep.point" not in params
 
 
 def test_mlflow_finished_child_runs_carry_epochs_artifacts_and_the_selected_epoch(swept, store):
