@@ -15,6 +15,9 @@ from sftray.data.sources import ResolvedSource, fingerprint_files, load_hub_spli
 
 DATA_VERSION = 3
 """Bumped whenever the stored row schema or any transform changes; part of the fingerprint."""
+CONFIG_INPUTS = ("seed", "window_len", "data", "mix", "model")
+"""Top-level config keys ``fingerprint`` reads (``model`` through its tokenizer): a change to any key under them may
+change the prepared data (a sweep trial that sets one prepares its own)."""
 
 
 def fingerprint(cfg: Config, tokenizer: Any, sources: list[ResolvedSource]) -> str:

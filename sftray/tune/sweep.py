@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftray.config import SWEEP_POINT, Config, override
+from sftray.data.fingerprint import CONFIG_INPUTS
 from sftray.data.pipeline import Prepared, load_prepared
 from sftray.eval.metrics import (
     EXACT_MATCH,
@@ -104,6 +105,11 @@ def search_space(cfg: Config) -> dict[str, Any]:
     if s.points:
         space[SWEEP_POINT] = choice(range(len(s.points)))
     return space
+
+
+def trial_prepares_own_data(overrides: dict[str, Any]) -> bool:
+    """Whether a trial's overrides change its prepared data, so it prepares (or finds cached) its own."""
+    return any(key.split(".", 1)[0] in CONFIG_INPUTS for key in overrides)
 
 
 def trial_resources(cfg: Config, *, cluster: dict[str, float]) -> tuple[dict[str, float], int]:
@@ -220,8 +226,7 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
     for key, value in overrides.items():
         cfg = override(cfg, key, value)
     ctx = ray.tune.get_context()
-    # Data/mix keys change the prepared data: prepare (cached by fingerprint) for this trial's config.
-    if any(k.startswith(("data.", "mix.", "model.")) for k in overrides):
+    if trial_prepares_own_data(overrides):
         prepared = prep(cfg)
     else:
         prepared = load_prepared(Path(prepared_dir))
