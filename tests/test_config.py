@@ -75,7 +75,7 @@ OPTION_VALUES: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("eval", "default"): {
         "eval.select_metric": "eval/format_compliance",
-        "eval.forgetting_budget": 0.25,
+        "eval.forgetting_budget": 0.05,
         "eval.num_probes": 64,
     },
     ("mix", "pydoc"): {"mix.ratio": 0.1, "mix.sources": PYDOC, "mix.window_len": None},

@@ -55,7 +55,7 @@ def test_parent_params_show_the_search_space_of_swept_keys(tmp_path: Path) -> No
     assert params["train.lr"] == "grid_search([0.001, 0.005])"  # not the base train.lr no trial used
     assert params["train.epochs"] == "grid_search([1, 2])"
     assert params["train.lora.r"] == "grid_search([8, 16])"
-    assert params["train.method"] == "lora" and params["eval.forgetting_budget"] == "0.25"  # the rest as configured
+    assert params["train.method"] == "lora" and params["eval.forgetting_budget"] == "0.05"  # the rest as configured
     space = json.loads(Path(client.download_artifacts(parent, "search_space.json", str(tmp_path))).read_text())
     assert space == {k: params[k] for k in ("train.lr", "train.epochs", "train.lora.r")}
 
