@@ -16,7 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from sftray.config import Config
-from sftray.tracking.mlflow_logger import BEST_NAMES, flatten, param_value, tracking_uri
+from sftray.tracking.mlflow_logger import BEST_NAMES, param_value, tracking_uri, trial_params
 from sftray.tune.sweep import OUTCOME_FILE, read_outcome
 
 
@@ -50,9 +50,7 @@ class MlflowTrialLogger(Callback):
             },
         )
         self.runs[trial.trial_id] = run.info.run_id
-        params = flatten(self.cfg)
-        params.update(self.cfg.sweep.trial_overrides(dict(trial.config or {})))
-        for key, value in params.items():
+        for key, value in trial_params(self.cfg, dict(trial.config or {})).items():
             client.log_param(run.info.run_id, key, param_value(value))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:

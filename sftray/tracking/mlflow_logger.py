@@ -67,6 +67,12 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {k: redact(v) for k, v in out.items() if not any(w in k.lower() for w in SECRET_WORDS)}
 
 
+def trial_params(cfg: Config, trial_config: dict[str, Any]) -> dict[str, Any]:
+    """A sweep trial's params, as MLflow and W&B both record them: the flattened config with the trial's own values
+    (its ``sweep.points`` entry expanded) on top, flattened the same way (lists as JSON, secrets dropped)."""
+    return {**flatten(cfg), **flatten(cfg.sweep.trial_overrides(trial_config))}
+
+
 def redact(value: Any) -> Any:
     """Strings lose any password embedded in a URL (``http://user:***@host``); other values pass unchanged."""
     return _URL_PASSWORD.sub(r"\1:***@", value) if isinstance(value, str) else value

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sftray.config import Config
-from sftray.tracking.mlflow_logger import flatten
+from sftray.tracking.mlflow_logger import trial_params
 
 # Tune's bookkeeping fields: not metrics.
 EXCLUDES = ["time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip", "date"]
@@ -31,12 +31,10 @@ def wandb_callback(cfg: Config) -> Any:
     """
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    base = flatten(cfg)
-
     class _Callback(WandbLoggerCallback):
         def log_trial_start(self, trial: Any) -> None:
             # Ray passes self.kwargs to wandb.init after its own arguments, so this config wins for this trial.
-            self.kwargs["config"] = {**base, **cfg.sweep.trial_overrides(dict(trial.config or {}))}
+            self.kwargs["config"] = trial_params(cfg, dict(trial.config or {}))
             super().log_trial_start(trial)
 
     folder = Path(cfg.paths.output_dir).resolve()  # W&B adds its own wandb/ below

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftray.config import compose_config
-from sftray.tracking.mlflow_logger import flatten, redact
+from sftray.tracking.mlflow_logger import flatten, redact, trial_params
 from sftray.tracking.wandb_logger import wandb_mode
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -37,3 +37,21 @@ def test_wandb_is_offline_without_credentials(monkeypatch, tmp_path):
     assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode() == "disabled"
+
+
+def test_a_trials_params_are_flattened_like_the_config_whatever_set_them(tmp_path):
+    # MLflow and W&B record the same params: a point's list value is JSON like the config's lists, and a URL's
+    # password is masked even when a sweep point (not the config) sets it.
+    cfg = compose_config(
+        [
+            "+sweep.points=[{train.lora.target_modules: [q_proj, v_proj], tracking.uri: 'http://a:pw@h:5000'}]",
+            "+sweep.params.train.lora.r=[4,8]",
+        ],
+        conf=CONF,
+        base=tmp_path,
+    )
+    params = trial_params(cfg, {"sweep.point": 0, "train.lora.r": 8, "train.lr": 0.001})
+    assert params["train.lora.target_modules"] == '["q_proj", "v_proj"]'
+    assert params["tracking.uri"] == "http://a:***@h:5000"
+    assert params["train.lora.r"] == 8 and params["train.lr"] == 0.001 and params["sweep.name"] == "demo"
+    assert "sweep.point" not in params
