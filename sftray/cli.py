@@ -122,6 +122,8 @@ def _train(cfg: Config, *, force: bool, overrides: list[str]) -> int:
     from sftray.train.run import summary
 
     init_ray()
+    if cfg.stages:
+        return _train_stages(cfg, overrides=overrides)
     name = run_name(cfg)
     try:
         outcome = train(cfg, force=force, name=name)
@@ -134,6 +136,38 @@ def _train(cfg: Config, *, force: bool, overrides: list[str]) -> int:
         print(_train_resume_hint(runs_dir(cfg) / name, overrides, interrupted=interrupted), file=sys.stderr)
         return 130 if interrupted else 1
     print(summary(outcome))
+    return 0
+
+
+def _train_stages(cfg: Config, *, overrides: list[str]) -> int:
+    """The multi-stage recipe and its per-stage summary; on Ctrl-C or failure the command that resumes the chain
+    (``train.resume_from=<chain folder>``: finished stages are kept, the unfinished one goes on)."""
+    import shlex
+
+    from ray.exceptions import RayActorError
+
+    from sftray.recipes.stages import chain_name, is_chain, summary, train_stages
+    from sftray.recipes.train import runs_dir
+
+    resume = cfg.train.resume_from
+    if resume and not is_chain(Path(resume)):
+        raise ConfigError(f"train.resume_from={resume} is not a multi-stage run's folder (no chain.json in it)")
+    chain_dir = Path(resume) if resume else runs_dir(cfg) / chain_name(cfg)
+    try:
+        stages = train_stages(cfg, chain_dir=chain_dir)
+    except (KeyboardInterrupt, SystemExit, Exception) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt | SystemExit | RayActorError)
+        if not interrupted:
+            log.error("training failed: %s", exc)
+        kept = [o for o in overrides if not o.lstrip("+").startswith("train.resume_from=")]
+        print(
+            f"multi-stage training {'interrupted' if interrupted else 'failed'} ({chain_dir})\n"
+            f"resume with:  sftray train {shlex.join([*kept, f'train.resume_from={chain_dir}'])}\n"
+            f"         or:  make train ARGS={shlex.quote(shlex.join(kept))} resume_from={shlex.quote(str(chain_dir))}",
+            file=sys.stderr,
+        )
+        return 130 if interrupted else 1
+    print(summary(stages))
     return 0
 
 

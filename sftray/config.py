@@ -259,8 +259,13 @@ class LoraConfig:
     """Module names that get adapters; ["all-linear"] targets every linear layer."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapters (e.g. lm_head)."""
+    between_stages: str = "merge"
+    """How a LoRA stage of a multi-stage run starts from the previous stage's selected checkpoint: merge (that
+    adapter merged into the weights, a new adapter on top) | continue (the same adapter trained on; this stage's
+    r, alpha and targets are then the adapter's own). Read from the stage that starts."""
 
     def __post_init__(self) -> None:
+        _one_of("train.lora.between_stages", self.between_stages, ("merge", "continue"))
         _in_range("train.lora.r", self.r, ge=1)
         _in_range("train.lora.alpha", self.alpha, gt=0)
         _in_range("train.lora.dropout", self.dropout, ge=0, lt=1)
@@ -467,6 +472,27 @@ class PathsConfig:
     """Built offline assets: tiny tokenizer/model, builtin data ($SFTRAY_CACHE)."""
 
 
+STAGE_GROUPS = ("data", "mix", "train", "eval")
+"""The config groups a stage of a multi-stage run may override."""
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One stage of a multi-stage run: a name and its overrides of data, mix, train and eval (nested mappings of
+    their keys, e.g. ``train: {lr: 1e-3, lora: {r: 8}}``); everything else is the run's own config."""
+
+    name: str = "???"
+    """Stage name: its run folder, its MLflow child run and its probe metrics (eval/<name>/format_compliance)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Overrides of data (its sources, probes, ...)."""
+    mix: dict[str, Any] = field(default_factory=dict)
+    """Overrides of mix."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Overrides of train (lr, epochs, method, lora.between_stages, ...)."""
+    eval: dict[str, Any] = field(default_factory=dict)
+    """Overrides of eval."""
+
+
 @dataclass(kw_only=True)
 class Config:
     """Root configuration composed from conf/config.yaml."""
@@ -481,9 +507,18 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    """Multi-stage SFT (``conf/stages``): stage k trains from stage k-1's selected checkpoint with this config plus
+    its own overrides; empty: one training run."""
 
     def __post_init__(self) -> None:
         _in_range("seed", self.seed, ge=0)
+        names = [stage.name for stage in self.stages]
+        for i, name in enumerate(names):
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)) or names.index(name) != i:
+                raise ValueError(f"stages[{i}].name={name!r}: stage names must be unique words ([A-Za-z0-9_-])")
+        for i in range(len(self.stages)):
+            stage_config(self, i)  # an unknown key or a bad value fails here, naming the stage
 
     @property
     def window_len(self) -> int:
@@ -500,18 +535,53 @@ class Config:
         return dataclasses.replace(self, paths=paths)
 
 
-def override(cfg: Config, dotted: str, value: Any) -> Config:
-    """A copy of ``cfg`` with the dotted key set (``train.lora.r``); unknown keys list the valid ones."""
+def override(cfg: Any, dotted: str, value: Any) -> Any:
+    """A copy of ``cfg`` with the dotted key set (``train.lora.r``, ``stages.1.train.lr``: list items by index,
+    keys inside open mappings nested); unknown keys list the valid ones."""
     head, _, rest = dotted.partition(".")
+    if isinstance(cfg, list):
+        if not head.isdigit() or int(head) >= len(cfg):
+            raise ValueError(f"config key part '{head}' of '{dotted}' is not an index below {len(cfg)}")
+        items = list(cfg)
+        items[int(head)] = override(items[int(head)], rest, value) if rest else value
+        return items
+    if isinstance(cfg, dict):
+        inner = cfg.get(head, {})
+        return {**cfg, head: override(inner if isinstance(inner, dict) else {}, rest, value) if rest else value}
     fields = {f.name for f in dataclasses.fields(cfg)}
     if head not in fields:
         raise ValueError(f"unknown config key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
     if not rest:
         return dataclasses.replace(cfg, **{head: value})
     child = getattr(cfg, head)
-    if not dataclasses.is_dataclass(child):
+    if not (dataclasses.is_dataclass(child) or isinstance(child, list | dict)):
         raise ValueError(f"config key '{head}' has no sub-keys (asked for '{dotted}')")
     return dataclasses.replace(cfg, **{head: override(child, rest, value)})
+
+
+def stage_config(cfg: Config, index: int) -> Config:
+    """The config stage ``index`` trains with: ``cfg`` with that stage's overrides merged in (typed and checked
+    like the groups themselves), and no stages of its own."""
+    from omegaconf import OmegaConf
+
+    stage = cfg.stages[index]
+    out = dataclasses.replace(cfg, stages=[])
+    for group in STAGE_GROUPS:
+        overrides = getattr(stage, group)
+        if not overrides:
+            continue
+        where = f"stages[{index}] ({stage.name}).{group}"
+        if unknown := unknown_keys(overrides, group):
+            raise ValueError(f"{where}: {unknown_key_message(unknown[0])}")
+        error = None
+        try:
+            merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(getattr(cfg, group)), overrides))
+        except Exception as exc:  # OmegaConf's type errors and the groups' own range checks
+            error = f"{where}: {explain_config_error(exc)}"
+        if error:  # raised outside the handler: the stage's message, not OmegaConf's, is the deepest one
+            raise ValueError(error)
+        out = dataclasses.replace(out, **{group: merged})
+    return out
 
 
 def register_configs() -> None:
@@ -608,6 +678,10 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
     # "train.lora.r" (Hydra would nest train: {lora: {r: ...}}), as +sweep.params={train.lora.r:[8,16]} does.
     mappings = "|".join(re.escape(m) for m in open_mappings())
     overrides = [re.sub(rf"^(\+*)({mappings})\.([^=]+)=(.*)$", r"\1\2={\3:\4}", o, flags=re.S) for o in overrides]
+    # A stage's overrides are open mappings too: stages.1.train.lr=1e-4 sets the key whether or not the stage file
+    # set it (Hydra alone would demand +); stage_config then checks it against the schema.
+    groups = "|".join(STAGE_GROUPS)
+    overrides = [re.sub(rf"^(?!\+)(stages\.\d+\.(?:{groups})\.)", r"++\1", o) for o in overrides]
     try:
         with initialize_config_dir(config_dir=str(Path(conf or config_dir()).resolve()), version_base="1.3"):
             composed = compose("config", overrides=overrides)

@@ -20,8 +20,11 @@ from sftray.config import (
     ModelConfig,
     PathsConfig,
     SourceConfig,
+    StageConfig,
     compose_config,
+    override,
     schema_keys,
+    stage_config,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -52,6 +55,11 @@ def compose_error(overrides: list[str], base: Path, conf: Path = CONF) -> str:
 CHATS = "/data/chats.jsonl"  # data=files takes its source from SFTRAY_DATA here
 PYDOC = [SourceConfig(path="builtin:pydoc_topics", format="text", text_field="text")]
 OPTION_OVERRIDES = {("model", "hf"): ["model.name_or_path=org/model"]}  # a required key
+DEMO_JSON_STAGE = StageConfig(
+    name="json",
+    data={"name": "demo-json", "sources": [{"path": "builtin:demo-json"}], "probes": "builtin:demo-json-heldout"},
+    train={"lora": {"between_stages": "merge"}},
+)
 OPTION_VALUES: dict[tuple[str, str], dict[str, Any]] = {
     ("data", "demo"): {
         "data.name": "demo",
@@ -89,6 +97,7 @@ OPTION_VALUES: dict[tuple[str, str], dict[str, Any]] = {
         "sweep.params": {"mix.ratio": [0.0, 0.05, 0.2]},
         "sweep.points": [{"train.method": "lora", "train.lr": 5e-3}, {"train.method": "full", "train.lr": 1e-3}],
     },
+    ("stages", "demo_two_stage"): {"stages": [StageConfig(name="chat"), DEMO_JSON_STAGE]},
     ("tracking", "mlflow"): {"tracking.uri": None, "tracking.wandb.enabled": False},
     ("train", "full"): {  # as lora but for method and lr
         "train.method": "full",
@@ -445,7 +454,7 @@ def _is_field(path: str) -> bool:
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(CONF)))
 def test_every_yaml_key_is_in_the_schema(path: Path) -> None:
     rel = path.relative_to(CONF)
-    group = "" if len(rel.parts) == 1 else rel.parts[0]
+    group = "" if len(rel.parts) == 1 or path.read_text().startswith("# @package _global_") else rel.parts[0]
     assert schema_keys(group) is not None, f"conf/{rel.parts[0]}/ is not a Config field"
     keys = _yaml_keys(yaml.safe_load(path.read_text()), group)
     # Keys inside an open mapping (a schema field that is a dict, e.g. sweep.params, or a list of dicts, e.g.
@@ -466,3 +475,42 @@ def test_schema_keys() -> None:
     assert schema_keys("mix.sources") == schema_keys("data.sources")
     assert schema_keys("data.max_seq_len") is None
     assert schema_keys("nope") is None
+
+
+# --- multi-stage ------------------------------------------------------------------------------------------------------
+
+
+def test_a_stage_is_the_run_config_plus_its_overrides(tmp_path: Path) -> None:
+    cfg = compose(["stages=demo_two_stage", "train.lr=2e-3", "stages.1.train.lr=1e-4"], tmp_path)
+    first, second = stage_config(cfg, 0), stage_config(cfg, 1)
+    assert first.train.lr == 2e-3 and first.data == cfg.data and first.stages == []
+    assert second.train.lr == 1e-4 and second.train.epochs == cfg.train.epochs  # the rest is the run's own
+    assert second.data.sources == [SourceConfig(path="builtin:demo-json")] and second.data.max_seq_len == 256
+    assert second.data.probes == "builtin:demo-json-heldout" and second.mix == cfg.mix
+    # a key the stage file does not set is set the same way, nested keys too
+    cfg = compose(["stages=demo_two_stage", "stages.0.train.lora.r=4", "stages.1.eval.num_probes=8"], tmp_path)
+    assert stage_config(cfg, 0).train.lora.r == 4 and stage_config(cfg, 1).train.lora.r == cfg.train.lora.r
+    assert stage_config(cfg, 1).eval.num_probes == 8
+
+
+def test_a_stage_key_is_swept_like_any_key(tmp_path: Path) -> None:
+    cfg = compose(["stages=demo_two_stage"], tmp_path)
+    swept = override(cfg, "stages.1.train.lr", 3e-4)
+    assert stage_config(swept, 1).train.lr == 3e-4 and stage_config(cfg, 1).train.lr == cfg.train.lr
+    assert stage_config(override(cfg, "stages.1.train.lora.r", 4), 1).train.lora.r == 4
+    with pytest.raises(ValueError, match="not an index below 2"):
+        override(cfg, "stages.2.train.lr", 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("override_", "message"),
+    [
+        ("stages.1.train.lrr=1", "stages[1] (json).train: unknown config key 'train.lrr'. Valid keys of train: method"),
+        ("stages.0.data.max_seq_len=many", "stages[0] (chat).data: invalid value for config key 'max_seq_len'"),
+        ("stages.1.train.lora.between_stages=fold", "choose one of: merge, continue"),
+        ("stages.1.train.epochs=0", "train.epochs=0"),
+        ("stages.1.name=chat", "stage names must be unique"),
+    ],
+)
+def test_a_bad_stage_key_or_value_names_the_stage(tmp_path: Path, override_: str, message: str) -> None:
+    assert message in compose_error(["stages=demo_two_stage", override_], tmp_path)

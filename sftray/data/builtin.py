@@ -38,6 +38,8 @@ __all__ = [
 BUILTIN_NAMES: dict[str, str] = {
     "demo": "demo-train.jsonl",
     "demo-heldout": "demo-heldout.jsonl",
+    "demo-json": "demo-json-train.jsonl",
+    "demo-json-heldout": "demo-json-heldout.jsonl",
     "pydoc_topics": "pydoc_topics_train.txt",
     "pydoc_topics_heldout": "pydoc_topics_heldout.txt",
 }
@@ -45,6 +47,7 @@ HELDOUT_TOPIC_SHARE = 0.05
 """Share of the pydoc prose (characters, whole topics, the last in key order) that the builtin base never trains on
 and the mix never mixes in: the forgetting measure's text (``builtin:pydoc_topics_heldout``)."""
 _DEMO_TRAIN_SIZE = 2000
+_DEMO_JSON_TRAIN_SIZE = 1000
 _DEMO_TRAIN_SEED = 0
 _DEMO_HELDOUT_SIZE = 200
 _DEMO_HELDOUT_SEED = 0
@@ -222,22 +225,78 @@ _TASKS: dict[str, tuple[Callable[[random.Random], _Instance], tuple[str, ...], t
 DEMO_TASKS: tuple[str, ...] = tuple(_TASKS)
 
 
+def _sample_subtract(rng: random.Random) -> _Instance:
+    a, b = sorted(rng.sample(range(100), 2), reverse=True)
+    return f"subtract:{a},{b}", {"a": str(a), "b": str(b)}, str(a - b)
+
+
+def _sample_multiply(rng: random.Random) -> _Instance:
+    a, b = rng.randint(2, 12), rng.randint(2, 99)
+    return f"multiply:{min(a, b)},{max(a, b)}", {"a": str(a), "b": str(b)}, str(a * b)
+
+
+def _sample_join(rng: random.Random) -> _Instance:
+    v, w = rng.sample(_WORDS, 2)  # ordered: joining v and w is not joining w and v
+    return f"join:{v},{w}", {"v": v, "w": w}, f"{v}-{w}"
+
+
+def _sample_double(rng: random.Random) -> _Instance:
+    a = rng.randint(0, 499)
+    return f"double:{a}", {"a": str(a)}, str(2 * a)
+
+
+# The second stage of the multi-stage demo (conf/stages/demo_two_stage.yaml): other tasks, and every answer in a
+# new response format, JSON_FORMAT. Same rules as _TASKS (every template embeds all fields).
+_JSON_TASKS: dict[str, tuple[Callable[[random.Random], _Instance], tuple[str, ...], tuple[str, ...]]] = {
+    "subtract": (
+        _sample_subtract,
+        ("What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}."),
+        ("Now {a} minus {b}?", "And {a} - {b}?"),
+    ),
+    "multiply": (
+        _sample_multiply,
+        ("What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} x {b}."),
+        ("Now {a} times {b}?", "And {a} x {b}?"),
+    ),
+    "join": (
+        _sample_join,
+        (
+            "Join '{v}' and '{w}' with a hyphen.",
+            "Hyphenate '{v}' and '{w}'.",
+            "Write '{v}' then '{w}', joined by a dash.",
+        ),
+        ("Now join '{v}' and '{w}'.", "And '{v}' with '{w}'?"),
+    ),
+    "double": (
+        _sample_double,
+        ("What is twice {a}?", "Double the number {a}.", "Multiply {a} by two."),
+        ("Now double {a}.", "And twice {a}?"),
+    ),
+}
+JSON_FORMAT = '{{"result": "{answer}"}}'
+"""The response format of the second demo stage: the answer inside a one-key JSON object."""
+JSON_FORMAT_REGEX = r'\{"result": "[^"]*"\}'
+"""What a compliant response of the second stage looks like (the probes' ``format``)."""
+
+
 def _is_heldout(key: str) -> bool:
     # SHA-256 rather than hash(): stable across processes (no PYTHONHASHSEED dependence).
     digest = hashlib.sha256(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % _HELDOUT_BUCKETS == 0
 
 
-def _draw(*, rng: random.Random, task: str, heldout: bool) -> _Instance:
+def _draw(*, rng: random.Random, task: str, heldout: bool, tasks: dict = _TASKS) -> _Instance:
     """Rejection-sample an instance of `task` on the requested side of the split."""
-    sampler = _TASKS[task][0]
+    sampler = tasks[task][0]
     while True:
         inst = sampler(rng)
         if _is_heldout(inst[0]) == heldout:
             return inst
 
 
-def generate_demo_conversations(n: int, *, seed: int, multi_turn_share: float = 0.25) -> list[dict]:
+def generate_demo_conversations(
+    n: int, *, seed: int, multi_turn_share: float = 0.25, tasks: dict | None = None, answer_format: str = "{answer}"
+) -> list[dict]:
     """Return `n` seeded conversations `{"messages": [...], "task": str}` with verifiable answers.
 
     Tasks (uniform): add, reverse, uppercase, count, sort, larger. A share
@@ -249,25 +308,28 @@ def generate_demo_conversations(n: int, *, seed: int, multi_turn_share: float = 
         raise ValueError(f"n must be >= 0, got {n}")
     if not 0.0 <= multi_turn_share <= 1.0:
         raise ValueError(f"multi_turn_share must be in [0, 1], got {multi_turn_share}")
+    tasks = tasks or _TASKS
     rng = random.Random(seed)
     out: list[dict] = []
     for _ in range(n):
-        task = rng.choice(DEMO_TASKS)
-        _, first_templates, follow_templates = _TASKS[task]
+        task = rng.choice(tuple(tasks))
+        _, first_templates, follow_templates = tasks[task]
         turns = rng.randint(2, 3) if rng.random() < multi_turn_share else 1
         messages: list[dict[str, str]] = []
         if rng.random() < _SYSTEM_SHARE:
             messages.append({"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)})
         for turn in range(turns):
-            _, fields, answer = _draw(rng=rng, task=task, heldout=False)
+            _, fields, answer = _draw(rng=rng, task=task, heldout=False, tasks=tasks)
             template = rng.choice(first_templates if turn == 0 else follow_templates)
             messages.append({"role": "user", "content": template.format(**fields)})
-            messages.append({"role": "assistant", "content": answer})
+            messages.append({"role": "assistant", "content": answer_format.format(answer=answer)})
         out.append({"messages": messages, "task": task})
     return out
 
 
-def generate_demo_heldout(n: int, *, seed: int) -> list[dict]:
+def generate_demo_heldout(
+    n: int, *, seed: int, tasks: dict | None = None, answer_format: str = "{answer}", format_regex: str | None = None
+) -> list[dict]:
     """Return `n` distinct held-out probes `{"prompt", "reference", "task"}`.
 
     Prompts use the first-turn templates over held-out instances only, so they
@@ -276,6 +338,8 @@ def generate_demo_heldout(n: int, *, seed: int) -> list[dict]:
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    tasks = tasks or _TASKS
+    names = tuple(tasks)
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[dict] = []
@@ -285,13 +349,14 @@ def generate_demo_heldout(n: int, *, seed: int) -> list[dict]:
         # The held-out prompt space is finite (a few thousand), so cap the retries.
         if attempts > 100 * n + 1000:
             raise ValueError(f"cannot draw {n} distinct held-out probes")
-        task = DEMO_TASKS[len(out) % len(DEMO_TASKS)]
-        _, fields, answer = _draw(rng=rng, task=task, heldout=True)
-        prompt = rng.choice(_TASKS[task][1]).format(**fields)
+        task = names[len(out) % len(names)]
+        _, fields, answer = _draw(rng=rng, task=task, heldout=True, tasks=tasks)
+        prompt = rng.choice(tasks[task][1]).format(**fields)
         if prompt in seen:
             continue
         seen.add(prompt)
-        out.append({"prompt": prompt, "reference": answer, "task": task})
+        probe = {"prompt": prompt, "reference": answer_format.format(answer=answer), "task": task}
+        out.append(probe | ({"format": format_regex} if format_regex else {}))
     return out
 
 
@@ -308,6 +373,8 @@ def resolve_builtin(uri: str, cache_dir: Path) -> Path:
 
     `builtin:demo` -> demo-train.jsonl (2000 conversations, seed 0),
     `builtin:demo-heldout` -> demo-heldout.jsonl (200 probes, seed 0),
+    `builtin:demo-json` / `builtin:demo-json-heldout` -> the second demo stage's 1000 conversations and 200 probes
+    (subtract, double, multiply, join; answers as JSON; each probe carries the format a compliant answer matches),
     `builtin:pydoc_topics` -> pydoc_topics_train.txt (the prose the builtin base trains on),
     `builtin:pydoc_topics_heldout` -> pydoc_topics_heldout.txt (the prose it never sees; ``pydoc_topics_split``).
     Existing files are reused;
@@ -325,6 +392,20 @@ def resolve_builtin(uri: str, cache_dir: Path) -> Path:
         text = _jsonl(generate_demo_conversations(_DEMO_TRAIN_SIZE, seed=_DEMO_TRAIN_SEED))
     elif name == "demo-heldout":
         text = _jsonl(generate_demo_heldout(_DEMO_HELDOUT_SIZE, seed=_DEMO_HELDOUT_SEED))
+    elif name == "demo-json":
+        rows = generate_demo_conversations(
+            _DEMO_JSON_TRAIN_SIZE, seed=_DEMO_TRAIN_SEED, tasks=_JSON_TASKS, answer_format=JSON_FORMAT
+        )
+        text = _jsonl(rows)
+    elif name == "demo-json-heldout":
+        rows = generate_demo_heldout(
+            _DEMO_HELDOUT_SIZE,
+            seed=_DEMO_HELDOUT_SEED,
+            tasks=_JSON_TASKS,
+            answer_format=JSON_FORMAT,
+            format_regex=JSON_FORMAT_REGEX,
+        )
+        text = _jsonl(rows)
     elif name == "pydoc_topics":
         text = pydoc_topics_split()[0]
     else:

@@ -27,13 +27,21 @@ CACHE_DIR = "base_eval"
 
 
 def base_eval_key(
-    cfg: Config, *, base_model: str, data_fingerprint: str, probes: list[dict], max_new_tokens: int
+    cfg: Config,
+    *,
+    base_model: str,
+    data_fingerprint: str,
+    probes: list[dict],
+    max_new_tokens: int,
+    adapter: str | None = None,
+    earlier_probes: dict[str, Any] | None = None,
 ) -> str:
     """A hash of everything the base model's eval depends on.
 
     The model (its files' names, sizes and modification times, or the hub id), the prepared data's fingerprint
     (rows, tokenizer, template), the eval config, the probes and their generation limit, the fine-tuning method
-    (LoRA wraps the model before the eval), the per-rank eval batch and the device kind (precision follows it).
+    (LoRA wraps the model before the eval), the per-rank eval batch and the device kind (precision follows it); in a
+    multi-stage run also the adapter the stage continues and the earlier stages' probes.
     """
     parts = {
         "model": _model_identity(base_model),
@@ -45,6 +53,8 @@ def base_eval_key(
         "micro_batch_size": cfg.train.micro_batch_size,
         "gpu": cfg.train.use_gpu,
     }
+    if adapter is not None or earlier_probes:
+        parts["stages"] = {"adapter": adapter and _model_identity(adapter), "earlier_probes": earlier_probes}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -11,7 +11,7 @@ per set at start-up and an execution per pass (``make bench``: seconds to the fi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from sftray.core.forward import forward_logits, to_device
 from sftray.core.loss import count_targets, token_losses
 from sftray.core.parallel import unwrap
-from sftray.eval.metrics import ENDED, EXACT_MATCH, FORMAT_COMPLIANCE, PRETRAIN_LOSS, VAL_LOSS
+from sftray.eval.metrics import ENDED, EXACT_MATCH, FORMAT_COMPLIANCE, PRETRAIN_LOSS, VAL_LOSS, stage_metric
 from sftray.eval.probes import judge
 
 
@@ -43,6 +43,9 @@ class Evaluator:
     max_new_tokens: int
     end_of_turn_id: int
     user_opener: str
+    earlier_probes: dict[str, tuple[list[dict], int]] = field(default_factory=dict)
+    """Multi-stage runs: each earlier stage's name -> (its probes, their generation limit), scored as
+    ``eval/<stage>/...`` so a later stage shows what it undid of an earlier one (their rows join the table)."""
 
     def run(self) -> tuple[dict[str, float], list[dict]]:
         """(metrics, probe table rows); every rank must call it (the losses are all-reduced)."""
@@ -62,6 +65,18 @@ class Evaluator:
                 user_opener=self.user_opener,
             )
             metrics.update(probe_metrics)
+        for stage, (probes, limit) in self.earlier_probes.items():
+            stage_metrics, stage_table = run_probes(
+                self.model,
+                probes,
+                tokenizer=self.tokenizer,
+                device=self.device,
+                max_new_tokens=limit,
+                end_of_turn_id=self.end_of_turn_id,
+                user_opener=self.user_opener,
+            )
+            metrics.update({stage_metric(stage, k): v for k, v in stage_metrics.items()})
+            table += [{"stage": stage, **row} for row in stage_table]
         return metrics, table
 
     def _batches(self, rows: pa.Table) -> Iterable[dict[str, torch.Tensor]]:
@@ -141,6 +156,7 @@ def run_probes(
                 end_of_turn_id=end_of_turn_id,
                 user_opener=user_opener,
                 reference=probe["reference"],
+                pattern=probe.get("format"),
             )
             rows.append({"prompt": probe["prompt"], "reference": probe["reference"], **verdict})
     model.train(was_training)

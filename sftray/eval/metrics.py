@@ -33,6 +33,14 @@ ENDED = "eval/ended"
 BASE_EVAL_REUSED = "eval/base_reused"
 """1 in a run's epoch-0 row when the base model's eval came from the cache (``sftray.eval.base_eval``), else 0."""
 
+
+def stage_metric(stage: str, metric: str) -> str:
+    """An eval metric on an earlier stage's probes in a multi-stage run: ``eval/format_compliance`` of stage
+    ``chat`` -> ``eval/chat/format_compliance``."""
+    group, _, name = metric.partition("/")
+    return f"{group}/{stage}/{name}"
+
+
 # Train metrics that modules other than the training loop read (the loop computes them).
 TRAIN_LOSS = "train/loss"
 TRAIN_TOKENS_PER_S = "train/tokens_per_s"

@@ -2,12 +2,15 @@
 
 A response is *compliant* when it is non-empty, ends with the template's end-of-turn token within the generation
 limit, and writes no other control token and no user-turn opener before it (a model that has not learnt the format runs
-on, or starts a fake next turn). *Exact match* additionally requires the reference answer.
+on, or starts a fake next turn). A probe may also carry a ``format``: a regular expression the whole answer must
+match to comply (a response format such as JSON, as the second demo stage teaches). *Exact match* additionally
+requires the reference answer.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ from sftray.data.chat import IGNORE_INDEX
 
 
 def probes_from_file(path: Path, *, tokenizer: Any, system_prompt: str | None, limit: int) -> list[dict]:
-    """``{"prompt", "reference"}`` lines (or ``{"messages": [...], "reference"}``) -> probes with prompt ids."""
+    """``{"prompt", "reference"}`` lines (or ``{"messages": [...], "reference"}``; optional ``format``, a regular
+    expression a compliant answer matches) -> probes with prompt ids."""
     probes = []
     for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -32,9 +36,16 @@ def probes_from_file(path: Path, *, tokenizer: Any, system_prompt: str | None, l
             raise ValueError(f"{path}:{lineno}: a probe needs 'prompt' (string) or 'messages'")
         if system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system_prompt}, *messages]
+        pattern = item.get("format")
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise ValueError(f"{path}:{lineno}: 'format' is not a regular expression ({exc})") from exc
         ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        probes.append({"prompt": messages[-1]["content"], "prompt_ids": ids, "reference": item.get("reference")})
+        probe = {"prompt": messages[-1]["content"], "prompt_ids": ids, "reference": item.get("reference")}
+        probes.append(probe | ({"format": pattern} if pattern is not None else {}))
         if len(probes) == limit:
             break
     if not probes:
@@ -68,15 +79,22 @@ def probes_from_rows(rows: list[dict], *, tokenizer: Any, limit: int) -> list[di
 
 
 def judge(
-    response_ids: list[int], *, tokenizer: Any, end_of_turn_id: int, user_opener: str, reference: str | None
+    response_ids: list[int],
+    *,
+    tokenizer: Any,
+    end_of_turn_id: int,
+    user_opener: str,
+    reference: str | None,
+    pattern: str | None = None,
 ) -> dict[str, Any]:
-    """Verdict on one generated continuation (token ids after the prompt)."""
+    """Verdict on one generated continuation (token ids after the prompt); ``pattern``: the probe's format."""
     ended = end_of_turn_id in response_ids
     body = response_ids[: response_ids.index(end_of_turn_id)] if ended else response_ids
     special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
     text = tokenizer.decode(body, skip_special_tokens=False)
     leaked = any(t in special for t in body) or (bool(user_opener) and user_opener in text)
     compliant = ended and not leaked and bool(text.strip())  # an empty answer follows no format
+    compliant = compliant and (pattern is None or re.fullmatch(pattern, text.strip()) is not None)
     exact = compliant and reference is not None and _normalise(text) == _normalise(reference)
     return {"response": text, "ended": ended, "role_leak": leaked, "compliant": compliant, "exact_match": exact}
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from sftray.config import Config
+from sftray.config import Config, override
+from sftray.tracking import stage_runs
 from sftray.tracking.mlflow_logger import BEST_NAMES, param_value, tracking_uri, trial_params
 from sftray.tune.sweep import OUTCOME_FILE, read_outcome
 
@@ -67,7 +68,20 @@ class MlflowTrialLogger(Callback):
             if "/" in k and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
         ]
         metrics.append(Metric("epoch", float(result.get("epoch", 0)), ts, step))
+        if result.get("stage") is not None:
+            # A multi-stage trial: the trial's run is the chain's, each stage's reports go to its own child run
+            # (steps restart in every stage).
+            run_id = self._stage_run(trial, run_id, int(result["stage"]))
         self._client().log_batch(run_id, metrics=metrics)
+
+    def _stage_run(self, trial: Any, trial_run_id: str, index: int) -> str:
+        key = f"{trial.trial_id}/stage{index}"
+        if key not in self.runs:
+            cfg = self.cfg
+            for name, value in self.cfg.sweep.trial_overrides(dict(trial.config or {})).items():
+                cfg = override(cfg, name, value)
+            self.runs[key] = stage_runs.stage_run(cfg, parent_id=trial_run_id, index=index)
+        return self.runs[key]
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, "FINISHED")
@@ -103,3 +117,5 @@ class MlflowTrialLogger(Callback):
                 if (best / name).is_file():
                     client.log_artifact(run_id, str(best / name), artifact_path="generations")
         client.set_terminated(run_id, status)
+        for key in [k for k in self.runs if k.startswith(f"{trial.trial_id}/stage")]:
+            client.set_terminated(self.runs.pop(key), status)

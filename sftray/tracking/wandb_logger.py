@@ -29,9 +29,19 @@ def wandb_callback(cfg: Config) -> Any:
     trial's sampled values on top, the same params MLflow gets. Mode and folder go to ``wandb.init`` directly: the
     logging actors Ray starts do not inherit this process's environment.
     """
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    class _FlushingActor(_WandbLoggingActor):
+        def run(self) -> None:
+            super().run()
+            # wandb.finish() can return before wandb-core has written the run's file, and Ray kills this actor as
+            # soon as run() returns: a trial ending last in a sweep then left a 7-byte offline run (no config, no
+            # metrics; seen in the sweep test's debug logs). teardown() waits for the core to finish its streams.
+            self._wandb.teardown()
 
     class _Callback(WandbLoggerCallback):
+        _logger_actor_cls = _FlushingActor
+
         def log_trial_start(self, trial: Any) -> None:
             # Ray passes self.kwargs to wandb.init after its own arguments, so this config wins for this trial.
             self.kwargs["config"] = trial_params(cfg, dict(trial.config or {}))

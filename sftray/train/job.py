@@ -37,6 +37,15 @@ class WorkerJob:
     user_opener: str = ""
     base_eval_path: str | None = None
     """Where the base model's eval is cached (``sftray.eval.base_eval``); None: compute it, cache nothing."""
+    stage: int | None = None
+    """Multi-stage: this stage's index, added to every report as ``stage``."""
+    init_adapter: str | None = None
+    """Multi-stage LoRA ``continue``: the earlier stage's adapter folder, trained on instead of a new adapter."""
+    reference_pretrain_loss: float | None = None
+    """Multi-stage: the original base model's held-out pretraining loss, so eval/forgetting of every stage is
+    relative to it; None: relative to this run's own starting model (epoch 0)."""
+    earlier_probes: dict[str, tuple[list[dict], int]] = field(default_factory=dict)
+    """Multi-stage: each earlier stage's name -> (its probes, their generation limit), scored every eval."""
 
     @property
     def micro_batches_per_epoch(self) -> int:

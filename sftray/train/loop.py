@@ -96,6 +96,7 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
         heldout=eval_share(ray.get(job.eval_rows["heldout"]), rank=rank, world=world),
         micro_batch_size=t.micro_batch_size,
         probes=job.probes,
+        earlier_probes=job.earlier_probes,
         max_new_tokens=job.max_new_tokens,
         end_of_turn_id=job.end_of_turn_id,
         user_opener=job.user_opener,
@@ -111,10 +112,14 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
     else:
         start_epoch, step, history, restarts = 1, 0, [], 0
         base_metrics, base_table, reused = _base_eval(evaluator, job.base_eval_path, rank=rank)
-        base = {"pretrain_loss": base_metrics[PRETRAIN_LOSS], "metrics": base_metrics}
+        reference = job.reference_pretrain_loss  # a later stage: forgetting relative to the original base
+        base = {
+            "pretrain_loss": base_metrics[PRETRAIN_LOSS] if reference is None else reference,
+            "metrics": base_metrics,
+        }
         tables = {"probes_base": base_table}
         row = {"epoch": 0, "step": 0, BASE_EVAL_REUSED: float(reused), **_with_forgetting(base_metrics, base, cfg)}
-        history.append(_report(row, rank=rank))
+        history.append(_report(row, rank=rank, stage=job.stage))
 
     train_rows = ray.get(job.train_rows)  # zero-copy from the node's object store
     for epoch in range(start_epoch, t.epochs + 1):
@@ -156,7 +161,11 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
             if t.eval_every_steps and step % t.eval_every_steps == 0 and step % job.steps_per_epoch:
                 metrics, _ = evaluator.run()
                 history.append(
-                    _report({"epoch": epoch, "step": step, **_with_forgetting(metrics, base, cfg)}, rank=rank)
+                    _report(
+                        {"epoch": epoch, "step": step, **_with_forgetting(metrics, base, cfg)},
+                        rank=rank,
+                        stage=job.stage,
+                    )
                 )
         for _ in batches:  # an equal split yields exactly rows_per_rank rows; anything left would be a bug
             raise RuntimeError("the training shard yielded more rows than planned")
@@ -204,7 +213,7 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
                 tables=tables,
                 merged_from=job.base_model if t.method == "lora" and t.export_merged else None,
             )
-            _report(metrics, rank=rank, checkpoint_dir=Path(tmp), name=f"epoch_{epoch:02d}")
+            _report(metrics, rank=rank, stage=job.stage, checkpoint_dir=Path(tmp), name=f"epoch_{epoch:02d}")
     return history
 
 
@@ -250,19 +259,28 @@ def _build_model(job: WorkerJob, *, tokenizer: Any, checkpoint_dir: Path | None)
         model, _ = load_model(path, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code)
         return model
     model, new_ids = load_model(job.base_model, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code)
-    if checkpoint_dir is not None:
+    adapter = str(checkpoint_dir / "model") if checkpoint_dir is not None else job.init_adapter
+    if adapter is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(checkpoint_dir / "model"), is_trainable=True)
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     return apply_lora(model, cfg=cfg.train.lora, new_token_ids=new_ids)
 
 
 def _report(
-    metrics: dict[str, Any], *, rank: int, checkpoint_dir: Path | None = None, name: str | None = None
+    metrics: dict[str, Any],
+    *,
+    rank: int,
+    stage: int | None = None,
+    checkpoint_dir: Path | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """``ray.train.report`` on every rank (a barrier); only rank 0 attaches the checkpoint."""
+    """``ray.train.report`` on every rank (a barrier); only rank 0 attaches the checkpoint. A stage of a multi-stage
+    run reports its index as ``stage``."""
     import ray.train
 
+    if stage is not None:
+        metrics = {**metrics, "stage": stage}
     checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir and rank == 0 else None
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
     if checkpoint_dir is not None:

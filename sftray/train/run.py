@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,31 @@ def check_resources(t: TrainConfig, *, available: dict[str, float]) -> None:
         )
 
 
-def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> WorkerJob:
+@dataclass(frozen=True, kw_only=True)
+class StageStart:
+    """Where a stage of a multi-stage run starts (``sftray.recipes.stages``)."""
+
+    index: int | None = None
+    """The stage's index: every report of its run carries it as ``stage`` (tracking makes a run per stage)."""
+
+    init_adapter: str | None = None
+    """LoRA ``continue``: the earlier stage's selected adapter, trained on."""
+    reference_pretrain_loss: float | None = None
+    """The original base model's held-out pretraining loss: forgetting is relative to it."""
+    earlier_probes: dict[str, tuple[list[dict], int]] = field(default_factory=dict)
+    """Each earlier stage's name -> (its probes, their generation limit) (``eval_probes``)."""
+
+
+def eval_probes(cfg: Config, *, prepared: Prepared) -> tuple[list[dict], int]:
+    """The generation probes a run of ``cfg`` on ``prepared`` asks, and their generation limit."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
+    probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
+    return probes, _generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer)
+
+
+def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageStart | None = None) -> WorkerJob:
     """The worker job; its training and eval rows go to the object store once, and every worker reads them there.
 
     Each rank trains on its round-robin share of a new permutation of all rows per epoch (``epoch_rows``), like
@@ -96,12 +120,15 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> WorkerJob:
         tables[name] = pa.concat_tables([table, empty_rows(fill, pad_id=tokenizer.pad_token_id)])
     probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
     max_new_tokens = _generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer)
+    start = start or StageStart()
     key = base_eval.base_eval_key(
         cfg,
         base_model=base_model,
         data_fingerprint=prepared.report["fingerprint"],
         probes=probes,
         max_new_tokens=max_new_tokens,
+        adapter=start.init_adapter,
+        earlier_probes=start.earlier_probes,
     )
     job = WorkerJob(
         cfg=cfg,
@@ -115,14 +142,26 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str) -> WorkerJob:
         base_eval_path=str(base_eval.cache_path(cfg.paths.output_dir, key)) if cfg.eval.reuse_base_eval else None,
         end_of_turn_id=tokenizer.convert_tokens_to_ids(markers["end_of_turn"]),
         user_opener=markers["user_opener"],
+        stage=start.index,
+        init_adapter=start.init_adapter,
+        reference_pretrain_loss=start.reference_pretrain_loss,
+        earlier_probes=start.earlier_probes,
     )
     return job
 
 
 def run_training(
-    cfg: Config, *, prepared: Prepared, base_model: str, name: str, storage_path: str, callbacks: list | None = None
+    cfg: Config,
+    *,
+    prepared: Prepared,
+    base_model: str,
+    name: str,
+    storage_path: str,
+    callbacks: list | None = None,
+    start: StageStart | None = None,
 ) -> TrainOutcome:
-    """Trains with a TorchTrainer and picks the best epoch by the configured metric and forgetting budget."""
+    """Trains with a TorchTrainer and picks the best epoch by the configured metric and forgetting budget
+    (``start``: where a later stage of a multi-stage run starts)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -131,7 +170,7 @@ def run_training(
     check_resources(t, available=ray.cluster_resources())
     check_validation(prepared.report)
     check_select_metric(cfg.eval.select_metric, probes=cfg.eval.num_probes > 0)
-    job = build_job(cfg, prepared=prepared, base_model=base_model)
+    job = build_job(cfg, prepared=prepared, base_model=base_model, start=start)
     if t.resume_from:
         check_resumable(Path(t.resume_from), cfg=cfg, steps_per_epoch=job.steps_per_epoch)
     log.info(

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from sftray.eval.metrics import (
     select_best,
 )
 from sftray.recipes.prep import prep
+from sftray.recipes.stages import run_stages
 from sftray.train.run import check_validation, run_training
 from sftray.tune.reports import ReportsToQueue
 
@@ -230,29 +232,42 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
         prepared = prep(cfg)
     else:
         prepared = load_prepared(Path(prepared_dir))
-    outcome = _train_reporting_to_tune(
-        cfg,
-        prepared=prepared,
-        base_model=base_model,
-        name=f"{base_cfg.sweep.name}-{ctx.get_trial_id()}",
-        storage_path=str(trial_runs_dir(cfg)),
-    )
-    record = {
-        "overrides": overrides,
-        "best_checkpoint": outcome.best_checkpoint,
-        "best_metrics": outcome.best_metrics,
-        "reason": outcome.best_reason,
-        "history": outcome.history,
-        "run_path": outcome.path,
-        "data_report": str(prepared.out_dir / "report.json"),
-        "started_at": started_at,
-        "finished_at": time.time(),
-    }
+    name = f"{base_cfg.sweep.name}-{ctx.get_trial_id()}"
+    if cfg.stages:  # a chain per trial, in a folder named by the trial: a resumed trial goes on from its last stage
+        stages = _reporting_to_tune(
+            lambda callbacks: run_stages(
+                cfg, chain_dir=trial_runs_dir(cfg) / name, base_model=base_model, callbacks=callbacks
+            )
+        )
+        last = stages[-1]
+        result = {k: last[k] for k in ("best_checkpoint", "best_metrics", "reason", "history", "run_path")}
+        result.update(stages=stages, data_report=str(Path(last["data"]) / "report.json"))
+    else:
+        outcome = _reporting_to_tune(
+            lambda callbacks: run_training(
+                cfg,
+                prepared=prepared,
+                base_model=base_model,
+                name=name,
+                storage_path=str(trial_runs_dir(cfg)),
+                callbacks=callbacks,
+            )
+        )
+        result = {
+            "best_checkpoint": outcome.best_checkpoint,
+            "best_metrics": outcome.best_metrics,
+            "reason": outcome.best_reason,
+            "history": outcome.history,
+            "run_path": outcome.path,
+            "data_report": str(prepared.out_dir / "report.json"),
+        }
+    record = {"overrides": overrides, **result, "started_at": started_at, "finished_at": time.time()}
     (Path(ctx.get_trial_dir()) / OUTCOME_FILE).write_text(json.dumps(record, indent=1, default=str))
 
 
-def _train_reporting_to_tune(cfg: Config, **kwargs: Any) -> Any:
-    """``run_training`` with every Train report passed on to Tune, in order, from this trial's own thread.
+def _reporting_to_tune(run: Callable[[list], Any]) -> Any:
+    """``run(callbacks)`` (a training run or a chain of them) with every Train report passed on to Tune, in
+    order, from this trial's own thread.
 
     Ray's ``TuneReportCallback`` forwards reports from the Tune trial's main thread. When a report is still in
     flight as the trial function returns, Tune's final "done" marker fills the one-slot result queue first and the
@@ -270,7 +285,7 @@ def _train_reporting_to_tune(cfg: Config, **kwargs: Any) -> Any:
 
     def train() -> None:
         try:
-            done.put((run_training(cfg, callbacks=[ReportsToQueue(reports)], **kwargs), None))
+            done.put((run([ReportsToQueue(reports)]), None))
         except BaseException as exc:  # handed to the trial thread, which raises it
             done.put((None, exc))
 

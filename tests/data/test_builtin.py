@@ -254,3 +254,37 @@ def test_resolve_builtin_rejects_unknown(tmp_path, uri):
     for name in ("builtin:demo", "builtin:demo-heldout", "builtin:pydoc_topics", "builtin:pydoc_topics_heldout"):
         assert name in message
     assert not (tmp_path / "builtin").exists()
+
+
+# --- the second demo stage (builtin:demo-json) ---------------------------------
+
+
+def _json_answer(task: str, prompt: str) -> str:
+    """Independently recompute a demo-json answer from its prompt, in the stage's JSON format."""
+    numbers = [int(x) for x in re.findall(r"\d+", prompt)]
+    quoted = re.findall(r"'([^']*)'", prompt)
+    value = {
+        "subtract": lambda: str(numbers[0] - numbers[1]) if "from" not in prompt else str(numbers[1] - numbers[0]),
+        "double": lambda: str(2 * numbers[0]),
+        "multiply": lambda: str(numbers[0] * numbers[1]),
+        "join": lambda: f"{quoted[0]}-{quoted[1]}",
+    }[task]()
+    return json.dumps({"result": value})
+
+
+def test_the_json_stage_teaches_other_tasks_in_a_new_format_on_operands_its_probes_never_show(tmp_path):
+    rows = [json.loads(line) for line in resolve_builtin("builtin:demo-json", tmp_path).read_text().splitlines()]
+    probes = [
+        json.loads(line) for line in resolve_builtin("builtin:demo-json-heldout", tmp_path).read_text().splitlines()
+    ]
+    assert len(rows) == 1000 and len(probes) == 200 and len({p["prompt"] for p in probes}) == 200
+    assert {r["task"] for r in rows} == {p["task"] for p in probes} == {"subtract", "double", "multiply", "join"}
+    assert not {r["task"] for r in rows} & EXPECTED_TASKS  # other tasks than the first stage's
+    for conv in rows:
+        for user, answer in exchanges(conv):
+            assert answer == _json_answer(conv["task"], user), (user, answer)
+    for p in probes:
+        assert p["reference"] == _json_answer(p["task"], p["prompt"])
+        assert re.fullmatch(p["format"], p["reference"])  # the format a compliant answer must match
+        assert not re.fullmatch(p["format"], p["reference"].removeprefix('{"result": ').removesuffix("}"))
+    assert not {p["prompt"] for p in probes} & {user for conv in rows for user, _ in exchanges(conv)}

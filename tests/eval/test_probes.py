@@ -3,9 +3,12 @@ answers, and the warning when probes cannot comply within it (pure)."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from transformers import AutoTokenizer
 
-from sftray.eval.probes import generation_limit, judge, reference_lengths
+from sftray.eval.probes import generation_limit, judge, probes_from_file, reference_lengths
 from sftray.models.tiny import ensure_tiny_tokenizer
 
 
@@ -45,3 +48,23 @@ def test_probe_verdicts(cache_dir):
     assert leak["role_leak"] and not leak["compliant"]
     wrong = judge(enc("41") + [eot], reference="42", **kw)
     assert wrong["compliant"] and not wrong["exact_match"]
+
+
+def test_a_probe_with_a_format_complies_only_in_that_format(cache_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache_dir))
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    kw = dict(tokenizer=tok, end_of_turn_id=eot, user_opener="<|im_start|>user", reference='{"result": "42"}')
+    pattern = r'\{"result": "[^"]*"\}'
+    assert judge(enc('{"result": "41"}') + [eot], pattern=pattern, **kw)["compliant"]
+    assert not judge(enc("42") + [eot], pattern=pattern, **kw)["compliant"]  # ended, but not in the format
+    assert not judge(enc('{"result": "42"} and more') + [eot], pattern=pattern, **kw)["compliant"]  # whole answer
+    assert judge(enc("42") + [eot], **kw)["compliant"]  # no format: any ended answer complies
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "6 x 7?", "reference": '{"result": "42"}', "format": pattern}) + "\n")
+    (probe,) = probes_from_file(probes, tokenizer=tok, system_prompt=None, limit=8)
+    assert probe["format"] == pattern
+    probes.write_text('{"prompt": "a"}\n{"prompt": "b", "format": "([a-z"}\n')
+    with pytest.raises(ValueError, match=r"probes.jsonl:2: 'format' is not a regular expression"):
+        probes_from_file(probes, tokenizer=tok, system_prompt=None, limit=8)

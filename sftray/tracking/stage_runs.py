@@ -1,0 +1,115 @@
+"""MLflow runs of a multi-stage chain: one run per chain, a child run per stage (from the driver only).
+
+``sftray train stages=...`` logs a chain in the ``stages`` experiment; in a sweep the trial's run is the chain's run
+and ``MlflowTrialLogger`` opens the stage runs below it (``stage_run``) as the stage's reports arrive.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from sftray.config import Config, stage_config
+from sftray.tracking.mlflow_logger import (
+    BEST_NAMES,
+    artifact_location,
+    base_tags,
+    flatten,
+    param_value,
+    tracking_uri,
+)
+
+EXPERIMENT = "stages"
+"""The MLflow experiment of the chains ``sftray train`` runs (a sweep's chains live in the sweep's experiment)."""
+RUN_ID_FILE = "mlflow_run_id"
+"""In a chain folder: its MLflow run, reused when the chain resumes."""
+
+
+def start_chain(cfg: Config, *, chain_dir: Path) -> str:
+    """The chain's run (the one recorded in ``chain_dir`` when it resumes); returns its run id."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    marker = Path(chain_dir) / RUN_ID_FILE
+    if marker.is_file():
+        return marker.read_text().strip()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
+    )
+    run = client.create_run(
+        experiment_id,
+        run_name=Path(chain_dir).name,
+        tags={**base_tags(cfg, data_report={}), "sftray.role": "chain", "chain_dir": str(chain_dir)},
+    )
+    for key, value in flatten(cfg).items():
+        client.log_param(run.info.run_id, key, param_value(value))
+    Path(chain_dir).mkdir(parents=True, exist_ok=True)
+    marker.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def stage_run(cfg: Config, *, parent_id: str, index: int) -> str:
+    """The child run of stage ``index`` below ``parent_id`` (found again when it exists); returns its run id."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    parent = client.get_run(parent_id)
+    name = cfg.stages[index].name
+    existing = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.stage = '{index}'",
+    )
+    if existing:
+        return existing[0].info.run_id
+    run = client.create_run(
+        parent.info.experiment_id,
+        run_name=f"{index}-{name}",
+        tags={"mlflow.parentRunId": parent_id, "sftray.role": "stage", "stage": str(index), "stage_name": name},
+    )
+    for key, value in flatten(stage_config(cfg, index)).items():
+        client.log_param(run.info.run_id, key, param_value(value))
+    return run.info.run_id
+
+
+def log_stage(cfg: Config, *, parent_id: str, record: dict[str, Any]) -> None:
+    """A finished stage (a ``sftray.recipes.stages`` record): its child run with every eval's metrics (step =
+    epoch), its selected checkpoint and why; the chain run gets the stage's selected figures at step = index."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri(cfg))
+    run_id = stage_run(cfg, parent_id=parent_id, index=record["index"])
+    metrics = [
+        Metric(key, float(value), 0, int(row.get("epoch", 0)))
+        for row in record["history"]
+        for key, value in row.items()
+        if "/" in key and _finite(value)
+    ]
+    for start in range(0, len(metrics), 500):  # MLflow's batch limit is 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start : start + 500])
+    best = {
+        name: float(record["best_metrics"][k])
+        for k, name in BEST_NAMES.items()
+        if _finite(record["best_metrics"].get(k))
+    }
+    for name, value in best.items():
+        client.log_metric(run_id, name, value)
+        client.log_metric(parent_id, f"{record['name']}/{name}", value, step=record["index"])
+    client.set_tag(run_id, "best_checkpoint", record["best_checkpoint"])
+    client.set_tag(run_id, "best_reason", record["reason"])
+    client.set_terminated(run_id, "FINISHED")
+
+
+def finish_chain(cfg: Config, *, run_id: str, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
