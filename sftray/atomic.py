@@ -16,12 +16,20 @@ from pathlib import Path
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` via a temp file + ``os.replace``: readers never see a partial file."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yields a temp file path beside ``path`` for any writer (e.g. ``pyarrow.parquet.write_table``); when the
+    ``with`` block succeeds, the file becomes ``path`` (``os.replace``), otherwise it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

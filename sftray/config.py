@@ -132,6 +132,47 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+class PruneConfig:
+    """Loss-based pruning: every training conversation scored by its mean target loss under a scoring model, the
+    highest- and lowest-loss shares dropped (``sftray.data.pruning``). Off while both shares are 0 (no model loads)."""
+
+    drop_highest: float = 0.0
+    """Share of the scored training conversations with the highest mean target loss to drop (pruned_high_loss):
+    likely noise or mislabels. 0: none."""
+    drop_lowest: float = 0.0
+    """Share with the lowest mean target loss to drop (pruned_low_loss): what the scoring model knows already. 0: none."""
+    model: str | None = None
+    """The scoring model (hub id, local folder or builtin:tiny-llama; it must share the run's tokenizer): None, the
+    run's base model (model.name_or_path). Its scores are cached by (model files, data fingerprint)."""
+    batch_size: int = 32
+    """Conversations per scoring forward pass (padded to the longest): more is faster, costs memory."""
+    num_scorers: int | None = None
+    """Scoring actors, each holding the model; None: one per GPU of the cluster with GPUs, else one per
+    cpus_per_scorer CPUs."""
+    num_gpus_per_scorer: float | None = None
+    """GPUs per scoring actor; None: 1 when the cluster has GPUs, else 0 (scores on CPU)."""
+    cpus_per_scorer: float = 1.0
+    """CPUs reserved per scoring actor (on CPU also its torch threads)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.drop_highest > 0 or self.drop_lowest > 0
+
+    def __post_init__(self) -> None:
+        _in_range("data.prune.drop_highest", self.drop_highest, ge=0, lt=1)
+        _in_range("data.prune.drop_lowest", self.drop_lowest, ge=0, lt=1)
+        if self.drop_highest + self.drop_lowest >= 1:
+            raise ValueError(
+                f"data.prune.drop_highest={self.drop_highest} + data.prune.drop_lowest={self.drop_lowest} must be < 1:"
+                " together they would drop every training conversation"
+            )
+        _in_range("data.prune.batch_size", self.batch_size, ge=1)
+        _in_range("data.prune.num_scorers", self.num_scorers, ge=1)
+        _in_range("data.prune.num_gpus_per_scorer", self.num_gpus_per_scorer, ge=0)
+        _in_range("data.prune.cpus_per_scorer", self.cpus_per_scorer, gt=0)
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """SFT conversations: sources, splits, rendering, masking and packing."""
 
@@ -183,6 +224,8 @@ class DataConfig:
     cluster (one per cpus_per_encoder CPUs when that is above 1)."""
     cpus_per_encoder: float = 1.0
     """CPUs reserved per encoding task (it runs one Python thread)."""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Loss-based pruning of the training conversations (off by default)."""
 
     def __post_init__(self) -> None:
         _one_of("data.train_on", self.train_on, TRAIN_ON)

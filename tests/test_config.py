@@ -69,6 +69,8 @@ OPTION_VALUES: dict[tuple[str, str], dict[str, Any]] = {
         "data.val_sources": [],
         "data.val_fraction": 0.05,
         "data.system_prompt": None,
+        "data.prune.drop_highest": 0.0,  # pruning is off unless asked for
+        "data.prune.model": None,
     },
     ("data", "files"): {  # as demo but for name, sources, max_seq_len and probes
         "data.name": "files",
@@ -289,6 +291,17 @@ OUT_OF_RANGE = [
     ("data.min_assistant_tokens=8 data.max_assistant_tokens=7", "data.max_assistant_tokens=7 must be >= 8"),
     ("data.max_turns=0", "data.max_turns=0 must be >= 1"),
     ("data.min_assistant_ratio=-0.5", "data.min_assistant_ratio=-0.5 must be >= 0"),
+    ("data.prune.drop_highest=1", "data.prune.drop_highest=1.0 must be in [0, 1)"),
+    ("data.prune.drop_lowest=-0.1", "data.prune.drop_lowest=-0.1 must be in [0, 1)"),
+    (
+        "data.prune.drop_highest=0.6 data.prune.drop_lowest=0.4",
+        "data.prune.drop_highest=0.6 + data.prune.drop_lowest=0.4 must be < 1: together they would drop every "
+        "training conversation",
+    ),
+    ("data.prune.batch_size=0", "data.prune.batch_size=0 must be >= 1"),
+    ("data.prune.num_scorers=0", "data.prune.num_scorers=0 must be >= 1"),
+    ("data.prune.num_gpus_per_scorer=-1", "data.prune.num_gpus_per_scorer=-1.0 must be >= 0"),
+    ("data.prune.cpus_per_scorer=0", "data.prune.cpus_per_scorer=0.0 must be > 0"),
     ("mix.ratio=1", "mix.ratio=1.0 must be in [0, 1)"),
     ("mix.window_len=7", "mix.window_len=7 must be >= 8"),
     ("mix.heldout_fraction=1", "mix.heldout_fraction=1.0 must be in [0, 1)"),
@@ -368,6 +381,14 @@ def test_every_numeric_knob_has_a_range_check() -> None:
             "data.min_assistant_ratio=0",
         ],
         ["data.sources=[{path:/x.jsonl,weight:0.01,max_rows:1},{path:/y.jsonl,weight:3}]", "data.dedup=exact"],
+        [
+            "data.prune.drop_highest=0.6",
+            "data.prune.drop_lowest=0.39",
+            "data.prune.batch_size=1",
+            "data.prune.num_scorers=1",
+            "data.prune.num_gpus_per_scorer=0",
+            "data.prune.cpus_per_scorer=0.25",
+        ],
     ],
 )
 def test_range_edges_are_accepted(tmp_path: Path, overrides: list[str]) -> None:

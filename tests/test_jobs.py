@@ -261,3 +261,33 @@ def test_submitted_sweep_succeeds_on_a_local_cluster_and_lands_in_mlflow(
     assert len(runs) == 3 and len(children) == 2
     assert sorted(float(r.data.params["train.lr"]) for r in children) == [1e-3, 3e-3]
     assert all(r.info.status == "FINISHED" and "eval/score" in r.data.metrics for r in children)
+
+
+def test_corrupt_data_writes_a_noisy_copy_and_lists_what_it_changed(tmp_path):
+    """``jobs/corrupt_data.py`` as the README runs it: 10% of the demo's answers shuffled across their questions."""
+    out = tmp_path / "demo-noisy.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "corrupt_data.py"), "--share", "0.1", "--out", str(out)],
+        env={**os.environ, "SFTRAY_CACHE": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    clean = (tmp_path / "cache" / "builtin" / "demo-train.jsonl").read_text().splitlines()
+    noisy = out.read_text().splitlines()
+    lines = json.loads(Path(f"{out}.corrupted.json").read_text())["lines"]
+    assert len(noisy) == len(clean) == 2000 and 180 <= len(lines) <= 200
+    changed = [i for i, (a, b) in enumerate(zip(clean, noisy), start=1) if a != b]
+    assert changed == sorted(lines)  # exactly the listed conversations differ...
+    for i in changed:  # ...in their answers only: the questions stay
+        users = lambda line: [m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"]  # noqa: E731
+        assert users(clean[i - 1]) == users(noisy[i - 1])
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "corrupt_data.py"), "--share", "1.5", "--out", str(out)],
+        env={**os.environ, "SFTRAY_CACHE": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1 and "error: --share" in bad.stderr

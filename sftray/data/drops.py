@@ -11,11 +11,13 @@ from typing import Any
 
 from sftray.data.curation import DUPLICATE_REASONS, FILTER_REASONS
 from sftray.data.errors import DataError
+from sftray.data.pruning import PRUNE_REASONS
 
 log = logging.getLogger(__name__)
 
-POLICY_DROPS = frozenset({"too_long", *DUPLICATE_REASONS, *FILTER_REASONS})
-"""Drop reasons decided by policy (data.overlength, curation), not by malformed input: counted, never raised."""
+POLICY_DROPS = frozenset({"too_long", *DUPLICATE_REASONS, *FILTER_REASONS, *PRUNE_REASONS})
+"""Drop reasons decided by policy (data.overlength, curation, data.prune), not by malformed input: counted, never
+raised."""
 
 
 def first_bad_row(meta: Any) -> Any:

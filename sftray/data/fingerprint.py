@@ -8,13 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sftray.config import Config
+from sftray.config import Config, PruneConfig
 from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import template_hash
 from sftray.data.sources import ResolvedSource, fingerprint_files, load_hub_split
 
-DATA_VERSION = 3
-"""Bumped whenever the stored row schema or any transform changes; part of the fingerprint."""
+DATA_VERSION = 4
+"""Bumped whenever the stored row schema or any transform changes; part of the fingerprint. 4: the report's prune
+section and data.prune in its config."""
 CONFIG_INPUTS = ("seed", "window_len", "data", "mix", "model")
 """Top-level config keys ``fingerprint`` reads (``model`` through its tokenizer): a change to any key under them may
 change the prepared data (a sweep trial that sets one prepares its own)."""
@@ -25,6 +26,7 @@ def fingerprint(cfg: Config, tokenizer: Any, sources: list[ResolvedSource]) -> s
     data = dataclasses.asdict(cfg.data)
     for runtime_only in ("num_encoders", "cpus_per_encoder"):
         data.pop(runtime_only)
+    data.pop("prune")  # pruning hashes in on top (``with_pruning``): its scores are keyed by the fingerprint without it
     parts: dict[str, Any] = {
         "version": DATA_VERSION,
         "seed": cfg.seed,
@@ -46,6 +48,18 @@ def fingerprint(cfg: Config, tokenizer: Any, sources: list[ResolvedSource]) -> s
         else:
             parts["sources"].append([src.fmt, src.text_field, [f[1:] for f in fingerprint_files(src.paths)]])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def with_pruning(fingerprint: str, *, prune: PruneConfig, scores_key: str) -> str:
+    """The fingerprint of data pruned by ``prune``: the unpruned ``fingerprint``, the shares, and the scores' key
+    (which names the scoring model); its runtime knobs (batch size, scorers, their resources) change nothing."""
+    parts = {
+        "data": fingerprint,
+        "drop_highest": prune.drop_highest,
+        "drop_lowest": prune.drop_lowest,
+        "scores": scores_key,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _probes_hash(cfg: Config) -> str:

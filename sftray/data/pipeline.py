@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sftray.atomic import atomic_dir
-from sftray.config import Config, DataConfig
-from sftray.data import curation
+from sftray.atomic import atomic_dir, atomic_file
+from sftray.config import Config, DataConfig, PruneConfig
+from sftray.data import curation, pruning
 from sftray.data import report as report_mod
 from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import IGNORE_INDEX, template_hash
@@ -31,6 +31,7 @@ from sftray.data.drops import check_drops, write_drops
 from sftray.data.encoding import encode_conversation
 from sftray.data.errors import DataError
 from sftray.data.fingerprint import fingerprint as data_fingerprint
+from sftray.data.fingerprint import with_pruning
 from sftray.data.mixing import chunk_windows, in_fraction, pretrain_token_target, select_windows, stable_key
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, int32_lists, pack_table
 from sftray.data.schema import EXAMPLE_COLUMNS, META_COLUMNS, ROW_SCHEMA
@@ -82,9 +83,10 @@ def load_prepared(out_dir: Path) -> Prepared:
     return Prepared(out_dir=Path(out_dir), report=json.loads(report.read_text()))
 
 
-def prepare(cfg: Config, *, tokenizer: Any, force: bool = False) -> Prepared:
+def prepare(cfg: Config, *, tokenizer: Any, force: bool = False, scoring: pruning.Scoring | None = None) -> Prepared:
     """Runs the pipeline for ``cfg`` with ``tokenizer`` (Ray must be initialised) unless an identical dataset
-    exists already. ``sftray.recipes.prep`` loads the tokenizer of ``cfg.model`` and calls this."""
+    exists already. ``sftray.recipes.prep`` loads the tokenizer of ``cfg.model`` (and with ``data.prune`` on, the
+    ``scoring`` of its scoring model) and calls this."""
     cache_dir = Path(cfg.paths.cache_dir)
     sft = [resolve_source(s, cache_dir=cache_dir, what=f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
     val = [
@@ -101,6 +103,13 @@ def prepare(cfg: Config, *, tokenizer: Any, force: bool = False) -> Prepared:
     ]
 
     fingerprint = data_fingerprint(cfg, tokenizer, sft + val + text + heldout)
+    prune = None
+    if cfg.data.prune.enabled:
+        if scoring is None:
+            raise ValueError("data.prune is on but no scoring model was given: prepare through sftray.recipes.prep")
+        # The scores' key: the fingerprint without the prune config, so another share reuses them.
+        prune = _Prune(scoring=scoring, key=pruning.scores_key(identity=scoring.identity, data_fingerprint=fingerprint))
+        fingerprint = with_pruning(fingerprint, prune=cfg.data.prune, scores_key=prune.key)
     out_dir = Path(cfg.paths.output_dir) / "data" / f"{cfg.data.name}-{fingerprint[:12]}"
     if (out_dir / "report.json").is_file() and not force:
         log.info("prepared data is up to date: %s", out_dir)
@@ -108,7 +117,7 @@ def prepare(cfg: Config, *, tokenizer: Any, force: bool = False) -> Prepared:
 
     with atomic_dir(out_dir, replace=True) as tmp, _data_context():  # a crash never leaves a prepared-looking folder
         tokenizer.save_pretrained(tmp / "tokenizer")
-        report = _run(cfg, spec=spec_of(tokenizer), sft=sft, val=val, text=text, heldout=heldout, out=tmp)
+        report = _run(cfg, spec=spec_of(tokenizer), sft=sft, val=val, text=text, heldout=heldout, out=tmp, prune=prune)
         report.update(
             fingerprint=fingerprint,
             chat_template_hash=template_hash(tokenizer),
@@ -153,6 +162,7 @@ def _run(
     text: list[ResolvedSource],
     heldout: list[ResolvedSource],
     out: Path,
+    prune: _Prune | None,
 ) -> dict[str, Any]:
     import ray
     import ray.data
@@ -205,6 +215,14 @@ def _run(
     drops = check_drops(meta, on_error=data.on_error, what="conversation")
     drops.update(check_drops(wmeta, on_error=data.on_error, what="pretraining record"))
     wok = wmeta[wmeta["reason"] == ""]
+
+    # 2b. Loss-based pruning (data.prune): the training conversations that curation kept, scored by the scoring
+    #     model in an actor pool (or read from the score cache), the extremes marked as policy drops.
+    prune_report = None
+    if prune is not None:
+        prune_report = _prune(encoded, meta, cfg=cfg, prune=prune, cpus=cpus)
+        pruned = meta[meta["reason"].isin(pruning.PRUNE_REASONS)]
+        drops.update(check_drops(pruned, on_error=data.on_error, what="conversation"))  # counted and logged
 
     # 3. Exact token-ratio selection of training windows (driver side: only keys and lengths travel).
     ok = meta["reason"] == ""
@@ -263,6 +281,7 @@ def _run(
         drops=drops,
         stats=stats,
         target_pretrain_tokens=target,
+        prune=prune_report,
     )
 
 
@@ -338,6 +357,116 @@ def _source_copies(meta: Any, *, sft: list[ResolvedSource], configs: list[Any]) 
             max_rows=conf.max_rows,
         )
     return copies
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Prune:
+    """A prep's pruning: the recipe's scorer and the key its scores are cached under."""
+
+    scoring: pruning.Scoring
+    key: str
+
+
+PRUNE_SCORES_DIR = "prune_scores"
+"""Folder of cached scores under ``paths.cache_dir``: ``<key>.parquet`` of ``pruning.SCORE_COLUMNS``."""
+
+
+def _prune(encoded: Any, meta: Any, *, cfg: Config, prune: _Prune, cpus: int) -> dict[str, Any]:
+    """Scores the training conversations in use (no drop reason, copies > 0), or reads their cached scores, and
+    marks the ones ``data.prune`` drops in ``meta`` (in place) with their reason; returns the report's section."""
+    import pyarrow.parquet as pq
+
+    conf = cfg.data.prune
+    used = ((meta["reason"] == "") & (meta["split"] == "train") & (meta["copies"] > 0)).to_numpy()
+    rows = np.flatnonzero(used)
+    keys = meta["key"].to_numpy(dtype=np.uint64)[rows]
+    path = Path(cfg.paths.cache_dir) / PRUNE_SCORES_DIR / f"{prune.key}.parquet"
+    scores = _cached_scores(path, keys)
+    from_cache = scores is not None
+    if scores is None:
+        log.info("scoring %d training conversations with %s (data.prune)", len(keys), prune.scoring.model)
+        scores = _score(encoded, keys, scoring=prune.scoring, conf=conf, cpus=cpus)
+        with atomic_file(path) as tmp:
+            pq.write_table(scores, tmp)
+    else:
+        log.info("scores of %d training conversations read from %s (data.prune)", len(keys), path)
+    by_key = dict(zip(scores["key"].to_numpy(), scores["loss"].to_numpy(zero_copy_only=False)))
+    losses = np.asarray([by_key[k] for k in keys], dtype=np.float64)
+    pruned = pruning.select_pruned(keys, losses, drop_highest=conf.drop_highest, drop_lowest=conf.drop_lowest)
+    shares = {pruning.HIGH_LOSS: ("highest", conf.drop_highest), pruning.LOW_LOSS: ("lowest", conf.drop_lowest)}
+    for i, key, loss in zip(rows, keys, losses):
+        if reason := pruned.get(int(key)):
+            side, share = shares[reason]
+            meta.loc[i, "reason"] = reason
+            meta.loc[i, "error"] = (
+                f"{meta['where'].iat[i]}: mean target loss {loss:.4f} is in the {side} {share:g} under "
+                f"{prune.scoring.model} (data.prune.drop_{side})"
+            )
+    return {
+        "model": prune.scoring.model,
+        "scores_key": prune.key,
+        "scores_from_cache": from_cache,
+        "drop_highest": conf.drop_highest,
+        "drop_lowest": conf.drop_lowest,
+        "scored": int(len(keys)),
+        "dropped": {r: sum(1 for v in pruned.values() if v == r) for r in pruning.PRUNE_REASONS},
+        "scores": pruning.summary(losses, pruned, keys),
+    }
+
+
+def _cached_scores(path: Path, keys: np.ndarray) -> pa.Table | None:
+    """The cached scores at ``path`` if they cover every key, else None (absent, or written for other rows)."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    return table if np.isin(keys, table["key"].to_numpy()).all() else None
+
+
+def _score(encoded: Any, keys: np.ndarray, *, scoring: pruning.Scoring, conf: PruneConfig, cpus: int) -> pa.Table:
+    """``pruning.SCORE_COLUMNS`` of the conversations ``keys``: batch inference in an actor pool of scorers, each
+    holding the scoring model, on a GPU each when the cluster has them (``data.prune.num_gpus_per_scorer``)."""
+    import ray
+    import ray.data
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    gpus_per = conf.num_gpus_per_scorer if conf.num_gpus_per_scorer is not None else (1.0 if gpus else 0.0)
+    if gpus_per:
+        size = conf.num_scorers or max(1, int(gpus // gpus_per))
+    else:
+        size = conf.num_scorers or max(1, int(cpus // conf.cpus_per_scorer))
+    # Enough blocks for every scorer to get work (map_batches never splits a block, and an encoded piece is one
+    # block), and none smaller than a scoring batch. Materialised before the pool starts: scorers that hold every
+    # CPU would otherwise leave none for the selecting tasks upstream, and the run hangs.
+    blocks = max(1, min(size * PIECES_PER_CPU, -(-len(keys) // conf.batch_size)))
+    wanted = ray.put(np.sort(keys))
+    selected = (
+        encoded.select_columns(["key", "input_ids", "labels"])
+        .map_batches(_select_keys, fn_kwargs={"keys": wanted}, batch_format="pyarrow")
+        .repartition(blocks)
+        .materialize()
+    )
+    scores = selected.map_batches(
+        scoring.actor,
+        fn_constructor_kwargs=scoring.kwargs,
+        compute=ray.data.ActorPoolStrategy(size=size),
+        num_cpus=conf.cpus_per_scorer,
+        num_gpus=gpus_per,
+        batch_size=None,  # a whole block per call: the scorer batches by length itself
+        batch_format="pyarrow",
+    )
+    table = pa.concat_tables(ray.get(scores.to_arrow_refs()))
+    assert table.num_rows == len(keys), (table.num_rows, len(keys))
+    return table.select(list(pruning.SCORE_COLUMNS))
+
+
+def _select_keys(batch: pa.Table, *, keys: Any) -> pa.Table:
+    """The rows of ``batch`` whose key is in ``keys`` (sorted; an object ref of them inside Ray)."""
+    import ray
+
+    wanted = ray.get(keys) if isinstance(keys, ray.ObjectRef) else keys
+    return batch.filter(pa.array(np.isin(batch["key"].to_numpy(), wanted)))
 
 
 def _pack_and_write(ds: Any, *, plan: _SplitPlan, data: DataConfig, seed: int, out: Path, cpus: int) -> None:

@@ -18,8 +18,10 @@ def build(
     drops: Counter,
     stats: dict[str, dict],
     target_pretrain_tokens: int,
+    prune: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assembles the report from per-row metadata (pandas) and per-split row statistics."""
+    """Assembles the report from per-row metadata (pandas) and per-split row statistics; ``prune``: the pipeline's
+    pruning section (scoring model, cache, drops per reason, score distribution), None when data.prune is off."""
     ok, wok = meta[meta["reason"] == ""], wmeta[wmeta["reason"] == ""]
     per_source = []
     for src in sources:
@@ -68,6 +70,7 @@ def build(
             or f"mix.sources, {cfg.mix.heldout_fraction:g} of their windows by hash",
         },
         "drops": dict(sorted(drops.items())),
+        "prune": prune,
         "splits": splits,
     }
 
@@ -101,6 +104,14 @@ def summary(report: dict[str, Any]) -> str:
     ]
     if report["drops"]:
         lines.append("  drops by reason: " + ", ".join(f"{k}={v}" for k, v in report["drops"].items()))
+    if prune := report.get("prune"):
+        scores = prune["scores"]
+        lines.append(
+            f"  pruning: {prune['scored']} training conversations scored by {prune['model']}"
+            f" ({'cached scores' if prune['scores_from_cache'] else 'scored now'}; mean target loss"
+            f" {scores.get('mean', float('nan')):.3f}, median {scores.get('quantiles', {}).get('p50', float('nan')):.3f});"
+            " dropped " + ", ".join(f"{k}={v}" for k, v in prune["dropped"].items())
+        )
     weighted = [s for s in report["sources"] if "token_share" in s and (s["weight"] != 1.0 or s["max_rows"])]
     for s in weighted:
         lines.append(

@@ -44,7 +44,7 @@ def base_eval_key(
     multi-stage run also the adapter the stage continues and the earlier stages' probes.
     """
     parts = {
-        "model": _model_identity(base_model),
+        "model": model_identity(base_model),
         "data": data_fingerprint,
         "eval": {k: getattr(cfg.eval, k) for k in EVAL_INPUTS},
         "probes": probes,
@@ -54,7 +54,7 @@ def base_eval_key(
         "gpu": cfg.train.use_gpu,
     }
     if adapter is not None or earlier_probes:
-        parts["stages"] = {"adapter": adapter and _model_identity(adapter), "earlier_probes": earlier_probes}
+        parts["stages"] = {"adapter": adapter and model_identity(adapter), "earlier_probes": earlier_probes}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -86,7 +86,7 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _model_identity(base_model: str) -> Any:
+def model_identity(base_model: str) -> Any:
     folder = Path(base_model)
     if not folder.is_dir():
         return base_model  # a hub id: from_pretrained resolves the same snapshot while it is cached
