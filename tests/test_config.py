@@ -92,7 +92,7 @@ OPTION_VALUES: dict[tuple[str, str], dict[str, Any]] = {
     ("mix", "none"): {"mix.ratio": 0.0, "mix.sources": PYDOC},  # the corpus stays: forgetting is still measured
     ("model", "hf"): {"model.name_or_path": "org/model", "model.trust_remote_code": False},
     ("model", "tiny"): {"model.name_or_path": "builtin:tiny-llama", "model.chat_template": None},
-    ("sweep", "demo"): {"sweep.name": "demo", "sweep.lr.values": [1e-3, 5e-3], "sweep.epochs": [1, 2]},
+    ("sweep", "demo"): {"sweep.name": "demo", "sweep.lr.values": [2e-3, 5e-3], "sweep.epochs": [4]},
     ("sweep", "forgetting"): {
         "sweep.name": "forgetting",
         "sweep.lr.values": [],

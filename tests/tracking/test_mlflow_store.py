@@ -62,7 +62,8 @@ def test_parent_params_show_the_search_space_of_swept_keys(tmp_path: Path) -> No
 
 def test_parent_params_show_sampled_search_spaces(tmp_path: Path) -> None:
     client, parent, _ = _parent(
-        tmp_path, ["sweep.search=optuna", "sweep.lr.values=[]", "sweep.lr.low=1e-5", "sweep.lr.high=1e-3"]
+        tmp_path,
+        ["sweep.search=optuna", "sweep.lr.values=[]", "sweep.lr.low=1e-5", "sweep.lr.high=1e-3", "sweep.epochs=[1,2]"],
     )
     params = client.get_run(parent).data.params
     assert params["train.lr"] == "loguniform(1e-05, 0.001)"
