@@ -266,13 +266,17 @@ def test_submitted_sweep_succeeds_on_a_local_cluster_and_lands_in_mlflow(
 def test_corrupt_data_writes_a_noisy_copy_and_lists_what_it_changed(tmp_path):
     """``jobs/corrupt_data.py`` as the README runs it: 10% of the demo's answers shuffled across their questions."""
     out = tmp_path / "demo-noisy.jsonl"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "corrupt_data.py"), "--share", "0.1", "--out", str(out)],
-        env={**os.environ, "SFTRAY_CACHE": str(tmp_path / "cache")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def corrupt(share: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / "corrupt_data.py"), "--share", share, "--out", str(out)],
+            env={**os.environ, "SFTRAY_CACHE": str(tmp_path / "cache")},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    done = corrupt("0.1")
     assert done.returncode == 0, done.stderr
     clean = (tmp_path / "cache" / "builtin" / "demo-train.jsonl").read_text().splitlines()
     noisy = out.read_text().splitlines()
@@ -283,11 +287,5 @@ def test_corrupt_data_writes_a_noisy_copy_and_lists_what_it_changed(tmp_path):
     for i in changed:  # ...in their answers only: the questions stay
         users = lambda line: [m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"]  # noqa: E731
         assert users(clean[i - 1]) == users(noisy[i - 1])
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "corrupt_data.py"), "--share", "1.5", "--out", str(out)],
-        env={**os.environ, "SFTRAY_CACHE": str(tmp_path / "cache")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = corrupt("1.5")
     assert bad.returncode == 1 and "error: --share" in bad.stderr

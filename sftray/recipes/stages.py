@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from sftray.atomic import write_text_atomic
 from sftray.config import Config, stage_config
 from sftray.data.pipeline import Prepared
-from sftray.eval.metrics import PRETRAIN_LOSS
+from sftray.eval.metrics import EXACT_MATCH, FORGETTING, FORMAT_COMPLIANCE, PRETRAIN_LOSS, stage_metric
 from sftray.models.loading import resolve_base_model_path
 from sftray.recipes.prep import prep
 from sftray.train.run import StageStart, TrainOutcome, eval_probes, run_training
@@ -88,7 +88,7 @@ def run_stages(
         scfg = _stage_config(cfg, k)
         stage = cfg.stages[k]
         prepared = prepared_all[k]
-        model, start = _start(cfg, k, scfg=scfg, prepared=prepared, done=done, chain_dir=chain_dir, base=base)
+        model, start = _start(cfg, k, scfg=scfg, prepared=prepared_all, done=done, chain_dir=chain_dir, base=base)
         log.info("stage %d/%d %s: %s from %s", k + 1, len(cfg.stages), stage.name, scfg.train.method, model)
         outcome = run_training(
             scfg,
@@ -127,8 +127,6 @@ def stage_dir_name(index: int, name: str) -> str:
 def summary(stages: list[dict[str, Any]]) -> str:
     """Per stage: its selected checkpoint's format compliance and exact match on its own probes, forgetting relative
     to the original base, and each earlier stage's probes before this stage (its epoch 0) -> after (its selection)."""
-    from sftray.eval.metrics import EXACT_MATCH, FORGETTING, FORMAT_COMPLIANCE, stage_metric
-
     nan = float("nan")
     lines = [
         f"{'stage':<16}{'epoch':>6}{'format':>9}{'exact':>9}{'forget':>9}  earlier stages' probes: before -> after"
@@ -155,16 +153,16 @@ def summary(stages: list[dict[str, Any]]) -> str:
 
 
 def _start(
-    cfg: Config, k: int, *, scfg: Config, prepared: Prepared, done: list[dict], chain_dir: Path, base: str
+    cfg: Config, k: int, *, scfg: Config, prepared: list[Prepared], done: list[dict], chain_dir: Path, base: str
 ) -> tuple[str, StageStart]:
-    """The model stage ``k`` trains from and what else it starts with (none of it for the first stage)."""
+    """The model stage ``k`` trains from and what else it starts with (``prepared``: every stage's data)."""
     if k == 0:
         return base, StageStart(index=0)
     prev = done[-1]
     earlier = {}
     for j in range(k):
         ecfg = stage_config(cfg, j)
-        earlier[cfg.stages[j].name] = eval_probes(ecfg, prepared=prep(ecfg))
+        earlier[cfg.stages[j].name] = eval_probes(ecfg, prepared=prepared[j])
     reference = next(h for h in done[0]["history"] if h["epoch"] == 0)[PRETRAIN_LOSS]
     adapter = None
     if prev["method"] == "full":
@@ -172,7 +170,7 @@ def _start(
     elif scfg.train.method == "lora" and scfg.train.lora.between_stages == "continue":
         model, adapter = prev["model"], str(Path(prev["best_checkpoint"]) / "model")
     else:
-        model = _merged(prev, chain_dir=chain_dir, tokenizer_dir=str(prepared.tokenizer_dir))
+        model = _merged(prev, chain_dir=chain_dir, tokenizer_dir=str(prepared[k].tokenizer_dir))
     return model, StageStart(index=k, init_adapter=adapter, reference_pretrain_loss=reference, earlier_probes=earlier)
 
 

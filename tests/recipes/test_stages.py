@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 import shlex
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
-from sftray.cli import main
 from sftray.config import compose_config
 from sftray.eval.metrics import EXACT_MATCH, FORGETTING, FORMAT_COMPLIANCE, PRETRAIN_LOSS, stage_metric
 from sftray.recipes.stages import read_chain, run_stages
 from sftray.train.checkpoint import load_state
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
