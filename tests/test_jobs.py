@@ -138,7 +138,8 @@ def ray_cluster():
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must stay under 108 bytes
     gcs, dash, agent, agent_grpc, env_agent, metrics, client, node_mgr, obj_mgr = _free_ports(9)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Not the test session's Ray, nor an MLflow store a developer's shell points at: the job logs where it is told.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     # The job's `python` must be the one with Ray and sftray, as on a cluster image.
     env.update(
         RAY_AUTH_MODE="token",

@@ -113,12 +113,12 @@ def base_tags(cfg: Config, *, data_report: dict[str, Any]) -> dict[str, str]:
 
 def start_parent(cfg: Config, *, space: dict[str, Any], data_report: dict[str, Any], sweep_dir: Path) -> str:
     """The sweep's parent run (reused when the sweep resumes); returns its run id."""
-    import mlflow
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
+    # A client of its own, not mlflow.set_tracking_uri: that exports MLFLOW_TRACKING_URI to the whole process and
+    # its children (a later jobs/submit.py from the same process then logged to this sweep's store).
+    client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.sweep.name)
     experiment_id = (
         experiment.experiment_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -68,3 +69,15 @@ def test_parent_params_show_sampled_search_spaces(tmp_path: Path) -> None:
     params = client.get_run(parent).data.params
     assert params["train.lr"] == "loguniform(1e-05, 0.001)"
     assert params["train.epochs"] == "choice([1, 2])"
+
+
+def test_starting_a_sweeps_run_leaves_the_processs_tracking_uri_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: an in-process sweep then sent a later `jobs/submit.py`
+    # (whose --mlflow defaults to that variable) to the earlier sweep's store.
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    _parent(tmp_path, [])
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == before
