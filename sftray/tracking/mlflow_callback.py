@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from ray.tune import Callback
 
 from sftray.config import Config, override
 from sftray.tracking import stage_runs
-from sftray.tracking.mlflow_logger import BEST_NAMES, param_value, tracking_uri, trial_params
+from sftray.tracking.mlflow_logger import BEST_NAMES, is_metric_value, log_params, tracking_uri, trial_params
 from sftray.tune.sweep import OUTCOME_FILE, read_outcome
 
 
@@ -51,8 +50,7 @@ class MlflowTrialLogger(Callback):
             },
         )
         self.runs[trial.trial_id] = run.info.run_id
-        for key, value in trial_params(self.cfg, dict(trial.config or {})).items():
-            client.log_param(run.info.run_id, key, param_value(value))
+        log_params(client, run.info.run_id, trial_params(self.cfg, dict(trial.config or {})))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self.runs.get(trial.trial_id)
@@ -62,11 +60,7 @@ class MlflowTrialLogger(Callback):
 
         step = int(result.get("step", result.get("epoch", 0)) or 0)
         ts = int(result.get("timestamp", 0) * 1000)
-        metrics = [
-            Metric(k, float(v), ts, step)
-            for k, v in result.items()
-            if "/" in k and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-        ]
+        metrics = [Metric(k, float(v), ts, step) for k, v in result.items() if "/" in k and is_metric_value(v)]
         metrics.append(Metric("epoch", float(result.get("epoch", 0)), ts, step))
         if result.get("stage") is not None:
             # A multi-stage trial: the trial's run is the chain's, each stage's reports go to its own child run
@@ -103,7 +97,7 @@ class MlflowTrialLogger(Callback):
             # The selected epoch's figures under the parent's names, so runs compare on one column each.
             for key, value in (outcome.get("best_metrics") or {}).items():
                 name = BEST_NAMES.get(key)
-                if name and isinstance(value, int | float) and math.isfinite(value):
+                if name and is_metric_value(value):
                     client.log_metric(run_id, name, float(value))
             client.log_text(run_id, json.dumps(dataclasses.asdict(self.cfg), indent=1, default=str), "config.json")
             overrides = self.cfg.sweep.trial_overrides(dict(trial.config or {}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import subprocess
 import tempfile
@@ -39,6 +40,34 @@ def artifact_location(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / ARTIFACTS_DIRNAME).as_uri()
+
+
+def experiment_id(client: Any, name: str, *, uri: str) -> str:
+    """The id of the experiment ``name`` in the store at ``uri``, created (artifacts beside a SQLite store) if new."""
+    experiment = client.get_experiment_by_name(name)
+    return (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(name, artifact_location=artifact_location(uri))
+    )
+
+
+PARAMS_PER_BATCH = 100
+"""MLflow's limit of params per ``log_batch`` call."""
+
+
+def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """``params`` on the run in batches (one store transaction each, not one per param)."""
+    from mlflow.entities import Param
+
+    items = [Param(key, param_value(value)) for key, value in params.items()]
+    for start in range(0, len(items), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start : start + PARAMS_PER_BATCH])
+
+
+def is_metric_value(value: Any) -> bool:
+    """A number MLflow can record as a metric (not a bool, not NaN or infinite)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def describe_domain(domain: Any) -> str:
@@ -119,17 +148,11 @@ def start_parent(cfg: Config, *, space: dict[str, Any], data_report: dict[str, A
     # A client of its own, not mlflow.set_tracking_uri: that exports MLFLOW_TRACKING_URI to the whole process and
     # its children (a later jobs/submit.py from the same process then logged to this sweep's store).
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.sweep.name)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(cfg.sweep.name, artifact_location=artifact_location(uri))
-    )
     marker = sweep_dir / "mlflow_parent_run_id"
     if cfg.sweep.resume and marker.is_file():
         return marker.read_text().strip()
     run = client.create_run(
-        experiment_id,
+        experiment_id(client, cfg.sweep.name, uri=uri),
         run_name=f"{cfg.sweep.name} (sweep)",
         tags={**base_tags(cfg, data_report=data_report), "sftray.role": "sweep"},
     )
@@ -137,8 +160,7 @@ def start_parent(cfg: Config, *, space: dict[str, Any], data_report: dict[str, A
     for key in dict.fromkeys(k for point in cfg.sweep.points for k in point):  # each key a point sets, in order
         searched[key] = f"sweep.points({[point.get(key) for point in cfg.sweep.points]})"
     # A swept key shows what its trials tried, not the base value none of them used.
-    for key, value in {**flatten(cfg), **searched}.items():
-        client.log_param(run.info.run_id, key, param_value(value))
+    log_params(client, run.info.run_id, {**flatten(cfg), **searched})
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
         (Path(tmp) / "search_space.json").write_text(json.dumps(searched, indent=1))

@@ -6,17 +6,17 @@ and ``MlflowTrialLogger`` opens the stage runs below it (``stage_run``) as the s
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from sftray.config import Config, stage_config
 from sftray.tracking.mlflow_logger import (
     BEST_NAMES,
-    artifact_location,
     base_tags,
+    experiment_id,
     flatten,
-    param_value,
+    is_metric_value,
+    log_params,
     tracking_uri,
 )
 
@@ -35,19 +35,12 @@ def start_chain(cfg: Config, *, chain_dir: Path) -> str:
     marker = Path(chain_dir) / RUN_ID_FILE
     if marker.is_file():
         return marker.read_text().strip()
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
-    )
     run = client.create_run(
-        experiment_id,
+        experiment_id(client, EXPERIMENT, uri=uri),
         run_name=Path(chain_dir).name,
         tags={**base_tags(cfg, data_report={}), "sftray.role": "chain", "chain_dir": str(chain_dir)},
     )
-    for key, value in flatten(cfg).items():
-        client.log_param(run.info.run_id, key, param_value(value))
+    log_params(client, run.info.run_id, flatten(cfg))
     Path(chain_dir).mkdir(parents=True, exist_ok=True)
     marker.write_text(run.info.run_id)
     return run.info.run_id
@@ -71,8 +64,7 @@ def stage_run(cfg: Config, *, parent_id: str, index: int) -> str:
         run_name=f"{index}-{name}",
         tags={"mlflow.parentRunId": parent_id, "sftray.role": "stage", "stage": str(index), "stage_name": name},
     )
-    for key, value in flatten(stage_config(cfg, index)).items():
-        client.log_param(run.info.run_id, key, param_value(value))
+    log_params(client, run.info.run_id, flatten(stage_config(cfg, index)))
     return run.info.run_id
 
 
@@ -88,14 +80,14 @@ def log_stage(cfg: Config, *, parent_id: str, record: dict[str, Any]) -> None:
         Metric(key, float(value), 0, int(row.get("epoch", 0)))
         for row in record["history"]
         for key, value in row.items()
-        if "/" in key and _finite(value)
+        if "/" in key and is_metric_value(value)
     ]
     for start in range(0, len(metrics), 500):  # MLflow's batch limit is 1000 metrics
         client.log_batch(run_id, metrics=metrics[start : start + 500])
     best = {
         name: float(record["best_metrics"][k])
         for k, name in BEST_NAMES.items()
-        if _finite(record["best_metrics"].get(k))
+        if is_metric_value(record["best_metrics"].get(k))
     }
     for name, value in best.items():
         client.log_metric(run_id, name, value)
@@ -109,7 +101,3 @@ def finish_chain(cfg: Config, *, run_id: str, status: str = "FINISHED") -> None:
     from mlflow import MlflowClient
 
     MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

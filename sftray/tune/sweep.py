@@ -228,12 +228,8 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
     for key, value in overrides.items():
         cfg = override(cfg, key, value)
     ctx = ray.tune.get_context()
-    if trial_prepares_own_data(overrides):
-        prepared = prep(cfg)
-    else:
-        prepared = load_prepared(Path(prepared_dir))
     name = f"{base_cfg.sweep.name}-{ctx.get_trial_id()}"
-    if cfg.stages:  # a chain per trial, in a folder named by the trial: a resumed trial goes on from its last stage
+    if cfg.stages:  # each stage prepares (or finds) its own data  # a chain per trial, in a folder named by the trial: a resumed trial goes on from its last stage
         stages = _reporting_to_tune(
             lambda callbacks: run_stages(
                 cfg, chain_dir=trial_runs_dir(cfg) / name, base_model=base_model, callbacks=callbacks
@@ -243,6 +239,7 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
         result = {k: last[k] for k in ("best_checkpoint", "best_metrics", "reason", "history", "run_path")}
         result.update(stages=stages, data_report=str(Path(last["data"]) / "report.json"))
     else:
+        prepared = prep(cfg) if trial_prepares_own_data(overrides) else load_prepared(Path(prepared_dir))
         outcome = _reporting_to_tune(
             lambda callbacks: run_training(
                 cfg,
