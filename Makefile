@@ -71,5 +71,5 @@ lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check sftray tests
 	$(VENV)/bin/ruff format --check sftray tests
 
-clean: ## remove outputs and caches (keeps .venv)
-	rm -rf outputs .pytest_cache .ruff_cache
+clean: ## remove the outputs (SFTRAY_OUTPUT, default outputs/) and test caches (keeps .venv)
+	rm -rf $(OUTPUT_DIR) .pytest_cache .ruff_cache

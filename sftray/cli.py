@@ -22,13 +22,74 @@ USAGE = """usage: sftray COMMAND [key=value ...] [flags]
 commands:
   prep      run the Ray Data pipeline: Parquet rows + data report      [--force: rebuild even if up to date]
   preview   print the first examples with trained tokens marked          [n=5: how many]
-  pretrain  build the builtin tiny-llama base model (cached; minutes)    [--force: rebuild it]
+  pretrain  build the builtin tiny-llama base model (cached; minutes)    [steps=600, --force: rebuild it]
   train     one training run on Ray Train: prep (cached), base model, epochs, evals, checkpoints
   sweep     a Ray Tune sweep over LR x epochs (conf/sweep), every trial tracked in MLflow
   config    print the composed configuration
 
 overrides use Hydra syntax, e.g.  sftray prep data.max_seq_len=512 mix.ratio=0.05 data=files
+`sftray COMMAND --help` shows a command's options; `sftray config` prints every key and its value.
 """
+
+_COMMON = """
+common overrides (Hydra syntax; `sftray config [overrides]` prints every key and its value):
+  data=files data.sources=/abs/chats.jsonl     your conversations (or [{path: a.jsonl}, {path: b.parquet}])
+  model=hf model.name_or_path=ORG/NAME_OR_DIR  a Hugging Face model (default: the builtin tiny-llama)
+  data.max_seq_len=512 mix.ratio=0.05          packed row length; share of pretraining text mixed in
+"""
+
+COMMAND_HELP = {
+    "prep": """usage: sftray prep [key=value ...] [--force]
+
+Runs the Ray Data pipeline: conversations rendered and masked, pretraining text mixed in, rows packed, written as
+Parquet with a data report under paths.output_dir/data/. Prepared data with the same fingerprint is reused.
+
+flags:
+  --force    rebuild even if prepared data with the same fingerprint exists
+""",
+    "preview": """usage: sftray preview [n=5] [key=value ...]
+
+Prints the first examples of data.sources as rendered by the chat template, trained tokens inside {+ +} (no Ray).
+
+options:
+  n=5        how many examples
+""",
+    "pretrain": """usage: sftray pretrain [steps=600] [key=value ...] [--force]
+
+Builds the builtin tiny-llama base model into paths.cache_dir (minutes on a CPU; cached afterwards).
+
+options:
+  steps=600  optimizer steps: fewer (e.g. steps=50) for a quick look at a weaker base
+flags:
+  --force    rebuild the cached base (needed to change steps once one is built)
+""",
+    "train": """usage: sftray train [key=value ...] [--force]
+
+One training run on Ray Train: prep (cached), base model, every epoch evaluated and checkpointed, the best
+checkpoint picked by eval.select_metric within eval.forgetting_budget. Multi-stage: stages=demo_two_stage.
+
+examples:
+  sftray train train=full train.epochs=3 train.lr=1e-4
+  sftray train train.resume_from=outputs/runs/<run>/epoch_01
+flags:
+  --force    rebuild the prepared data even if it is up to date
+""",
+    "sweep": """usage: sftray sweep [key=value ...]
+
+A Ray Tune sweep (conf/sweep) over learning rate, epochs and any sweep.params; every trial tracked in MLflow,
+the best one ranked by eval.select_metric within eval.forgetting_budget.
+
+examples:
+  sftray sweep sweep.lr.values=[1e-3,5e-3] sweep.epochs=[2]
+  sftray sweep +sweep.params.mix.ratio=[0.05,0.2]
+  sftray sweep sweep.resume=true                 continue an interrupted sweep
+""",
+    "config": """usage: sftray config [key=value ...]
+
+Prints the composed configuration (conf/ plus the overrides) as YAML: every key, its value and its group.
+""",
+}
+"""Each command's ``--help``: what it does, its options and flags, then the common overrides."""
 
 log = logging.getLogger("sftray")
 
@@ -46,10 +107,18 @@ def compose_config(overrides: list[str]) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["help"] and len(args) > 1:
+        args = [args[1], "--help"]
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     command, rest = args[0], args[1:]
+    if "--help" in rest or "-h" in rest:
+        if command not in COMMAND_HELP:
+            print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+            return 2
+        print(COMMAND_HELP[command] + _COMMON)
+        return 0
     flags = {a for a in rest if a.startswith("--")}
     overrides = [a for a in rest if not a.startswith("--")]
     logging.basicConfig(
@@ -62,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _prep(compose_config(overrides), force="--force" in flags)
             case "preview":
                 _check_flags(flags, set())
-                n = 5
-                for a in [a for a in overrides if re.fullmatch(r"n=\d+", a)]:
-                    n = int(a[2:])
-                    overrides.remove(a)
+                n = _take_count(overrides, "n", default=5)
                 from sftray.preview import preview
 
                 preview(compose_config(overrides), n=n, out=sys.stdout)
@@ -78,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _sweep(compose_config(overrides), overrides=overrides)
             case "pretrain":
                 _check_flags(flags, {"--force"})
-                return _pretrain(compose_config(overrides), force="--force" in flags)
+                steps = _take_count(overrides, "steps", default=None)
+                return _pretrain(compose_config(overrides), force="--force" in flags, steps=steps)
             case "config":
                 from omegaconf import OmegaConf
 
@@ -233,17 +300,26 @@ def _sweep_resume_hint(cfg: Config, overrides: list[str], *, unfinished: int | N
     )
 
 
-def _pretrain(cfg: Config, *, force: bool) -> int:
-    """Builds (or reuses) the builtin base model in paths.cache_dir and prints where it is and how well it learned."""
+def _pretrain(cfg: Config, *, force: bool, steps: int | None) -> int:
+    """Builds (or reuses) the builtin base model in paths.cache_dir and prints where it is and how well it learned;
+    ``steps``: the build's optimizer steps (None: the full build). A cached base of another size is kept unless
+    ``force``: every later run trains from the cached one, so replacing it is the user's explicit choice."""
     import json
     import shutil
 
     from sftray.models.pretrain import REPORT_NAME, TINY_MODEL_DIRNAME, ensure_tiny_model
 
     cache_dir = Path(cfg.paths.cache_dir)
+    folder = cache_dir / TINY_MODEL_DIRNAME
     if force:
-        shutil.rmtree(cache_dir / TINY_MODEL_DIRNAME, ignore_errors=True)
-    path = ensure_tiny_model(cache_dir)
+        shutil.rmtree(folder, ignore_errors=True)
+    elif steps is not None and (folder / REPORT_NAME).is_file():
+        built = json.loads((folder / REPORT_NAME).read_text())["steps"]
+        if built != steps:
+            raise ConfigError(
+                f"the cached base {folder} was built with {built} steps: add --force to rebuild it with steps={steps}"
+            )
+    path = ensure_tiny_model(cache_dir, **({"steps": steps} if steps is not None else {}))
     report = json.loads((path / REPORT_NAME).read_text())
     print(f"tiny-llama base model: {path}")
     print(
@@ -252,6 +328,17 @@ def _pretrain(cfg: Config, *, force: bool) -> int:
         f"unigram baseline {report['unigram_loss']:.3f}  (nats/token)"
     )
     return 0
+
+
+def _take_count(overrides: list[str], name: str, *, default: int | None) -> int | None:
+    """Removes a command's own ``name=N`` option (not a config key) from ``overrides`` and returns N (>= 1)."""
+    value = default
+    for a in [a for a in overrides if a.startswith(f"{name}=")]:
+        if not re.fullmatch(rf"{name}=-?\d+", a) or int(a.split("=")[1]) < 1:
+            raise ConfigError(f"{a} must be >= 1")
+        value = int(a.split("=")[1])
+        overrides.remove(a)
+    return value
 
 
 def _check_flags(flags: set[str], valid: set[str]) -> None:

@@ -685,6 +685,18 @@ def open_mappings(cls: Any = None, prefix: str = "") -> list[str]:
     return out
 
 
+def source_lists(cls: Any = None, prefix: str = "") -> list[str]:
+    """Dotted paths of the ``list[SourceConfig]`` fields (``data.sources``, ``mix.sources``, ...)."""
+    cls = cls or Config
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if hints[f.name] == list[SourceConfig]:
+            out.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out += source_lists(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
 def _field_type(cls: Any, name: str) -> Any:
     import typing
 
@@ -727,6 +739,12 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
     # set it (Hydra alone would demand +); stage_config then checks it against the schema.
     groups = "|".join(STAGE_GROUPS)
     overrides = [re.sub(rf"^(?!\+)(stages\.\d+\.(?:{groups})\.)", r"++\1", o) for o in overrides]
+    # A source list given one plain path (data.sources=/data/x.jsonl) is the list of that one source.
+    lists = "|".join(re.escape(k) for k in source_lists())
+    overrides = [
+        re.sub(rf"^(\+*(?:{lists}))=(?![\[{{'\"]|null$)(.+)$", lambda m: f"{m[1]}=[{{path:{_quoted(m[2])}}}]", o)
+        for o in overrides
+    ]
     try:
         with initialize_config_dir(config_dir=str(Path(conf or config_dir()).resolve()), version_base="1.3"):
             composed = compose("config", overrides=overrides)
@@ -739,6 +757,11 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
     if not isinstance(cfg, Config):
         raise ConfigError(f"conf/config.yaml did not compose to a Config (got {type(cfg).__name__})")
     return cfg.resolved_paths(base or Path.cwd())
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a single-quoted Hydra override string (a path may hold ':' or ',')."""
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def explain_config_error(exc: BaseException) -> str:

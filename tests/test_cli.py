@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
+import subprocess
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,70 @@ def test_unknown_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert err == "error: unknown flag(s) --forse; valid: --force\n"
 
 
+COMMANDS = ("prep", "preview", "pretrain", "train", "sweep", "config")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help(capsys: pytest.CaptureFixture[str], command: str, flag: str) -> None:
+    """``sftray COMMAND --help`` prints that command's help (its flags, common overrides, where the keys are listed),
+    without composing the config or starting anything; ``sftray help COMMAND`` is the same."""
+    code, out, err = run(capsys, command, flag)
+    assert (code, err) == (0, "")
+    assert out.startswith(f"usage: sftray {command} ")
+    assert "sftray config" in out  # where every key and its current value are shown
+    assert run(capsys, "help", command) == (0, out, "")
+    assert run(capsys, command, "data.max_seq_len=128", flag) == (0, out, "")  # help wins over overrides
+
+
+def test_command_help_lists_its_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run(capsys, "prep", "--help")[1]
+    assert "--force" in out
+    assert "data.sources=" in out
+    out = run(capsys, "pretrain", "--help")[1]
+    assert "steps=" in out and "--force" in out
+    out = run(capsys, "preview", "-h")[1]
+    assert "n=" in out and "--force" not in out
+
+
+def test_help_of_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "help", "trian")
+    assert (code, out) == (2, "")
+    assert err.startswith("unknown command 'trian'\n\nusage: sftray COMMAND")
+
+
+# --- pretrain, make clean -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two builds of a few pretraining steps each (seconds per step on 2 busy CPUs)
+def test_pretrain_steps_for_a_quick_look(capsys: pytest.CaptureFixture[str], tmp_path: Path, cache_dir: Path) -> None:
+    """``sftray pretrain steps=N`` builds a quick base; a cached base of another size is rebuilt only with --force."""
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir / "tiny-llama", cache / "tiny-llama")  # the tokenizer: no BPE training here
+    code, out, err = run(capsys, "pretrain", "steps=1", f"paths.cache_dir={cache}")
+    assert code == 0, err
+    assert "  1 steps, " in out
+    assert json.loads((cache / "tiny-llama-base-v2" / "pretrain_report.json").read_text())["steps"] == 1
+    code, out, err = run(capsys, "pretrain", "steps=2", f"paths.cache_dir={cache}")
+    assert (code, out) == (1, "")
+    assert "built with 1 steps" in err and "--force" in err
+    code, out, err = run(capsys, "pretrain", "steps=2", "--force", f"paths.cache_dir={cache}")
+    assert code == 0, err
+    assert "  2 steps, " in out
+    assert run(capsys, "pretrain", "steps=0", f"paths.cache_dir={cache}")[2] == "error: steps=0 must be >= 1\n"
+
+
+def test_make_clean_removes_the_configured_output_dir(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        ["make", "-n", "-C", str(root), "clean", f"SFTRAY_OUTPUT={tmp_path / 'elsewhere'}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"rm -rf {tmp_path / 'elsewhere'} " in out
+
+
 # --- config ------------------------------------------------------------------------------------------------------
 
 
@@ -146,6 +212,22 @@ def test_config_sweep_params_is_an_open_mapping(capsys: pytest.CaptureFixture[st
     code, out, err = run(capsys, "config", *overrides)
     assert (code, err) == (0, "")
     assert yaml.safe_load(out)["sweep"]["params"] == {"train.lora.r": [8, 16], "mix.ratio": [0.05, 0.1]}
+
+
+@pytest.mark.parametrize("key", ["data.sources", "data.val_sources", "mix.sources", "mix.heldout_sources"])
+def test_config_source_list_takes_a_single_path(capsys: pytest.CaptureFixture[str], tmp_path: Path, key: str) -> None:
+    """``data.sources=/x.jsonl`` means one source with that path (as ``[{path: /x.jsonl}]`` does)."""
+    f = _write_jsonl(tmp_path / "one.jsonl", _chat_rows("messages"))
+    group, name = key.split(".")
+    code, out, err = run(capsys, "config", f"{key}={f}")
+    assert (code, err) == (0, "")
+    assert yaml.safe_load(out)[group][name] == [dataclasses.asdict(SourceConfig(path=str(f)))]
+    long = run(capsys, "config", f"{key}=[{{path:'{f}'}}]")
+    assert long == (0, out, "")
+    if key == "data.sources":
+        assert run(capsys, "config", "data=files", f"{key}={f}")[0] == 0  # the group that demands sources
+        code, out, err = run(capsys, "config", f"{key}=builtin:demo")
+        assert yaml.safe_load(out)[group][name][0]["path"] == "builtin:demo"
 
 
 @pytest.mark.parametrize(

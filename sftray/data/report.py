@@ -113,10 +113,20 @@ def summary(report: dict[str, Any]) -> str:
             " dropped " + ", ".join(f"{k}={v}" for k, v in prune["dropped"].items())
         )
     weighted = [s for s in report["sources"] if "token_share" in s and (s["weight"] != 1.0 or s["max_rows"])]
+    if weighted:  # weights and max_rows make the trained examples differ from the train conversations
+        copies = sum(s["train_copies"] for s in report["sources"] if "train_copies" in s)
+        unused = sum(s["train_rows_unused"] for s in report["sources"] if "train_rows_unused" in s)
+        extra = copies - (c["train"] - unused)
+        lines.append(
+            f"  training takes {copies} SFT examples from the {c['train']} train conversations: {unused} unused"
+            + (f", {extra} extra copies" if extra else "")
+            + " (per-source weight / max_rows)"
+        )
     for s in weighted:
+        limit = f", max_rows {s['max_rows']}" if s["max_rows"] else ""
         lines.append(
             f"  source {s['path']}: {s['token_share']:.1%} of SFT training tokens (target {s['token_share_target']:.1%}; "
-            f"weight {s['weight']:g}, max_rows {s['max_rows']})"
+            f"weight {s['weight']:g}{limit})"
         )
     lines.append(f"  {'split':<17}{'rows':>8}{'examples':>10}{'tokens':>11}{'trained':>10}{'packing eff':>13}")
     for name, s in report["splits"].items():
@@ -124,11 +134,14 @@ def summary(report: dict[str, Any]) -> str:
             f"  {name:<17}{s['rows']:>8}{s['examples']:>10}{s['tokens']:>11}{s['trained_share']:>10.1%}"
             f"{s['packing_efficiency']:>13.1%}"
         )
-    lines.append(
-        f"  pretraining mix: target {tr['mix_ratio_target']:.1%} of training tokens, achieved "
-        f"{tr['mix_ratio_achieved']:.2%} ({tr['pretrain_tokens']} tokens; "
-        f"{tr['pretrain_share_of_trained']:.1%} of trained tokens)"
-    )
+    if tr["mix_ratio_target"] > 0:
+        lines.append(
+            f"  pretraining mix: target {tr['mix_ratio_target']:.1%} of training tokens, achieved "
+            f"{tr['mix_ratio_achieved']:.2%} ({tr['pretrain_tokens']} tokens; "
+            f"{tr['pretrain_share_of_trained']:.1%} of trained tokens)"
+        )
+    else:
+        lines.append("  pretraining mix: off (mix.ratio=0)")
     return "\n".join(lines)
 
 

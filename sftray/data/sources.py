@@ -406,7 +406,9 @@ def _jsonl_record(path: str, lineno: int, line: bytes) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        return DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})", reason="invalid_json")
+        # Some of json's messages end in "at" ("Unterminated string starting at"): the column completes them.
+        where = f"{exc.msg} column" if exc.msg.endswith(" at") else f"{exc.msg} at column"
+        return DataError(f"{path}:{lineno}: not valid JSON ({where} {exc.colno})", reason="invalid_json")
 
 
 def _bad_encoding(path: str, data: bytes, exc: UnicodeDecodeError) -> tuple[int, DataError]:

@@ -60,4 +60,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray Train entry point (``config["job"]``: the ``WorkerJob``); returns (on rank 0) the run's metric history."""
     from sftray.train.loop import run_worker
 
+    _quiet_report_log()
     return run_worker(config["job"])
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every ``ray.train.report`` of every rank with its whole metrics dict at INFO; the driver prints
+    one table per run instead. Its logger is named by its file's path, not by module."""
+    import logging
+    from pathlib import Path
+
+    import ray.train.v2
+
+    context = Path(ray.train.v2.__file__).parent / "_internal" / "execution" / "context.py"
+    logging.getLogger(str(context)).setLevel(logging.WARNING)

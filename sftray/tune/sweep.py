@@ -131,6 +131,19 @@ def trial_resources(cfg: Config, *, cluster: dict[str, float]) -> tuple[dict[str
     return {"CPU": TRIAL_DRIVER_CPUS}, min(wanted, fits)
 
 
+def _drop_tune_resume_hint() -> None:
+    """On Ctrl-C Tune logs "Resume experiment with: Tuner.restore(...)", an API sftray's users never call; the CLI
+    prints the sftray command that resumes the sweep instead. Other warnings of that logger pass."""
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(getattr(f, "sftray_resume_hint", False) for f in tune_log.filters):
+
+        def keep(record: logging.LogRecord) -> bool:
+            return "Tuner.restore(" not in record.getMessage()
+
+        keep.sftray_resume_hint = True  # type: ignore[attr-defined]
+        tune_log.addFilter(keep)
+
+
 def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: list | None = None) -> SweepOutcome:
     """Runs (or resumes) the sweep; a trial that crashes is marked failed and the others go on."""
     import ray
@@ -145,6 +158,7 @@ def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: li
         resources,
     )
     path = Path(storage) / cfg.sweep.name
+    _drop_tune_resume_hint()
     if cfg.sweep.resume:
         if not tune.Tuner.can_restore(str(path)):
             raise ValueError(f"sweep.resume=true but there is no sweep to resume at {path}")

@@ -70,6 +70,12 @@ def test_jsonl_invalid_line_is_yielded_as_error_and_reading_continues() -> None:
     assert str(err) == "/d/f.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes at column 2)"
 
 
+def test_jsonl_error_position_reads_once() -> None:
+    """json's messages that end in "at" ("Unterminated string starting at") get the column without a second "at"."""
+    out = list(iter_file_records("/d/f.jsonl", b'{"a": "open\n'))
+    assert str(out[0][1]) == "/d/f.jsonl:1: not valid JSON (Unterminated string starting at column 7)"
+
+
 # --- iter_file_records: JSON ---------------------------------------------------------------------------------------
 
 

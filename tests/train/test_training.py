@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from functools import partial
 from importlib.metadata import entry_points
@@ -231,3 +232,12 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_command_that_resumes_it(setup
     command = next(line for line in err.splitlines() if line.startswith("resume with:"))
     assert shlex.split(command.removeprefix("resume with:"))[-1] == f"train.resume_from={last}"
     assert f"resume_from={last}" in next(line for line in err.splitlines() if "make train" in line)
+
+
+def test_workers_do_not_log_every_report(fsdp2) -> None:
+    """Ray Train logs each report's whole metrics dict from every rank; sftray prints its own table once instead.
+    The workers' log files (Ray's session folder) of the 2-rank run show checkpoints but no per-report dump."""
+    logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
+    text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*") if p.suffix in (".out", ".err"))
+    assert "Checkpoint successfully created" in text  # the run's worker logs are there
+    assert "Reporting training result" not in text

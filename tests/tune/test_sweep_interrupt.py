@@ -67,6 +67,7 @@ def test_ctrl_c_on_a_sweep_prints_the_resume_command_that_continues_it(
     command = next(line for line in err.splitlines() if line.startswith("resume with:"))
     argv = shlex.split(command.removeprefix("resume with:"))
     assert argv[:2] == ["sftray", "sweep"] and argv[-1] == "sweep.resume=true"
+    assert "Tuner.restore" not in err  # Ray's own hint names an API sftray users never call: sftray's is the one
     # Ray tears the interrupted trial down asynchronously (driver -> trial actor -> Train controller -> workers): a
     # worker may still finish an epoch or two of this tiny model meanwhile. Count checkpoints once it is gone.
     deadline = time.time() + 120
