@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from sftray.config import LoraConfig
+
+ADAPTER_NOTE = "sftray_adapter.json"
+"""Beside a saved adapter: its base, the tokens training added to the base's vocabulary, and how to load it."""
 
 
 def apply_lora(model: Any, *, cfg: LoraConfig, new_token_ids: list[int]) -> Any:
@@ -26,3 +31,28 @@ def apply_lora(model: Any, *, cfg: LoraConfig, new_token_ids: list[int]) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
+
+
+def write_adapter_note(adapter_dir: Path, *, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Writes ``ADAPTER_NOTE`` into a saved adapter's folder and returns it.
+
+    An adapter that trained rows of added tokens (``trainable_token_indices``) needs the base's embeddings grown to
+    the saved tokenizer first; plain ``PeftModel.from_pretrained`` on the unmodified base fails with an IndexError.
+    """
+    peft_cfg = model.peft_config["default"]
+    indices = peft_cfg.trainable_token_indices or []
+    if isinstance(indices, dict):  # per-layer form: {layer name: ids}
+        indices = sorted({i for ids in indices.values() for i in ids})
+    added = {str(i): tokenizer.convert_ids_to_tokens(i) for i in indices}
+    load = ["model = AutoModelForCausalLM.from_pretrained(base_model)"]
+    if added:
+        load.append("model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(adapter_dir)))")
+    load.append("model = PeftModel.from_pretrained(model, adapter_dir)")
+    note = {
+        "base_model": peft_cfg.base_model_name_or_path,
+        "added_tokens": added,  # id -> token: rows the base lacks, trained with the adapter; {} = base vocabulary
+        "vocab_size": len(tokenizer),
+        "load": load,  # plain transformers + peft; sftray.models.loading.load_trained does the same
+    }
+    (Path(adapter_dir) / ADAPTER_NOTE).write_text(json.dumps(note, indent=1) + "\n")
+    return note
