@@ -96,8 +96,11 @@ def add_template_tokens(tokenizer: Any) -> list[str]:
 def load_model(path: str, *, tokenizer: Any, trust_remote_code: bool = False) -> tuple[Any, list[int]]:
     """``AutoModelForCausalLM.from_pretrained`` (safetensors only, float32 master weights) sized to ``tokenizer``.
 
-    Rows added for new tokens start at the mean of the existing embeddings (a random row would give the new
-    token a huge, arbitrary logit). Returns the model and the ids of the added rows (LoRA trains them too).
+    Tokens of ``tokenizer`` that the model at ``path`` has no trained row for are new: ids beyond its embedding, and
+    tokens its own tokenizer lacks (the template tokens ``add_template_tokens`` added; on an embedding padded beyond
+    its vocabulary, as Qwen's, they fall on spare rows the model already has). Their rows start at the mean of the
+    known tokens' rows (a random row would give the new token a huge, arbitrary logit). Returns the model and the
+    new ids (LoRA trains their rows too). The embedding grows only when ``tokenizer`` has more tokens than rows.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -105,16 +108,35 @@ def load_model(path: str, *, tokenizer: Any, trust_remote_code: bool = False) ->
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     )
-    old = model.get_input_embeddings().weight.shape[0]
-    new_ids = list(range(old, len(tokenizer)))
-    if new_ids:
+    rows = model.get_input_embeddings().weight.shape[0]
+    unknown = _ids_unknown_to(path, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    new_ids = sorted({*range(rows, len(tokenizer)), *unknown})
+    if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if new_ids:
+        known = torch.ones(min(rows, len(tokenizer)), dtype=torch.bool)
+        known[[i for i in new_ids if i < len(known)]] = False
         with torch.no_grad():
             for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}.values():
-                emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+                emb.weight[new_ids] = emb.weight[: len(known)][known].mean(dim=0, keepdim=True)
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, new_ids
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _ids_unknown_to(path: str, *, tokenizer: Any, trust_remote_code: bool) -> list[int]:
+    """Ids of ``tokenizer``'s tokens that the tokenizer saved with the model at ``path`` lacks ([] when the folder
+    holds no tokenizer: then only ids beyond the embedding count as new)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return []
+    own = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
+    return sorted(i for token, i in tokenizer.get_vocab().items() if token not in own)
 
 
 def load_trained(path: str | Path) -> tuple[Any, Any]:

@@ -46,3 +46,27 @@ def nopad_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = tiny_llama_config(vocab_size=len(hf), eos_token_id=hf.eos_token_id, num_hidden_layers=2)
     transformers.LlamaForCausalLM(config).save_pretrained(base)
     return base
+
+
+@pytest.fixture(scope="session")
+def padded_base(nopad_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``nopad_base``'s tokenizer on a model with 8 embedding rows more than tokens (as Qwen pads its embedding to a
+    multiple): tokens added to the tokenizer get rows the model already has."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from sftray.models.tiny import tiny_llama_config
+
+    base = tmp_path_factory.mktemp("padded-base")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (nopad_base / name).is_file():
+            shutil.copy(nopad_base / name, base / name)
+    config = json.loads((nopad_base / "config.json").read_text())
+    torch.manual_seed(0)
+    model_config = tiny_llama_config(
+        vocab_size=config["vocab_size"] + 8, eos_token_id=config["eos_token_id"], num_hidden_layers=2
+    )
+    transformers.LlamaForCausalLM(model_config).save_pretrained(base)
+    return base

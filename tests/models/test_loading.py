@@ -76,3 +76,31 @@ def test_template_tokens_the_base_lacks_are_added_recorded_and_load_with_the_doc
 def test_the_builtin_tokenizer_keeps_its_vocabulary_and_pad(cache_dir):
     tokenizer = load_tokenizer(ModelConfig(name_or_path="builtin:tiny-llama"), cache_dir=cache_dir)
     assert len(tokenizer) == 4096 and tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_template_tokens_on_a_padded_embedding_take_its_spare_rows_and_train(padded_base, tmp_path):
+    from peft import PeftModel
+
+    rows = _vocab_size(padded_base)
+    cfg = ModelConfig(name_or_path=str(padded_base), chat_template=LLAMA3_TEMPLATE)
+    tokenizer = load_tokenizer(cfg, cache_dir=tmp_path)
+    assert len(tokenizer) == rows - 8 + 3
+    base = AutoModelForCausalLM.from_pretrained(padded_base)
+    model, new_ids = load_model(str(padded_base), tokenizer=tokenizer)
+    assert new_ids == [rows - 8, rows - 7, rows - 6]  # the added tokens' ids: spare rows, no resize
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == rows
+    torch.testing.assert_close(weight[new_ids], base.get_input_embeddings().weight[: rows - 8].mean(0).expand(3, -1))
+    model = apply_lora(model, cfg=LoraConfig(target_modules=["q_proj"]), new_token_ids=new_ids)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    checkpoint.save(model, optimizer, directory=tmp_path / "ckpt", tokenizer=tokenizer, state={}, rank=0, tables={})
+    note = json.loads((tmp_path / "ckpt" / "model" / ADAPTER_NOTE).read_text())
+    assert sorted(note["added_tokens"]) == [str(i) for i in new_ids] and len(note["load"]) == 2  # no resize line
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Add 1 and 4."}], tokenize=False)
+    ids = tokenizer(chat, return_tensors="pt").input_ids
+    plain = PeftModel.from_pretrained(base, tmp_path / "ckpt" / "model")  # the unmodified base, as it is
+    torch.testing.assert_close(plain(ids).logits, model.eval()(ids).logits)
