@@ -62,9 +62,12 @@ def _load_without_invented_tokens(path: str, *, trust_remote_code: bool, templat
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    bare = AutoTokenizer.from_pretrained(
-        path, trust_remote_code=trust_remote_code, **dict.fromkeys(_DEFAULTED_SPECIALS)
-    )
+    try:
+        bare = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, **dict.fromkeys(_DEFAULTED_SPECIALS)
+        )
+    except Exception:  # a class that cannot load without one of them (custom code): it invents nothing we can see
+        return tokenizer
     if len(bare) == len(tokenizer):
         return tokenizer
     vocab = bare.get_vocab()
