@@ -1,7 +1,8 @@
 """Checkpoints: an HF-loadable model (full weights, or the peft adapter) plus the exact training state.
 
 Layout of one checkpoint folder:
-  model/            save_pretrained output: full model + tokenizer, or adapter_model.safetensors + adapter_config
+  model/            save_pretrained output + tokenizer: the full model, or the adapter (adapter_model.safetensors,
+                    adapter_config.json) with sftray_adapter.json naming any tokens added to the base's vocabulary
   merged/           (LoRA with train.export_merged) the base with the adapter merged in, plain transformers
   train_state.pt    optimizer (full, by parameter name), scheduler, epoch, step, base losses, metric history
   probes.json       the generation-probe table of this epoch's eval, and probes_base.json of the base model
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from sftray.core.parallel import unwrap
 from sftray.models.loading import load_model
+from sftray.models.lora import write_adapter_note
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 STATE_FILE = "train_state.pt"
@@ -52,6 +54,8 @@ def save(
     hf = unwrap(model)
     hf.save_pretrained(directory / "model", state_dict=model_sd, safe_serialization=True)
     tokenizer.save_pretrained(directory / "model")
+    if hasattr(hf, "peft_config"):
+        write_adapter_note(directory / "model", model=hf, tokenizer=tokenizer)
     for name, table in tables.items():
         (directory / f"{name}.json").write_text(json.dumps(table, indent=1))
     torch.save({**state, "optimizer": optim_sd}, directory / STATE_FILE)
