@@ -220,14 +220,23 @@ def _undefined_token(exc: Exception) -> str | None:
     return match[1] if match and match[1] in SPECIAL_TOKEN_NAMES else None
 
 
-def missing_token_message(name: str, *, tokenizer_name: str = "") -> str:
-    """The one-line error for a special token the chat template uses and the tokenizer lacks, with the knob."""
+def missing_token_message(name: str, *, tokenizer_name: str = "", needed: bool = True) -> str:
+    """The one-line message for a special token the chat template uses and the tokenizer lacks, with the knob:
+    an error when rendering ``needed`` it, else the warning that it renders as nothing."""
     example = "<s>" if name == "bos_token" else "</s>" if name == "eos_token" else "..."
     of = f" of {tokenizer_name}" if tokenizer_name else ""
+    supply = (
+        f"+model.special_tokens.{name}='{example}' (the model's own {name} text; a token not in the vocabulary is "
+        "added as a special token)"
+    )
+    if not needed:
+        return (
+            f"the template prints {name}, which the tokenizer{of} does not define: it renders as nothing, as in "
+            f"transformers; if the model expects one, supply it with {supply}"
+        )
     return (
-        f"the template uses {name}, which the tokenizer{of} does not define; supply the model's own {name} text "
-        f"with +model.special_tokens.{name}='{example}' (a token not in the vocabulary is added as a special "
-        f"token) or remove {name} from the template"
+        f"the template uses {name}, which the tokenizer{of} does not define; supply it with {supply} or remove "
+        f"{name} from the template"
     )
 
 

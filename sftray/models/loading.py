@@ -72,10 +72,10 @@ def check_chat_template(tokenizer: Any, cfg: ModelConfig) -> None:
             *drift,
         )
     for name, needed in undefined_template_tokens(tokenizer).items():
-        message = f"{what}: {missing_token_message(name, tokenizer_name=cfg.name_or_path)}"
+        message = f"{what}: {missing_token_message(name, tokenizer_name=cfg.name_or_path, needed=needed)}"
         if needed:
             raise ValueError(message)
-        log.warning("%s; until then it renders as nothing", message)
+        log.warning("%s", message)
 
 
 _TEMPLATE_TOKEN = re.compile(r"<\|[A-Za-z0-9_.:-]+\|>|<(?:start|end)_of_turn>")
