@@ -129,6 +129,23 @@ class ModelConfig:
     """Run code shipped with a hub model. Off unless you trust its author."""
     chat_template: str | None = None
     """Override the tokenizer's chat template: a Jinja string or a path to a .jinja file."""
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    """Special tokens set on the tokenizer before any rendering, e.g. ``{bos_token: "<s>"}`` for a template that
+    uses ``bos_token`` when the tokenizer has none (keys: SPECIAL_TOKEN_NAMES). A string not in the vocabulary is
+    added as a special token (a new embedding row, like the control tokens a template writes)."""
+
+    def __post_init__(self) -> None:
+        for key, value in self.special_tokens.items():
+            if key not in SPECIAL_TOKEN_NAMES:
+                raise ValueError(
+                    f"model.special_tokens.{key}: not a special token name; valid: {', '.join(SPECIAL_TOKEN_NAMES)}"
+                )
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"model.special_tokens.{key}={value!r}: expected the token's non-empty text")
+
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+"""The special tokens a tokenizer names (transformers' SPECIAL_TOKENS_ATTRIBUTES) and a chat template may use."""
 
 
 @dataclass(kw_only=True)

@@ -192,7 +192,7 @@ def test_typo_at_root_lists_root_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "group", "keys"),
     [
-        ("model.nme=x", "model", "name_or_path, trust_remote_code, chat_template"),
+        ("model.nme=x", "model", "name_or_path, trust_remote_code, chat_template, special_tokens"),
         ("paths.out=x", "paths", "output_dir, cache_dir"),
         ("mix.rato=0.2", "mix", "ratio, sources, heldout_sources, window_len, heldout_fraction, max_heldout_windows"),
     ],

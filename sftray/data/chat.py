@@ -7,8 +7,10 @@ Gemma, Phi-3, Zephyr and most others):
 
 1. render the whole conversation once and tokenize it with character offsets;
 2. for assistant turn ``i``, render ``messages[:i]`` with the generation prompt: its length is where turn ``i``
-   starts; the turn's (possibly trimmed) content must follow, separated by whitespace at most, and the first
-   special token after the content, again separated by whitespace at most, is its end-of-turn marker;
+   starts (when the two renders differ in whitespace only, as a template file kept one expression a line makes
+   them, where its non-whitespace text ends in the full render); the turn's (possibly trimmed) content must
+   follow, separated by whitespace at most, and the first special token after the content, again separated by
+   whitespace at most, is its end-of-turn marker;
 3. label exactly the tokens overlapping [content start, end of marker), then decode them and compare with
    content + marker. Any disagreement, an empty mask, or a missing end-of-turn marker raises ``MaskError``.
 
@@ -23,6 +25,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from sftray.config import SPECIAL_TOKEN_NAMES
 from sftray.data.errors import MaskError, MessageError
 
 IGNORE_INDEX = -100
@@ -200,9 +203,82 @@ def _render(tokenizer: Any, msgs: list[dict], *, add_generation_prompt: bool, wh
     try:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja's TemplateError and raise_exception(): the template's own words matter
+        if missing := _undefined_token(exc):
+            raise MessageError(f"{where}: {missing_token_message(missing)}", reason="template_rejected") from exc
         raise MessageError(
             f"{where}: the chat template rejected the conversation: {exc}", reason="template_rejected"
         ) from exc
+
+
+_UNDEFINED = re.compile(r"'(\w+)' is undefined")
+"""jinja's UndefinedError message: an undefined variable used in an operation (``bos_token + ...``)."""
+
+
+def _undefined_token(exc: Exception) -> str | None:
+    """The special token's name when ``exc`` is jinja failing on an undefined one (``'bos_token' is undefined``)."""
+    match = _UNDEFINED.search(str(exc))
+    return match[1] if match and match[1] in SPECIAL_TOKEN_NAMES else None
+
+
+def missing_token_message(name: str, *, tokenizer_name: str = "", needed: bool = True) -> str:
+    """The one-line message for a special token the chat template uses and the tokenizer lacks, with the knob:
+    an error when rendering ``needed`` it, else the warning that it renders as nothing."""
+    example = "<s>" if name == "bos_token" else "</s>" if name == "eos_token" else "..."
+    of = f" of {tokenizer_name}" if tokenizer_name else ""
+    supply = (
+        f"+model.special_tokens.{name}='{example}' (the model's own {name} text; a token not in the vocabulary is "
+        "added as a special token)"
+    )
+    if not needed:
+        return (
+            f"the template prints {name}, which the tokenizer{of} does not define: it renders as nothing, as in "
+            f"transformers; if the model expects one, supply it with {supply}"
+        )
+    return (
+        f"the template uses {name}, which the tokenizer{of} does not define; supply it with {supply} or remove "
+        f"{name} from the template"
+    )
+
+
+_PROBES = (
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye"},
+    ],
+)
+
+
+def undefined_template_tokens(tokenizer: Any) -> dict[str, bool]:
+    """The special tokens (``bos_token``, ...) the chat template reads and the tokenizer does not define.
+
+    Each maps to whether rendering fails on it: jinja prints an undefined variable as nothing (``{{ bos_token }}``
+    renders '', in transformers too) but fails on an operation with one (``bos_token + content``). Found by
+    rendering probe conversations (a template that rejects a probe for other reasons skips it).
+    """
+    import jinja2
+    import jinja2.meta
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return {}
+    try:
+        used = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    except jinja2.TemplateSyntaxError:
+        return {}  # rendering reports it
+    defined = getattr(tokenizer, "special_tokens_map", {}) or {}
+    gaps = {name: False for name in SPECIAL_TOKEN_NAMES if name in used and not defined.get(name)}
+    for msgs in _PROBES if gaps else ():
+        for upto, prompt in ((len(msgs), False), (len(msgs) - 1, True)):
+            try:
+                tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=prompt)
+            except Exception as exc:
+                if (name := _undefined_token(exc)) in gaps:
+                    gaps[name] = True
+    return gaps
 
 
 _SPECIAL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -223,13 +299,10 @@ def _special_tokens(tokenizer: Any) -> list[str]:
 def _assistant_span(tokenizer: Any, msgs: list[dict], turn: int, text: str, *, where: str) -> tuple[int, int, str]:
     """Character span [content start, end-of-turn marker end) of assistant turn ``turn`` in ``text``."""
     prefix = _render(tokenizer, msgs[:turn], add_generation_prompt=True, where=where)
-    if not text.startswith(prefix):
-        raise MaskError(
-            f"{where}: assistant turn {turn}: the template renders the conversation up to this turn differently "
-            "from the full conversation, so the turn cannot be located"
-        )
+    start = _prompt_end(prefix, text)
+    if isinstance(start, tuple):
+        raise MaskError(f"{where}: assistant turn {turn}: {_render_mismatch(prefix, text, *start)}")
     content = msgs[turn]["content"].strip()
-    start = len(prefix)
     gap_end = start + (len(text[start:]) - len(text[start:].lstrip()))
     if not text.startswith(content, gap_end):
         shown = text[start : start + 60]
@@ -260,6 +333,67 @@ def _assistant_span(tokenizer: Any, msgs: list[dict], turn: int, text: str, *, w
             f"(next text: {text[content_end : content_end + 30]!r}); a model never trained on it never stops"
         )
     return gap_end, after_ws + len(marker), marker
+
+
+def _prompt_end(prefix: str, text: str) -> int | tuple[int, int]:
+    """Where the prefix render (with its generation prompt) ends in the full render ``text``.
+
+    Exactly its length when ``text`` starts with it. Otherwise the two renders may differ in whitespace only: a
+    template file kept one expression a line renders the newline after each ``{{ ... }}`` line and its
+    indentation (transformers' ``trim_blocks``/``lstrip_blocks`` only trim around ``{% %}`` tags), so the
+    generation prompt ends in ``\\n\\n`` where the full render has ``\\n``. Then every non-whitespace character of
+    the prefix must match the full render's in order, each whitespace run must face a whitespace run, and the
+    prefix's trailing whitespace faces whatever whitespace precedes the content: the turn's position is still
+    unambiguous (the content and the decoded tokens are checked after). Returns (i, j), the positions in
+    ``prefix`` and ``text`` where they first differ beyond whitespace, when they do.
+    """
+    if text.startswith(prefix):
+        return len(prefix)
+    i = j = 0
+    while i < len(prefix):
+        if prefix[i].isspace():
+            i_end = len(prefix) - len(prefix[i:].lstrip())
+            if i_end == len(prefix):
+                return j  # the generation prompt's trailing whitespace: the content follows after text's own
+            j_end = len(text) - len(text[j:].lstrip())
+            if j_end == j:
+                return (i, j)
+            i, j = i_end, j_end
+        elif j < len(text) and text[j] == prefix[i]:
+            i, j = i + 1, j + 1
+        else:
+            return (i, j)
+    return j
+
+
+def generation_prompt_drift(tokenizer: Any) -> tuple[str, str] | None:
+    """The end of the generation-prompt render and the same place in the full render (up to the assistant's text)
+    when the two differ in whitespace only, found on a probe conversation; None when they agree (or differ beyond
+    whitespace, which encoding reports per example). Masks are derived either way; at inference the prompt then
+    ends in whitespace the model was never trained to continue from."""
+    probe = _PROBES[0]
+    try:
+        full = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
+        prompt = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
+    except Exception:  # encoding reports a template that cannot render
+        return None
+    end = _prompt_end(prompt, full)
+    if isinstance(end, tuple) or full.startswith(prompt):
+        return None
+    answer = full.find(probe[1]["content"], end)
+    answer_end = answer + len(probe[1]["content"]) if answer >= 0 else end
+    return prompt[-40:], full[max(0, answer_end - 45) : answer_end]
+
+
+def _render_mismatch(prefix: str, text: str, i: int, j: int) -> str:
+    """The error for renders that differ beyond whitespace: both texts around the divergence, and the fix."""
+    return (
+        "the template renders the conversation up to this turn (with add_generation_prompt) differently from the "
+        f"full conversation, beyond whitespace: ...{prefix[max(0, i - 40) : i + 40]!r} (up to the turn) vs "
+        f"...{text[max(0, j - 40) : j + 40]!r} (full), differing from character {i}; the assistant turn cannot "
+        "be located. Fix the template (model.chat_template) so that its generation prompt is exactly the text "
+        "that precedes an assistant message in the full conversation (earlier turns unchanged)"
+    )
 
 
 def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 from sftray.config import ModelConfig
+from sftray.data.chat import generation_prompt_drift, missing_token_message, undefined_template_tokens
 from sftray.models.pretrain import ensure_tiny_model
 from sftray.models.tiny import ensure_tiny_tokenizer
+
+log = logging.getLogger(__name__)
 
 BUILTIN_TINY = "builtin:tiny-llama"
 
@@ -38,6 +42,9 @@ def load_tokenizer(cfg: ModelConfig, *, cache_dir: Path) -> Any:
         raise ValueError(
             f"{cfg.name_or_path} has no chat template: set model.chat_template to a Jinja string or .jinja file"
         )
+    if cfg.special_tokens:
+        tokenizer.add_special_tokens(dict(cfg.special_tokens))  # adds a text missing from the vocabulary
+    check_chat_template(tokenizer, cfg)
     add_template_tokens(tokenizer)
     if tokenizer.pad_token is None:
         # Padding needs an id; labels are masked by position, so reusing eos is safe.
@@ -80,6 +87,31 @@ def _load_without_invented_tokens(path: str, *, trust_remote_code: bool, templat
     if not invented:
         return tokenizer
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **dict.fromkeys(invented))
+
+
+def check_chat_template(tokenizer: Any, cfg: ModelConfig) -> None:
+    """Checks, before any data is read, that the chat template finds every special token it uses.
+
+    A template that uses one the tokenizer lacks fails here when rendering needs it (``bos_token + content``);
+    when it only prints it (``{{ bos_token }}``) it renders as nothing, exactly as transformers renders it at
+    inference, with a warning naming the knob (``model.special_tokens``). A generation prompt that differs from
+    the full render in whitespace only (a .jinja file kept one expression a line) is a warning too.
+    """
+    what = "model.chat_template" if cfg.chat_template else f"the chat template of {cfg.name_or_path}"
+    if drift := generation_prompt_drift(tokenizer):
+        log.warning(
+            "%s: the generation prompt ends %r where the full conversation has %r (whitespace only, e.g. the "
+            "newline after each {{ ... }} line of a template file): loss masks are derived regardless, but "
+            "generation prompts end differently from the trained text; use {{- ... }} and {%%- ... %%} or "
+            "join the file's lines to match",
+            what,
+            *drift,
+        )
+    for name, needed in undefined_template_tokens(tokenizer).items():
+        message = f"{what}: {missing_token_message(name, tokenizer_name=cfg.name_or_path, needed=needed)}"
+        if needed:
+            raise ValueError(message)
+        log.warning("%s", message)
 
 
 _TEMPLATE_TOKEN = re.compile(r"<\|[A-Za-z0-9_.:-]+\|>|<(?:start|end)_of_turn>")
