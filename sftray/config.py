@@ -728,6 +728,7 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
     groups = "|".join(STAGE_GROUPS)
     overrides = [re.sub(rf"^(?!\+)(stages\.\d+\.(?:{groups})\.)", r"++\1", o) for o in overrides]
     try:
+        overrides = [_given_stages(o, base=base or Path.cwd()) for o in overrides]
         with initialize_config_dir(config_dir=str(Path(conf or config_dir()).resolve()), version_base="1.3"):
             composed = compose("config", overrides=overrides)
         # Hydra's +key / ++key adds keys the schema lacks, and to_object would drop them silently.
@@ -739,6 +740,40 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
     if not isinstance(cfg, Config):
         raise ConfigError(f"conf/config.yaml did not compose to a Config (got {type(cfg).__name__})")
     return cfg.resolved_paths(base or Path.cwd())
+
+
+GIVEN_STAGES = "_given"
+"""The conf/stages option that an inline ``stages=[...]`` list or a ``stages=<file>.yaml`` becomes."""
+
+
+def _given_stages(override: str, *, base: Path) -> str:
+    """``stages=[{name: chat}, ...]`` (Hydra's list syntax) or ``stages=path/to/my_stages.yaml`` (a file laid out
+    like a conf/stages file, or the list alone; relative to ``base``) as a conf/stages option of its own, so it
+    composes exactly as a file in conf/stages does (later ``stages.<index>.*`` overrides included); any other
+    override is returned as it is."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    match = re.fullmatch(r"stages=(.*)", override, flags=re.S)
+    if not match:
+        return override
+    value = match.group(1).strip()
+    if value.startswith("["):
+        node: Any = {"stages": OverridesParser.create().parse_override(override).value()}
+    elif value.endswith((".yaml", ".yml")):
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise ConfigError(f"stages={value}: no such file ({path}); give a conf/stages name or a stages .yaml file")
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        node = {"stages": node} if isinstance(node, list) else node
+        if not isinstance(node, dict) or not isinstance(node.get("stages"), list):
+            raise ConfigError(f"stages={value}: {path} holds no stages list (stages: [{{name: ...}}, ...])")
+    else:
+        return override
+    ConfigStore.instance().store(group="stages", name=GIVEN_STAGES, node=node, package="_global_")
+    return f"stages={GIVEN_STAGES}"
 
 
 def explain_config_error(exc: BaseException) -> str:

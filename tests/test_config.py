@@ -535,3 +535,50 @@ def test_a_stage_key_is_swept_like_any_key(tmp_path: Path) -> None:
 )
 def test_a_bad_stage_key_or_value_names_the_stage(tmp_path: Path, override_: str, message: str) -> None:
     assert message in compose_error(["stages=demo_two_stage", override_], tmp_path)
+
+
+DEMO_STAGES_INLINE = (
+    "stages=[{name: chat}, {name: json, data: {name: demo-json, sources: [{path: 'builtin:demo-json'}], "
+    "probes: 'builtin:demo-json-heldout'}, train: {lora: {between_stages: merge}}}]"
+)
+
+
+def sftray_config(capsys: pytest.CaptureFixture[str], *overrides: str) -> str:
+    """``sftray config OVERRIDES`` as the shell runs it: its printed config (or its error, with code 1)."""
+    from sftray.cli import main
+
+    code = main(["config", *overrides])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def test_inline_stages_and_a_stages_file_anywhere_compose_like_a_conf_stages_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    shipped = sftray_config(capsys, "stages=demo_two_stage", "stages.1.train.lr=1e-4")
+    assert "name: json" in shipped and "lr: 0.0001" in shipped
+    assert sftray_config(capsys, DEMO_STAGES_INLINE, "stages.1.train.lr=1e-4") == shipped
+    (tmp_path / "mine").mkdir()
+    shutil.copy(CONF / "stages" / "demo_two_stage.yaml", tmp_path / "mine" / "two.yaml")  # a copy of the group file
+    assert sftray_config(capsys, f"stages={tmp_path / 'mine' / 'two.yaml'}", "stages.1.train.lr=1e-4") == shipped
+    stages = yaml.safe_load((CONF / "stages" / "demo_two_stage.yaml").read_text())["stages"]
+    (tmp_path / "list.yml").write_text(
+        yaml.safe_dump(stages, sort_keys=False)
+    )  # the list alone, relative to the launch directory
+    assert sftray_config(capsys, "stages=list.yml", "stages.1.train.lr=1e-4") == shipped
+    one = compose(["stages=[{name: chat}]"], tmp_path)
+    assert one.stages == [StageConfig(name="chat")] and stage_config(one, 0).data == one.data
+
+
+@pytest.mark.parametrize(
+    ("override_", "message"),
+    [
+        ("stages=nosuch.yaml", "stages=nosuch.yaml: no such file"),
+        ("stages=[{name: chat, trian: {lr: 1}}]", "unknown config key 'trian'. Valid keys of StageConfig: name, data"),
+        ("stages=[{name: chat}, {name: chat}]", "stage names must be unique"),
+    ],
+)
+def test_a_bad_inline_stages_list_or_file_is_a_one_line_error(tmp_path: Path, override_: str, message: str) -> None:
+    assert message in compose_error([override_], tmp_path)
