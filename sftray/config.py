@@ -562,8 +562,8 @@ class Config:
         for i, name in enumerate(names):
             if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)) or names.index(name) != i:
                 raise ValueError(f"stages[{i}].name={name!r}: stage names must be unique words ([A-Za-z0-9_-])")
-        for i in range(len(self.stages)):
-            stage_config(self, i)  # an unknown key or a bad value fails here, naming the stage
+        # an unknown key or a bad value fails here, naming the stage
+        _check_one_heldout_text(self, [stage_config(self, i) for i in range(len(self.stages))])
 
     @property
     def window_len(self) -> int:
@@ -627,6 +627,48 @@ def stage_config(cfg: Config, index: int) -> Config:
             raise ValueError(error)
         out = dataclasses.replace(out, **{group: merged})
     return out
+
+
+def _heldout_keys(cfg: Config, *, other: Config) -> dict[str, tuple[Any, Any]]:
+    """The keys that choose the held-out text forgetting is measured on: key -> (value, as shown in an error);
+    ``other``: the stage compared with, to name the key that sets the window length."""
+    paths = [s.path for s in cfg.mix.heldout_sources]
+    keys: dict[str, tuple[Any, Any]] = {
+        "mix.heldout_sources": (cfg.mix.heldout_sources, paths),
+        "mix.max_heldout_windows": (cfg.mix.max_heldout_windows, cfg.mix.max_heldout_windows),
+        "eval.max_eval_rows": (cfg.eval.max_eval_rows, cfg.eval.max_eval_rows),  # the held-out rows an eval reads
+    }
+    if not cfg.mix.heldout_sources:  # windows held out of mix.sources by hash, cut at the window length
+        keys["mix.sources"] = (cfg.mix.sources, [s.path for s in cfg.mix.sources])
+        keys["mix.heldout_fraction"] = (cfg.mix.heldout_fraction, cfg.mix.heldout_fraction)
+        # the window length, named by the key that sets it here
+        window_key = "mix.window_len" if cfg.mix.window_len != other.mix.window_len else "data.max_seq_len"
+        keys[window_key] = (cfg.window_len, cfg.mix.window_len or cfg.data.max_seq_len)
+    return keys
+
+
+def _check_one_heldout_text(cfg: Config, stages: list[Config]) -> None:
+    """A chain measures forgetting against the original base on one held-out text (every stage reads stage 0's
+    held-out windows), so the keys that choose that text must be the same in every stage. Other keys, such as
+    data.max_seq_len with mix.heldout_sources given, only pack the text and may differ."""
+    if not stages:
+        return
+    for k, scfg in enumerate(stages[1:], start=1):
+        first = _heldout_keys(stages[0], other=scfg)
+        for key, (value, shown) in _heldout_keys(scfg, other=stages[0]).items():
+            if key not in first or value == first[key][0]:
+                continue
+            raise ValueError(
+                f"stages[{k}] ({cfg.stages[k].name}).{key}={shown} differs from stages[0] ({cfg.stages[0].name}): a"
+                f" chain measures forgetting against the original base on one held-out text, so {key} must be the"
+                " same in every stage: set it for the whole run, not per stage"
+                + (
+                    " (with mix.heldout_sources empty, the held-out windows are cut from mix.sources at the window "
+                    "length: give mix.heldout_sources, or one mix.window_len for every stage)"
+                    if key in ("data.max_seq_len", "mix.window_len")
+                    else ""
+                )
+            )
 
 
 def register_configs() -> None:
