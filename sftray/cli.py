@@ -188,9 +188,9 @@ def _train(cfg: Config, *, force: bool, overrides: list[str]) -> int:
     from sftray.recipes.train import run_name, runs_dir, train
     from sftray.train.run import summary
 
-    init_ray()
     if cfg.stages:
         return _train_stages(cfg, overrides=overrides)
+    init_ray()
     name = run_name(cfg)
     try:
         outcome = train(cfg, force=force, name=name)
@@ -213,15 +213,19 @@ def _train_stages(cfg: Config, *, overrides: list[str]) -> int:
 
     from ray.exceptions import RayActorError
 
-    from sftray.recipes.stages import chain_name, is_chain, summary, train_stages
+    from sftray.recipes.stages import chain_name, check_chain, is_chain, summary, train_stages
     from sftray.recipes.train import runs_dir
 
     resume = cfg.train.resume_from
     if resume and not is_chain(Path(resume)):
         raise ConfigError(f"train.resume_from={resume} is not a multi-stage run's folder (no chain.json in it)")
     chain_dir = Path(resume) if resume else runs_dir(cfg) / chain_name(cfg)
+    check_chain(cfg, chain_dir=chain_dir)  # a chain that cannot resume fails before Ray starts
+    init_ray()
     try:
         stages = train_stages(cfg, chain_dir=chain_dir)
+    except ConfigError:  # resuming would fail the same way: the error alone, no resume command
+        raise
     except (KeyboardInterrupt, SystemExit, Exception) as exc:
         interrupted = isinstance(exc, KeyboardInterrupt | SystemExit | RayActorError)
         if not interrupted:

@@ -579,8 +579,8 @@ class Config:
         for i, name in enumerate(names):
             if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)) or names.index(name) != i:
                 raise ValueError(f"stages[{i}].name={name!r}: stage names must be unique words ([A-Za-z0-9_-])")
-        for i in range(len(self.stages)):
-            stage_config(self, i)  # an unknown key or a bad value fails here, naming the stage
+        # an unknown key or a bad value fails here, naming the stage
+        _check_one_heldout_text(self, [stage_config(self, i) for i in range(len(self.stages))])
 
     @property
     def window_len(self) -> int:
@@ -644,6 +644,48 @@ def stage_config(cfg: Config, index: int) -> Config:
             raise ValueError(error)
         out = dataclasses.replace(out, **{group: merged})
     return out
+
+
+def _heldout_keys(cfg: Config, *, other: Config) -> dict[str, tuple[Any, Any]]:
+    """The keys that choose the held-out text forgetting is measured on: key -> (value, as shown in an error);
+    ``other``: the stage compared with, to name the key that sets the window length."""
+    paths = [s.path for s in cfg.mix.heldout_sources]
+    keys: dict[str, tuple[Any, Any]] = {
+        "mix.heldout_sources": (cfg.mix.heldout_sources, paths),
+        "mix.max_heldout_windows": (cfg.mix.max_heldout_windows, cfg.mix.max_heldout_windows),
+        "eval.max_eval_rows": (cfg.eval.max_eval_rows, cfg.eval.max_eval_rows),  # the held-out rows an eval reads
+    }
+    if not cfg.mix.heldout_sources:  # windows held out of mix.sources by hash, cut at the window length
+        keys["mix.sources"] = (cfg.mix.sources, [s.path for s in cfg.mix.sources])
+        keys["mix.heldout_fraction"] = (cfg.mix.heldout_fraction, cfg.mix.heldout_fraction)
+        # the window length, named by the key that sets it here
+        window_key = "mix.window_len" if cfg.mix.window_len != other.mix.window_len else "data.max_seq_len"
+        keys[window_key] = (cfg.window_len, cfg.mix.window_len or cfg.data.max_seq_len)
+    return keys
+
+
+def _check_one_heldout_text(cfg: Config, stages: list[Config]) -> None:
+    """A chain measures forgetting against the original base on one held-out text (every stage reads stage 0's
+    held-out windows), so the keys that choose that text must be the same in every stage. Other keys, such as
+    data.max_seq_len with mix.heldout_sources given, only pack the text and may differ."""
+    if not stages:
+        return
+    for k, scfg in enumerate(stages[1:], start=1):
+        first = _heldout_keys(stages[0], other=scfg)
+        for key, (value, shown) in _heldout_keys(scfg, other=stages[0]).items():
+            if key not in first or value == first[key][0]:
+                continue
+            raise ValueError(
+                f"stages[{k}] ({cfg.stages[k].name}).{key}={shown} differs from stages[0] ({cfg.stages[0].name}): a"
+                f" chain measures forgetting against the original base on one held-out text, so {key} must be the"
+                " same in every stage: set it for the whole run, not per stage"
+                + (
+                    " (with mix.heldout_sources empty, the held-out windows are cut from mix.sources at the window "
+                    "length: give mix.heldout_sources, or one mix.window_len for every stage)"
+                    if key in ("data.max_seq_len", "mix.window_len")
+                    else ""
+                )
+            )
 
 
 def register_configs() -> None:
@@ -763,6 +805,7 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
         for o in overrides
     ]
     try:
+        overrides = [_given_stages(o, base=base or Path.cwd()) for o in overrides]
         with initialize_config_dir(config_dir=str(Path(conf or config_dir()).resolve()), version_base="1.3"):
             composed = compose("config", overrides=overrides)
         # Hydra's +key / ++key adds keys the schema lacks, and to_object would drop them silently.
@@ -779,6 +822,40 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
 def _quoted(text: str) -> str:
     """``text`` as a single-quoted Hydra override string (a path may hold ':' or ',')."""
     return "'" + text.replace("'", "\\'") + "'"
+
+
+GIVEN_STAGES = "_given"
+"""The conf/stages option that an inline ``stages=[...]`` list or a ``stages=<file>.yaml`` becomes."""
+
+
+def _given_stages(override: str, *, base: Path) -> str:
+    """``stages=[{name: chat}, ...]`` (Hydra's list syntax) or ``stages=path/to/my_stages.yaml`` (a file laid out
+    like a conf/stages file, or the list alone; relative to ``base``) as a conf/stages option of its own, so it
+    composes exactly as a file in conf/stages does (later ``stages.<index>.*`` overrides included); any other
+    override is returned as it is."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    match = re.fullmatch(r"stages=(.*)", override, flags=re.S)
+    if not match:
+        return override
+    value = match.group(1).strip()
+    if value.startswith("["):
+        node: Any = {"stages": OverridesParser.create().parse_override(override).value()}
+    elif value.endswith((".yaml", ".yml")):
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise ConfigError(f"stages={value}: no such file ({path}); give a conf/stages name or a stages .yaml file")
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        node = {"stages": node} if isinstance(node, list) else node
+        if not isinstance(node, dict) or not isinstance(node.get("stages"), list):
+            raise ConfigError(f"stages={value}: {path} holds no stages list (stages: [{{name: ...}}, ...])")
+    else:
+        return override
+    ConfigStore.instance().store(group="stages", name=GIVEN_STAGES, node=node, package="_global_")
+    return f"stages={GIVEN_STAGES}"
 
 
 def explain_config_error(exc: BaseException) -> str:

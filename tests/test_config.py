@@ -535,3 +535,108 @@ def test_a_stage_key_is_swept_like_any_key(tmp_path: Path) -> None:
 )
 def test_a_bad_stage_key_or_value_names_the_stage(tmp_path: Path, override_: str, message: str) -> None:
     assert message in compose_error(["stages=demo_two_stage", override_], tmp_path)
+
+
+DEMO_STAGES_INLINE = (
+    "stages=[{name: chat}, {name: json, data: {name: demo-json, sources: [{path: 'builtin:demo-json'}], "
+    "probes: 'builtin:demo-json-heldout'}, train: {lora: {between_stages: merge}}}]"
+)
+
+
+def sftray_config(capsys: pytest.CaptureFixture[str], *overrides: str) -> str:
+    """``sftray config OVERRIDES`` as the shell runs it: its printed config (or its error, with code 1)."""
+    from sftray.cli import main
+
+    code = main(["config", *overrides])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def test_inline_stages_and_a_stages_file_anywhere_compose_like_a_conf_stages_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    shipped = sftray_config(capsys, "stages=demo_two_stage", "stages.1.train.lr=1e-4")
+    assert "name: json" in shipped and "lr: 0.0001" in shipped
+    assert sftray_config(capsys, DEMO_STAGES_INLINE, "stages.1.train.lr=1e-4") == shipped
+    (tmp_path / "mine").mkdir()
+    shutil.copy(CONF / "stages" / "demo_two_stage.yaml", tmp_path / "mine" / "two.yaml")  # a copy of the group file
+    assert sftray_config(capsys, f"stages={tmp_path / 'mine' / 'two.yaml'}", "stages.1.train.lr=1e-4") == shipped
+    stages = yaml.safe_load((CONF / "stages" / "demo_two_stage.yaml").read_text())["stages"]
+    (tmp_path / "list.yml").write_text(
+        yaml.safe_dump(stages, sort_keys=False)
+    )  # the list alone, relative to the launch directory
+    assert sftray_config(capsys, "stages=list.yml", "stages.1.train.lr=1e-4") == shipped
+    one = compose(["stages=[{name: chat}]"], tmp_path)
+    assert one.stages == [StageConfig(name="chat")] and stage_config(one, 0).data == one.data
+
+
+@pytest.mark.parametrize(
+    ("override_", "message"),
+    [
+        ("stages=nosuch.yaml", "stages=nosuch.yaml: no such file"),
+        ("stages=[{name: chat, trian: {lr: 1}}]", "unknown config key 'trian'. Valid keys of StageConfig: name, data"),
+        ("stages=[{name: chat}, {name: chat}]", "stage names must be unique"),
+    ],
+)
+def test_a_bad_inline_stages_list_or_file_is_a_one_line_error(tmp_path: Path, override_: str, message: str) -> None:
+    assert message in compose_error([override_], tmp_path)
+
+
+def test_a_stage_may_pack_its_rows_its_own_way(tmp_path: Path) -> None:
+    cfg = compose(["stages=demo_two_stage", "stages.1.data.max_seq_len=128", "stages.0.mix.window_len=32"], tmp_path)
+    assert stage_config(cfg, 1).data.max_seq_len == 128 and stage_config(cfg, 0).window_len == 32
+    # without heldout_sources, the same windows whichever key sets their length
+    same = ["mix.heldout_sources=[]", "stages.0.mix.window_len=64", "stages.1.data.max_seq_len=64"]
+    assert stage_config(compose(["stages=demo_two_stage", *same], tmp_path), 1).window_len == 64
+    more = ["mix.heldout_sources=[]", "mix.window_len=64", "stages.1.data.max_seq_len=128"]
+    assert stage_config(compose(["stages=demo_two_stage", *more], tmp_path), 1).data.max_seq_len == 128
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["stages.1.mix.max_heldout_windows=1"], "stages[1] (json).mix.max_heldout_windows=1 differs from stages[0]"),
+        (["stages.1.mix.heldout_sources=[{path: other.txt}]"], "stages[1] (json).mix.heldout_sources="),
+        (["stages.1.eval.max_eval_rows=3"], "stages[1] (json).eval.max_eval_rows=3 differs from stages[0]"),
+        # without heldout_sources the held-out windows are cut from mix.sources at the window length
+        (["mix.heldout_sources=[]", "stages.1.data.max_seq_len=128"], "stages[1] (json).data.max_seq_len=128"),
+        (["mix.heldout_sources=[]", "stages.0.mix.window_len=32"], "stages[1] (json).mix.window_len=256"),
+        (["mix.heldout_sources=[]", "stages.1.mix.heldout_fraction=0.5"], "stages[1] (json).mix.heldout_fraction=0.5"),
+    ],
+)
+def test_a_stage_that_would_change_the_forgetting_text_fails_naming_the_key_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], overrides: list[str], key: str
+) -> None:
+    import ray
+
+    from sftray.cli import main
+
+    assert key in compose_error(["stages=demo_two_stage", *overrides], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", f"paths.output_dir={tmp_path / 'out'}", "stages=demo_two_stage", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert key in err and "one held-out text" in err and "resume with" not in err
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()  # no work: no Ray, no chain folder
+
+
+def test_resuming_a_chain_with_another_config_fails_before_ray_without_a_resume_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import ray
+
+    from sftray.cli import main
+
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    (chain / "chain.json").write_text(json.dumps({"stages": [{"index": 0, "name": "chat", "config_hash": "other"}]}))
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"paths.output_dir={tmp_path / 'out'}", "stages=demo_two_stage", f"train.resume_from={chain}"]
+    assert main(["train", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "stage 0 (chat) was trained with another configuration than stages[0] now" in err
+    assert "resume with" not in err  # it would fail the same way
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()

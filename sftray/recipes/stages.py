@@ -10,7 +10,9 @@ Each stage is one ``run_training`` with ``stage_config(cfg, k)`` (the run's conf
   adapter on, over the same weights.
 
 Every stage's eval also scores each earlier stage's probes (``eval/<stage>/format_compliance``: what a later stage
-undid), and forgetting is relative to the original base model, on one held-out text for the whole chain.
+undid), and forgetting is relative to the original base model, on one held-out text for the whole chain: stage 0's
+held-out windows (a later stage may pack its rows differently, e.g. another ``data.max_seq_len``; the keys that
+choose the text are checked to be the same in every stage when the config is made).
 ``chain.json`` records each finished stage; running the chain again in the same folder skips those and resumes the
 unfinished stage from its last epoch checkpoint (Ray Train resumes a run by its storage path and name).
 """
@@ -28,7 +30,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from sftray.atomic import write_text_atomic
-from sftray.config import Config, stage_config
+from sftray.config import Config, ConfigError, stage_config
 from sftray.data.pipeline import Prepared
 from sftray.eval.metrics import EXACT_MATCH, FORGETTING, FORMAT_COMPLIANCE, PRETRAIN_LOSS, stage_metric
 from sftray.models.loading import resolve_base_model_path
@@ -69,21 +71,16 @@ def run_stages(
 
     ``on_stage(record)`` is called as each stage finishes (tracking); ``callbacks`` go to every stage's Train run.
     """
-    if not cfg.stages:
-        raise ValueError("no stages: set stages=... (conf/stages) or use the train recipe")
+    done = check_chain(cfg, chain_dir=chain_dir)
     chain_dir = Path(chain_dir)
     chain_dir.mkdir(parents=True, exist_ok=True)
     if not is_chain(chain_dir):  # from the start, so train.resume_from can name the folder of any started chain
         write_text_atomic(chain_dir / CHAIN_FILE, json.dumps({"stages": []}))
     base = base_model or resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
-    done = read_chain(chain_dir)
-    for record in done:
-        _check_same(cfg, record)
     if done:
         log.info("chain %s: %d of %d stage(s) finished; going on", chain_dir, len(done), len(cfg.stages))
     # Every stage's data first (cached), so a stage that cannot run fails before any training.
     prepared_all = [prep(_stage_config(cfg, k)) for k in range(len(cfg.stages))]
-    _check_one_heldout_text(cfg, prepared_all)
     for k in range(len(done), len(cfg.stages)):
         scfg = _stage_config(cfg, k)
         stage = cfg.stages[k]
@@ -99,7 +96,7 @@ def run_stages(
             callbacks=callbacks,
             start=start,
         )
-        record = _record(k, cfg, scfg=scfg, outcome=outcome, model=model, start=start, prepared=prepared)
+        record = _record(k, cfg, scfg=scfg, outcome=outcome, model=model, start=start, prepared=prepared_all)
         done.append(record)
         write_text_atomic(chain_dir / CHAIN_FILE, json.dumps({"stages": done}, indent=1, default=str))
         if on_stage is not None:
@@ -107,15 +104,35 @@ def run_stages(
     return done
 
 
+def check_chain(cfg: Config, *, chain_dir: Path) -> list[dict[str, Any]]:
+    """The finished stages of ``chain_dir``, checked to be ``cfg``'s (a ``ConfigError`` otherwise: resume a chain
+    with the overrides that started it)."""
+    if not cfg.stages:
+        raise ConfigError("no stages: set stages=... (conf/stages) or use the train recipe")
+    done = read_chain(Path(chain_dir))
+    for record in done:
+        _check_same(cfg, record)
+    return done
+
+
 def train_stages(cfg: Config, *, chain_dir: Path) -> list[dict[str, Any]]:
-    """The chain as ``sftray train stages=...`` runs it, tracked in MLflow: one run per chain, a child per stage."""
+    """The chain as ``sftray train stages=...`` runs it, tracked in MLflow: one run per chain, a child per stage.
+    However it ends, its run ends: FINISHED, KILLED (Ctrl-C) or FAILED (a resume sets it RUNNING again)."""
     from sftray.tracking import stage_runs
 
+    check_chain(cfg, chain_dir=chain_dir)  # before the run: a chain that cannot resume keeps its run's status
     run_id = stage_runs.start_chain(cfg, chain_dir=chain_dir)
-    stages = run_stages(
-        cfg, chain_dir=chain_dir, on_stage=lambda r: stage_runs.log_stage(cfg, parent_id=run_id, record=r)
-    )
-    stage_runs.finish_chain(cfg, run_id=run_id)
+    status = "FAILED"
+    try:
+        stages = run_stages(
+            cfg, chain_dir=chain_dir, on_stage=lambda r: stage_runs.log_stage(cfg, parent_id=run_id, record=r)
+        )
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):  # Train V2 turns Ctrl-C into SystemExit
+        status = "KILLED"
+        raise
+    finally:
+        stage_runs.finish_chain(cfg, run_id=run_id, status=status)
     return stages
 
 
@@ -171,7 +188,13 @@ def _start(
         model, adapter = prev["model"], str(Path(prev["best_checkpoint"]) / "model")
     else:
         model = _merged(prev, chain_dir=chain_dir, tokenizer_dir=str(prepared[k].tokenizer_dir))
-    return model, StageStart(index=k, init_adapter=adapter, reference_pretrain_loss=reference, earlier_probes=earlier)
+    return model, StageStart(
+        index=k,
+        init_adapter=adapter,
+        reference_pretrain_loss=reference,
+        earlier_probes=earlier,
+        heldout_dir=str(prepared[0].heldout_dir),
+    )
 
 
 def _merged(prev: dict[str, Any], *, chain_dir: Path, tokenizer_dir: str) -> str:
@@ -205,8 +228,9 @@ def _merged(prev: dict[str, Any], *, chain_dir: Path, tokenizer_dir: str) -> str
 
 
 def _record(
-    k: int, cfg: Config, *, scfg: Config, outcome: TrainOutcome, model: str, start: StageStart, prepared: Prepared
+    k: int, cfg: Config, *, scfg: Config, outcome: TrainOutcome, model: str, start: StageStart, prepared: list[Prepared]
 ) -> dict[str, Any]:
+    """Stage ``k``'s entry in ``chain.json`` (``prepared``: every stage's data)."""
     return {
         "index": k,
         "name": cfg.stages[k].name,
@@ -219,8 +243,8 @@ def _record(
         "best_metrics": outcome.best_metrics,
         "reason": outcome.best_reason,
         "history": outcome.history,
-        "data": str(prepared.out_dir),
-        "heldout_digest": _heldout_digest(prepared),
+        "data": str(prepared[k].out_dir),
+        "heldout_digest": _heldout_digest(prepared[0]),  # the chain's forgetting text: stage 0's held-out windows
     }
 
 
@@ -238,22 +262,10 @@ def _config_hash(cfg: Config, k: int) -> str:
 def _check_same(cfg: Config, record: dict[str, Any]) -> None:
     k = record["index"]
     if k >= len(cfg.stages) or cfg.stages[k].name != record["name"] or _config_hash(cfg, k) != record["config_hash"]:
-        raise ValueError(
+        raise ConfigError(
             f"the chain folder's stage {k} ({record['name']}) was trained with another configuration than "
             f"stages[{k}] now: resume a chain with the overrides that started it, or start a new chain"
         )
-
-
-def _check_one_heldout_text(cfg: Config, prepared: list[Prepared]) -> None:
-    """Forgetting is relative to the original base on one held-out text: a stage must not change it."""
-    first = _heldout_digest(prepared[0])
-    for k, p in enumerate(prepared[1:], start=1):
-        if _heldout_digest(p) != first:
-            raise ValueError(
-                f"stages[{k}] ({cfg.stages[k].name}) would measure forgetting on other held-out text than stage 0: "
-                "forgetting is relative to the original base on one text, so stages must not change "
-                "mix.heldout_sources, mix.heldout_fraction or mix.max_heldout_windows (nor mix.sources without them)"
-            )
 
 
 def _heldout_digest(prepared: Prepared) -> str:

@@ -27,14 +27,16 @@ RUN_ID_FILE = "mlflow_run_id"
 
 
 def start_chain(cfg: Config, *, chain_dir: Path) -> str:
-    """The chain's run (the one recorded in ``chain_dir`` when it resumes); returns its run id."""
+    """The chain's run (the one recorded in ``chain_dir`` when it resumes, RUNNING again); returns its run id."""
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
     marker = Path(chain_dir) / RUN_ID_FILE
     if marker.is_file():
-        return marker.read_text().strip()
+        run_id = marker.read_text().strip()
+        client.update_run(run_id, status="RUNNING")
+        return run_id
     run = client.create_run(
         experiment_id(client, EXPERIMENT, uri=uri),
         run_name=Path(chain_dir).name,
@@ -98,6 +100,7 @@ def log_stage(cfg: Config, *, parent_id: str, record: dict[str, Any]) -> None:
 
 
 def finish_chain(cfg: Config, *, run_id: str, status: str = "FINISHED") -> None:
+    """Ends the chain's run: FINISHED, FAILED or KILLED."""
     from mlflow import MlflowClient
 
     MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status)

@@ -80,6 +80,9 @@ class StageStart:
     """The original base model's held-out pretraining loss: forgetting is relative to it."""
     earlier_probes: dict[str, tuple[list[dict], int]] = field(default_factory=dict)
     """Each earlier stage's name -> (its probes, their generation limit) (``eval_probes``)."""
+    heldout_dir: str | None = None
+    """The chain's held-out windows (stage 0's prepared ``pretrain_heldout``): every stage measures forgetting on
+    the same rows, whatever its own packing; None: the prepared data's own."""
 
 
 def eval_probes(cfg: Config, *, prepared: Prepared) -> tuple[list[dict], int]:
@@ -105,11 +108,13 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
     world = cfg.train.num_workers
     tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
     markers = turn_markers(tokenizer)
+    start = start or StageStart()
+    heldout_dir = Path(start.heldout_dir) if start.heldout_dir else prepared.heldout_dir
     tables = {}
     for name, folder, limit in (
         ("train", prepared.train_dir, None),
         ("val", prepared.val_dir, cfg.eval.max_eval_rows),
-        ("heldout", prepared.heldout_dir, cfg.eval.max_eval_rows),
+        ("heldout", heldout_dir, cfg.eval.max_eval_rows),
     ):
         table = _read_rows(folder, limit=limit)
         if table.num_rows == 0 and name == "train":
@@ -120,11 +125,12 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
         tables[name] = pa.concat_tables([table, empty_rows(fill, pad_id=tokenizer.pad_token_id)])
     probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
     max_new_tokens = _generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer)
-    start = start or StageStart()
     key = base_eval.base_eval_key(
         cfg,
         base_model=base_model,
-        data_fingerprint=prepared.report["fingerprint"],
+        # another prepared folder's held-out rows: its path (named by its fingerprint) is part of the data
+        data_fingerprint=prepared.report["fingerprint"]
+        + ("" if heldout_dir == prepared.heldout_dir else f"+{heldout_dir}"),
         probes=probes,
         max_new_tokens=max_new_tokens,
         adapter=start.init_adapter,
@@ -175,7 +181,8 @@ def run_training(
         check_resumable(Path(t.resume_from), cfg=cfg, steps_per_epoch=job.steps_per_epoch)
     log.info(
         "training %s (%s, %s) on %d worker(s): %d rows/rank, %d steps/epoch x %d epochs",
-        cfg.model.name_or_path,
+        # what it trains from (a later stage: the earlier stage's weights), not cfg.model.name_or_path
+        base_model + (f" + adapter {start.init_adapter}" if start and start.init_adapter else ""),
         t.method,
         t.parallelism,
         t.num_workers,
