@@ -110,7 +110,7 @@ def _prep(curated, cache_dir, capsys, *overrides: str) -> tuple[Path, dict]:
         *overrides,
     ]
     assert main(args) == 0
-    capsys.readouterr()
+    curated["printed"] = capsys.readouterr().out  # the summary sftray prep printed
     (folder,) = set((out / "data").iterdir()) - before
     return folder, json.loads((folder / "report.json").read_text())
 
@@ -144,6 +144,16 @@ def test_exact_dedup_filters_and_weights_drop_the_right_rows(ray_local, cache_di
     assert 380 <= other_src["train_rows_unused"] <= 420  # max_rows=400 of 600, then about half of those by tokens
     assert train_src["train_copies"] == 2 * (N + 8 - 7)
     assert _sft_tokens(folder) == train_src["train_tokens"] + other_src["train_tokens"]
+    # The printed summary says what the training split takes, and no "max_rows None" or "0.00%" mix.
+    copies, unused = train_src["train_copies"] + other_src["train_copies"], other_src["train_rows_unused"]
+    printed = curated["printed"]
+    assert (
+        f"training takes {copies} SFT examples from the {report['conversations']['train']} train conversations: "
+        in (printed)
+    )
+    assert f": {unused} unused, " in printed
+    assert "max_rows None" not in printed and "max_rows 400)" in printed
+    assert "pretraining mix: off (mix.ratio=0)" in printed
 
 
 def test_near_dedup_also_finds_the_edited_copy(ray_local, cache_dir, curated, capsys):
