@@ -330,3 +330,50 @@ def test_demo_without_mix(ray_local, cache_dir, tmp_path):
     assert train["pretrain_tokens"] == 0 and train["rows"] > 0
     assert train["examples"] + prepared.report["splits"]["val"]["examples"] == 2000
     assert all(k == 1 for row in _rows(prepared.out_dir / "train") for k in row["seq_kinds"])  # chat only
+
+
+def test_a_small_corpus_is_reused_up_to_max_repeats(ray_local, cache_dir, tmp_path):
+    """A mix that needs more pretraining text than mix.sources hold fails naming mix.max_repeats and the passes it
+    needs; with that many allowed, the corpus goes in as whole passes (every window of it at least passes-1 times),
+    the ratio stays exact, held-out text stays out, and report.json counts the repeats. Inputs span several files
+    (blocks) on both sides."""
+    chats, corpus = tmp_path / "chats", tmp_path / "corpus"
+    chats.mkdir()
+    corpus.mkdir()
+    for f in range(2):
+        rows = [{"messages": _messages(50 * f + i)} for i in range(40)]
+        (chats / f"part{f}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    words = "river stone cloud light grass apple lamp door bird fish moon tree".split()
+    for d in range(3):
+        (corpus / f"doc{d}.txt").write_text(" ".join(words[(d + i) % len(words)] for i in range(60)) + ".\n")
+    sources = [str(chats / "part0.jsonl"), str(chats / "part1.jsonl")]
+    mix = [f"mix.sources=[{{path:'{corpus}',format:text}}]", "mix.ratio=0.5", "mix.window_len=32"]
+    with pytest.raises(ValueError, match=r"mix\.max_repeats=1 allows 1\): .* set mix\.max_repeats=(\d+)") as err:
+        prep(_cfg(tmp_path, cache_dir, sources, *mix))
+    passes = int(err.value.args[0].rsplit("=", 1)[1])
+    assert passes >= 3
+    cfg = _cfg(tmp_path, cache_dir, sources, *mix, f"mix.max_repeats={passes}")
+    prepared = prep(cfg)
+
+    tok = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
+    windows = []
+    for d in range(3):
+        text = (corpus / f"doc{d}.txt").read_text(encoding="utf-8")
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"] + [tok.eos_token_id]
+        windows += [tuple(w) for w in chunk_windows(ids, window_len=32)]
+    rows = _rows(prepared.train_dir)
+    trained = Counter(tuple(ids) for r in rows for k, ids, _ in _segments(r) if k == KIND_PRETRAIN)
+    corpus = Counter(windows)  # a window two documents share counts twice
+    cut = [w for w in trained if w not in corpus]
+    assert set(trained) - set(cut) == set(corpus)
+    assert all((passes - 1) * n <= trained[w] <= passes * n for w, n in corpus.items())
+    assert len(cut) <= 1 and all(any(w[: len(c)] == c for w in windows) for c in cut)  # the cut that ends the mix
+    train = prepared.report["splits"]["train"]
+    assert train["pretrain_tokens"] == train["pretrain_tokens_target"]
+    assert abs(train["mix_ratio_achieved"] - 0.5) < 0.01
+    heldout = {tuple(ids) for r in _rows(prepared.heldout_dir) for _, ids, _ in _segments(r)}
+    assert heldout and not heldout & set(trained)
+    report = prepared.report["pretraining_windows"]
+    assert report["passes"] == passes
+    assert report["windows_used"] == sum(trained.values())
+    assert report["windows_repeated"] == sum(trained.values()) - len(windows)
