@@ -200,7 +200,7 @@ def _sweep(cfg: Config, *, overrides: list[str]) -> int:
     from sftray.tracking.mlflow_logger import tracking_uri
     from sftray.tune.sweep import table
 
-    check_inputs(cfg, train=True)
+    check_inputs(cfg, train=True, sweep=True)
     init_ray()
     try:
         outcome = sweep(cfg)

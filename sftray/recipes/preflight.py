@@ -5,7 +5,7 @@ module: a worker group started, failed, was restarted by ``train.max_failures`` 
 data, validation and mix sources resolve to readable files; the probe file exists; there is a validation split;
 the base model's config is readable; and its LoRA targets name modules of the model, matched by peft itself on a
 weightless (meta-device) skeleton built from the model's config, the builtin's from ``tiny_llama_config`` (no
-pretraining). A multi-stage run checks every stage's config.
+pretraining). A multi-stage run checks every stage's config, a sweep every trial's keys.
 """
 
 from __future__ import annotations
@@ -14,15 +14,39 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sftray.config import Config, LoraConfig, ModelConfig, stage_config
+from sftray.config import Config, LoraConfig, ModelConfig, override, stage_config
 from sftray.data.sources import resolve_source
 
 log = logging.getLogger("sftray.preflight")
 
 
-def check_inputs(cfg: Config, *, train: bool) -> None:
+def check_inputs(cfg: Config, *, train: bool, sweep: bool = False) -> None:
     """Raises a one-line ``ValueError`` / ``FileNotFoundError`` naming the key for the first input that cannot work.
-    ``train``: the command trains (sftray train / sweep), so the model and its LoRA targets are checked too."""
+    ``train``: the command trains (sftray train / sweep), so the model and its LoRA targets are checked too;
+    ``sweep``: also each value of ``sweep.params`` and each ``sweep.points`` entry that sets data, mix, model or
+    train keys (one trial's config each)."""
+    skeletons: dict[tuple[str, bool], Any] = {}
+    _check_one(cfg, train=train, skeletons=skeletons)
+    if not sweep:
+        return
+    variants = [
+        (f"sweep.params.{key}={value!r}: ", {key: value})
+        for key, values in cfg.sweep.params.items()
+        for value in values
+    ] + [(f"sweep.points[{i}]: ", point) for i, point in enumerate(cfg.sweep.points)]
+    for where, keys in variants:
+        if any(k.split(".", 1)[0] in _TRIAL_INPUTS for k in keys):
+            trial = cfg
+            for key, value in keys.items():
+                trial = override(trial, key, value)
+            _check_with_prefix(where, _check_one, trial, train=train, skeletons=skeletons)
+
+
+_TRIAL_INPUTS = ("data", "mix", "model", "train", "stages")
+"""Config groups whose keys a sweep trial may set that this module checks."""
+
+
+def _check_one(cfg: Config, *, train: bool, skeletons: dict[tuple[str, bool], Any]) -> None:
     configs = (
         [("", cfg)]
         if not cfg.stages
@@ -35,12 +59,13 @@ def check_inputs(cfg: Config, *, train: bool) -> None:
     check_model_path(cfg.model)
     if cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
         raise FileNotFoundError(f"train.resume_from={cfg.train.resume_from}: no such folder")
-    skeleton = None
     for k, (where, c) in enumerate(configs):
         if c.train.method != "lora" or (k > 0 and _continues_adapter(cfg, k)):
             continue  # a stage that trains the earlier stage's adapter on uses that adapter's targets
-        skeleton = skeleton if skeleton is not None else model_skeleton(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
-        _check_with_prefix(where, check_lora_targets, c.train.lora, model=skeleton, name=cfg.model.name_or_path)
+        key = (cfg.model.name_or_path, cfg.model.trust_remote_code)
+        if key not in skeletons:
+            skeletons[key] = model_skeleton(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
+        _check_with_prefix(where, check_lora_targets, c.train.lora, model=skeletons[key], name=cfg.model.name_or_path)
 
 
 def check_data(cfg: Config) -> None:

@@ -135,3 +135,13 @@ def test_good_inputs_pass(base_args, tmp_path, write_sums):
 def test_a_lora_target_that_is_no_layer_fails(capsys, base_args):
     err = _error(capsys, "train", *base_args, "train.lora.target_modules=[mlp]")
     assert "'mlp' matches model.layers.0.mlp (LlamaMLP) of " in err and "which LoRA cannot adapt" in err
+
+
+def test_a_sweep_point_s_lora_targets_are_checked(capsys, base_args):
+    err = _error(capsys, "sweep", *base_args, "+sweep.params.train.lora.target_modules=[[q_proj],[nosuch]]")
+    assert err.startswith(
+        "error: sweep.params.train.lora.target_modules=['nosuch']: train.lora.target_modules=['nosuch']: 'nosuch' "
+        "matches no module of "
+    ), err
+    err = _error(capsys, "sweep", *base_args, "+sweep.points=[{train.method: lora, train.lora.target_modules: [k]}]")
+    assert err.startswith("error: sweep.points[0]: train.lora.target_modules=['k']: 'k' matches no module"), err
