@@ -35,6 +35,7 @@ def base_args(tmp_path: Path, cache_dir: Path, random_base: Path, write_sums) ->
         "data=files",
         f"data.sources=[{{path:'{chats}'}}]",
         "data.max_seq_len=64",
+        "data.val_fraction=0.2",  # a validation split of 40 conversations: only the mistake under test is wrong
         f"model.name_or_path={random_base}",
         "train.num_workers=1",
         "train.cpus_per_worker=0.5",
