@@ -3,9 +3,9 @@
 ``mix.ratio`` is a share of TOKENS, not of examples: with ``S`` SFT tokens the mix adds exactly
 ``P = round(ratio / (1 - ratio) * S)`` pretraining tokens, so that ``P / (S + P) == ratio`` up to one token.
 Windows are taken in a seeded hash order and the last one is cut to the exact remainder; a corpus smaller than
-the target is reused in whole passes, each in its own seeded order, up to ``mix.max_repeats`` of them. Ray's ``Dataset.mix``
-mixes rows by weight (alpha; its guide warns against weights more than ~5x apart, a 90/10 mix is beyond that),
-which is why this is ours.
+the target is reused in whole passes, each in its own seeded order, up to ``mix.max_repeats`` of them. Ray's
+``Dataset.mix`` mixes rows by weight (alpha; its guide warns against weights more than ~5x apart, a 90/10 mix is
+beyond that), which is why this is ours.
 """
 
 from __future__ import annotations

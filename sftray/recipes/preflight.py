@@ -10,14 +10,11 @@ pretraining). A multi-stage run checks every stage's config, a sweep every trial
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from sftray.config import Config, LoraConfig, ModelConfig, override, stage_config
 from sftray.data.sources import resolve_source
-
-log = logging.getLogger("sftray.preflight")
 
 
 def check_inputs(cfg: Config, *, train: bool, sweep: bool = False) -> None:
@@ -64,7 +61,7 @@ def _check_one(cfg: Config, *, train: bool, skeletons: dict[tuple[str, bool], An
             continue  # a stage that trains the earlier stage's adapter on uses that adapter's targets
         key = (cfg.model.name_or_path, cfg.model.trust_remote_code)
         if key not in skeletons:
-            skeletons[key] = model_skeleton(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
+            skeletons[key] = model_skeleton(cfg.model)
         _check_with_prefix(where, check_lora_targets, c.train.lora, model=skeletons[key], name=cfg.model.name_or_path)
 
 
@@ -106,7 +103,7 @@ def check_model_path(model: ModelConfig) -> None:
     _model_config(model)
 
 
-def model_skeleton(model: ModelConfig, *, cache_dir: Path) -> Any:
+def model_skeleton(model: ModelConfig) -> Any:
     """The base model's modules without weights (meta device): built from its config in a second or so."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -19,6 +20,7 @@ from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
 from sftray.data.mixing import chunk_windows
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT
+from sftray.data.pipeline import load_prepared
 from sftray.recipes.prep import prep
 
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
@@ -332,11 +334,11 @@ def test_demo_without_mix(ray_local, cache_dir, tmp_path):
     assert all(k == 1 for row in _rows(prepared.out_dir / "train") for k in row["seq_kinds"])  # chat only
 
 
-def test_a_small_corpus_is_reused_up_to_max_repeats(ray_local, cache_dir, tmp_path):
-    """A mix that needs more pretraining text than mix.sources hold fails naming mix.max_repeats and the passes it
-    needs; with that many allowed, the corpus goes in as whole passes (every window of it at least passes-1 times),
-    the ratio stays exact, held-out text stays out, and report.json counts the repeats. Inputs span several files
-    (blocks) on both sides."""
+def test_a_small_corpus_is_reused_up_to_max_repeats(ray_local, cache_dir, tmp_path, capsys):
+    """``sftray prep`` with a mix that needs more pretraining text than mix.sources hold fails naming
+    mix.max_repeats and the passes it needs; with that many allowed, the corpus goes in as whole passes (every
+    window of it at least passes-1 times), the ratio stays exact, held-out text stays out, and report.json and the
+    summary count the repeats. Inputs span several files (blocks) on both sides."""
     chats, corpus = tmp_path / "chats", tmp_path / "corpus"
     chats.mkdir()
     corpus.mkdir()
@@ -348,12 +350,21 @@ def test_a_small_corpus_is_reused_up_to_max_repeats(ray_local, cache_dir, tmp_pa
         (corpus / f"doc{d}.txt").write_text(" ".join(words[(d + i) % len(words)] for i in range(60)) + ".\n")
     sources = [str(chats / "part0.jsonl"), str(chats / "part1.jsonl")]
     mix = [f"mix.sources=[{{path:'{corpus}',format:text}}]", "mix.ratio=0.5", "mix.window_len=32"]
-    with pytest.raises(ValueError, match=r"mix\.max_repeats=1 allows 1\): .* set mix\.max_repeats=(\d+)") as err:
-        prep(_cfg(tmp_path, cache_dir, sources, *mix))
-    passes = int(err.value.args[0].rsplit("=", 1)[1])
+    listed = ",".join("{path:'" + s + "'}" for s in sources)
+    args = [f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path / 'out'}", f"data.sources=[{listed}]", *mix]
+    assert main(["prep", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    found = re.fullmatch(
+        r"error: the pretraining corpus has \d+ trainable tokens but the mix needs \d+ \((\d+) passes over it; "
+        r"mix\.max_repeats=1 allows 1\): add pretraining text, lower mix\.ratio or set mix\.max_repeats=(\d+)",
+        err,
+    )
+    assert found and found[1] == found[2], err
+    passes = int(found[1])
     assert passes >= 3
-    cfg = _cfg(tmp_path, cache_dir, sources, *mix, f"mix.max_repeats={passes}")
-    prepared = prep(cfg)
+    assert main(["prep", *args, f"mix.max_repeats={passes}"]) == 0
+    out = capsys.readouterr().out
+    prepared = load_prepared(Path(re.search(r"prepared data: (\S+)", out)[1]))
 
     tok = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
     windows = []
@@ -377,3 +388,7 @@ def test_a_small_corpus_is_reused_up_to_max_repeats(ray_local, cache_dir, tmp_pa
     assert report["passes"] == passes
     assert report["windows_used"] == sum(trained.values())
     assert report["windows_repeated"] == sum(trained.values()) - len(windows)
+    assert (
+        f"pretraining corpus reused: {passes} passes (mix.max_repeats={passes}), {report['windows_repeated']} of "
+        f"{report['windows_used']} window uses are repeats"
+    ) in out
