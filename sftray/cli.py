@@ -174,8 +174,10 @@ def init_ray() -> None:
 
 def _prep(cfg: Config, *, force: bool) -> int:
     from sftray.data.report import summary
+    from sftray.recipes.preflight import check_inputs
     from sftray.recipes.prep import prep
 
+    check_inputs(cfg, train=False)
     init_ray()
     print(summary(prep(cfg, force=force).report))
     return 0
@@ -185,9 +187,11 @@ def _train(cfg: Config, *, force: bool, overrides: list[str]) -> int:
     """The train recipe, its summary, and on Ctrl-C or failure the command that resumes it."""
     from ray.exceptions import RayActorError
 
+    from sftray.recipes.preflight import check_inputs
     from sftray.recipes.train import run_name, runs_dir, train
     from sftray.train.run import summary
 
+    check_inputs(cfg, train=True)
     if cfg.stages:
         return _train_stages(cfg, overrides=overrides)
     init_ray()
@@ -262,10 +266,12 @@ def _train_resume_hint(run_dir: Path, overrides: list[str], *, interrupted: bool
 
 def _sweep(cfg: Config, *, overrides: list[str]) -> int:
     """The sweep recipe and its ranked table; on Ctrl-C the command that resumes it."""
+    from sftray.recipes.preflight import check_inputs
     from sftray.recipes.sweep import sweep, unfinished
     from sftray.tracking.mlflow_logger import tracking_uri
     from sftray.tune.sweep import table
 
+    check_inputs(cfg, train=True, sweep=True)
     init_ray()
     try:
         outcome = sweep(cfg)

@@ -289,9 +289,13 @@ class MixConfig:
     """With no heldout_sources: share of mix.sources' windows held out to measure forgetting (never trained on)."""
     max_heldout_windows: int = 256
     """Cap on held-out windows, so forgetting eval stays cheap."""
+    max_repeats: int = 1
+    """Passes over the pretraining corpus the mix may take: a corpus smaller than ratio asks for is reused, whole
+    passes in a new seeded order each, up to this many (the report counts them); 1: each window at most once."""
 
     def __post_init__(self) -> None:
         _in_range("mix.ratio", self.ratio, ge=0, lt=1)
+        _in_range("mix.max_repeats", self.max_repeats, ge=1)
         _in_range("mix.heldout_fraction", self.heldout_fraction, ge=0, lt=1)
         _check_sources("mix.sources", self.sources, chat=False)
         _check_sources("mix.heldout_sources", self.heldout_sources, chat=False)

@@ -194,7 +194,11 @@ def test_typo_at_root_lists_root_keys(tmp_path: Path) -> None:
     [
         ("model.nme=x", "model", "name_or_path, trust_remote_code, chat_template, special_tokens"),
         ("paths.out=x", "paths", "output_dir, cache_dir"),
-        ("mix.rato=0.2", "mix", "ratio, sources, heldout_sources, window_len, heldout_fraction, max_heldout_windows"),
+        (
+            "mix.rato=0.2",
+            "mix",
+            "ratio, sources, heldout_sources, window_len, heldout_fraction, max_heldout_windows, max_repeats",
+        ),
     ],
 )
 def test_typo_in_other_groups(tmp_path: Path, override: str, group: str, keys: str) -> None:
@@ -306,6 +310,7 @@ OUT_OF_RANGE = [
     ("mix.window_len=7", "mix.window_len=7 must be >= 8"),
     ("mix.heldout_fraction=1", "mix.heldout_fraction=1.0 must be in [0, 1)"),
     ("mix.max_heldout_windows=0", "mix.max_heldout_windows=0 must be >= 1"),
+    ("mix.max_repeats=0", "mix.max_repeats=0 must be >= 1"),
     ("train.lora.r=0", "train.lora.r=0 must be >= 1"),
     ("train.lora.alpha=0", "train.lora.alpha=0 must be > 0"),
     ("train.lora.dropout=1", "train.lora.dropout=1.0 must be in [0, 1)"),

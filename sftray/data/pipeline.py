@@ -32,7 +32,7 @@ from sftray.data.encoding import encode_conversation
 from sftray.data.errors import DataError
 from sftray.data.fingerprint import fingerprint as data_fingerprint
 from sftray.data.fingerprint import with_pruning
-from sftray.data.mixing import chunk_windows, in_fraction, pretrain_token_target, select_windows, stable_key
+from sftray.data.mixing import chunk_windows, in_fraction, pretrain_token_target, repeat_windows, stable_key
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, int32_lists, pack_table
 from sftray.data.schema import EXAMPLE_COLUMNS, META_COLUMNS, ROW_SCHEMA
 from sftray.data.sources import (
@@ -224,7 +224,8 @@ def _run(
         pruned = meta[meta["reason"].isin(pruning.PRUNE_REASONS)]
         drops.update(check_drops(pruned, on_error=data.on_error, what="conversation"))  # counted and logged
 
-    # 3. Exact token-ratio selection of training windows (driver side: only keys and lengths travel).
+    # 3. Exact token-ratio selection of training windows (driver side: only keys and lengths travel); a corpus
+    #    smaller than the target goes in again, up to mix.max_repeats passes, each later use a copy under its own key.
     ok = meta["reason"] == ""
     train_meta = meta[ok & (meta["split"] == "train") & (meta["copies"] > 0)]
     val_meta = meta[ok & (meta["split"] == "val")]
@@ -233,8 +234,16 @@ def _run(
     sft_tokens = int((train_meta["n_tokens"] * train_meta["copies"]).sum())
     target = pretrain_token_target(sft_tokens, ratio=mix.ratio)
     pool_meta = wok[~wok["heldout"]]
-    picked = select_windows(pool_meta["n_tokens"].tolist(), pool_meta["key"].tolist(), target_tokens=target)
-    takes = {int(pool_meta["key"].iloc[i]): n for i, n in picked}
+    pool_keys = [int(k) for k in pool_meta["key"]]
+    passes = repeat_windows(
+        pool_meta["n_tokens"].tolist(), pool_keys, target_tokens=target, max_repeats=mix.max_repeats, seed=cfg.seed
+    )
+    takes = {pool_keys[i]: n for i, n in passes[0]} if passes else {}
+    repeats = [
+        (pool_keys[i], stable_key("mix-repeat", pool_keys[i], p, seed=cfg.seed), n)
+        for p, picked in enumerate(passes[1:], start=1)
+        for i, n in picked
+    ]
     heldout_meta = wok[wok["heldout"]].nsmallest(mix.max_heldout_windows, "key")
     heldout_keys = sorted(heldout_meta["key"].astype("uint64").tolist())
 
@@ -243,13 +252,16 @@ def _run(
     #    filter empties loses its schema, and Ray's hash shuffle then fails ("Schema at index N was different").
     repeated = train_meta[train_meta["copies"] > 1]
     copies = sorted(
-        (int(k), stable_key("copy", int(k), c, seed=cfg.seed))
-        for k, n in zip(repeated["key"], repeated["copies"])
-        for c in range(1, int(n))
+        [
+            (int(k), stable_key("copy", int(k), c, seed=cfg.seed), WHOLE)
+            for k, n in zip(repeated["key"], repeated["copies"])
+            for c in range(1, int(n))
+        ]
+        + repeats
     )
     unused = meta[(meta["reason"] != "") | ((meta["split"] == "train") & (meta["copies"] == 0))]
     keys = {
-        "train": sorted(train_meta["key"].tolist() + [c for _, c in copies] + list(takes)),
+        "train": sorted(train_meta["key"].tolist() + [c for _, c, _ in copies] + list(takes)),
         "val": sorted(val_meta["key"].tolist()),
         "pretrain_heldout": heldout_keys,
     }
@@ -259,8 +271,9 @@ def _run(
         take_lens=np.asarray([takes[k] for k in sorted(takes)], dtype=np.int64),
         heldout_keys=np.asarray(heldout_keys, dtype=np.uint64),
         unused_keys=np.sort(unused["key"].to_numpy(dtype=np.uint64)),
-        copy_of=np.asarray([k for k, _ in copies], dtype=np.uint64),
-        copy_keys=np.asarray([c for _, c in copies], dtype=np.uint64),
+        copy_of=np.asarray([k for k, _, _ in copies], dtype=np.uint64),
+        copy_keys=np.asarray([c for _, c, _ in copies], dtype=np.uint64),
+        copy_lens=np.asarray([n for _, _, n in copies], dtype=np.int64),
     )
     _pack_and_write(
         encoded.select_columns(EXAMPLE_COLUMNS + ["reason", "split"]),
@@ -281,6 +294,7 @@ def _run(
         drops=drops,
         stats=stats,
         target_pretrain_tokens=target,
+        windows_per_pass=[len(p) for p in passes],
         prune=prune_report,
     )
 
@@ -300,9 +314,16 @@ class _SplitPlan:
     unused_keys: np.ndarray
     """Sorted keys of conversations no split takes: curation drops (duplicates) and a weight's unused examples."""
     copy_of: np.ndarray
-    """Sorted keys of the conversations a source weight repeats, once per extra copy..."""
+    """Sorted keys of the examples that go in more than once, once per extra copy: conversations a source weight
+    repeats, pretraining windows of a later pass over the corpus (mix.max_repeats)..."""
     copy_keys: np.ndarray
-    """...and each copy's own key (it packs and groups as an example of its own)."""
+    """...each copy's own key (it packs and groups as an example of its own)..."""
+    copy_lens: np.ndarray
+    """...and how many of the example's tokens it takes (``WHOLE``, or the cut that ends the mix)."""
+
+
+WHOLE = np.iinfo(np.int64).max
+"""A copy's length when it takes the whole example."""
 
 
 def _group_bounds(keys: list[int], group_size: int) -> np.ndarray:
@@ -792,16 +813,19 @@ def _tag_splits(batch: pa.Table, *, plan: _SplitPlan) -> pa.Table:
     keep = np.where(split == "", 0, lengths)
     keep[taken] = np.minimum(lengths[taken], plan.take_lens[take_at[taken]])
     input_ids, labels = _cut_lists(batch["input_ids"], keep), _cut_lists(batch["labels"], keep)
-    # A source weight's extra copies: the same tokens under their own keys, appended to the block.
+    # Extra copies (a source weight's, a later pass of the mix): the same tokens under their own keys, each cut to
+    # its own length, appended to the block.
     first, last = np.searchsorted(plan.copy_of, keys, "left"), np.searchsorted(plan.copy_of, keys, "right")
     pairs = [(i, j) for i in np.flatnonzero((last > first) & (split == "train")) for j in range(first[i], last[i])]
     source = np.asarray([i for i, _ in pairs], dtype=np.int64)
-    copy_keys = plan.copy_keys[[j for _, j in pairs]] if pairs else np.zeros(0, dtype=np.uint64)
+    copy_at = np.asarray([j for _, j in pairs], dtype=np.int64)
+    copy_keys = plan.copy_keys[copy_at] if pairs else np.zeros(0, dtype=np.uint64)
+    copy_keep = np.minimum(lengths[source], plan.copy_lens[copy_at]) if pairs else np.zeros(0, dtype=np.int64)
     kinds = batch["kind"].to_numpy()
     return pa.table(
         {
-            "input_ids": pa.concat_arrays([input_ids, input_ids.take(source)]),
-            "labels": pa.concat_arrays([labels, labels.take(source)]),
+            "input_ids": pa.concat_arrays([input_ids, _cut_lists(batch["input_ids"].take(source), copy_keep)]),
+            "labels": pa.concat_arrays([labels, _cut_lists(batch["labels"].take(source), copy_keep)]),
             "kind": pa.array(np.concatenate([kinds, kinds[source]]), type=pa.int8()),
             "key": pa.array(np.concatenate([keys, copy_keys]), type=pa.uint64()),
             "split": pa.array(np.concatenate([split.astype(str), ["train"] * len(source)]), type=pa.string()),

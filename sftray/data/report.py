@@ -18,10 +18,13 @@ def build(
     drops: Counter,
     stats: dict[str, dict],
     target_pretrain_tokens: int,
+    windows_per_pass: list[int] = (),
     prune: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assembles the report from per-row metadata (pandas) and per-split row statistics; ``prune``: the pipeline's
-    pruning section (scoring model, cache, drops per reason, score distribution), None when data.prune is off."""
+    """Assembles the report from per-row metadata (pandas) and per-split row statistics; ``windows_per_pass``: the
+    pretraining windows the mix took in each pass over the corpus (one pass unless mix.max_repeats allows more);
+    ``prune``: the pipeline's pruning section (scoring model, cache, drops per reason, score distribution), None
+    when data.prune is off."""
     ok, wok = meta[meta["reason"] == ""], wmeta[wmeta["reason"] == ""]
     per_source = []
     for src in sources:
@@ -65,6 +68,10 @@ def build(
             "total": int(len(wok)),
             "heldout_pool": int(wok["heldout"].sum()),
             "heldout_used": stats["pretrain_heldout"]["examples"],
+            # the mix's passes over the corpus (mix.max_repeats) and the window uses beyond the first pass
+            "passes": len(windows_per_pass),
+            "windows_used": int(sum(windows_per_pass)),
+            "windows_repeated": int(sum(windows_per_pass[1:])),
             # where the forgetting measure's text comes from: text the base never saw, or a hashed share of the mix
             "heldout_from": [s.path for s in cfg.mix.heldout_sources]
             or f"mix.sources, {cfg.mix.heldout_fraction:g} of their windows by hash",
@@ -142,6 +149,13 @@ def summary(report: dict[str, Any]) -> str:
         )
     else:
         lines.append("  pretraining mix: off (mix.ratio=0)")
+    windows = report["pretraining_windows"]
+    if windows.get("passes", 0) > 1:
+        lines.append(
+            f"  pretraining corpus reused: {windows['passes']} passes (mix.max_repeats="
+            f"{report['config']['mix']['max_repeats']}), {windows['windows_repeated']} of {windows['windows_used']}"
+            " window uses are repeats"
+        )
     return "\n".join(lines)
 
 

@@ -56,8 +56,29 @@ class WorkerJob:
         return math.ceil(self.micro_batches_per_epoch / self.cfg.train.grad_accum)
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray Train entry point (``config["job"]``: the ``WorkerJob``); returns (on rank 0) the run's metric history."""
+SETUP_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError)
+"""Errors of building a worker's model (loading the base, a checkpoint or an adapter, applying LoRA) that the same
+inputs raise again: the workers return them instead of failing, and the driver raises ``WorkerSetupError``, since
+Ray Train retries every worker failure (``FailureConfig`` offers no exception filter). peft's
+NoMatchingPeftModuleError is a ValueError; out of memory (a RuntimeError) and lost connections are not here."""
+
+
+class WorkerSetupError(ValueError):
+    """The workers could not build their model, and would fail the same way again (not retried)."""
+
+
+def check_setup(return_value: Any) -> None:
+    """Raises ``WorkerSetupError`` when a run's return value is the workers' setup errors (``SETUP_ERRORS``)."""
+    if isinstance(return_value, dict) and return_value.get("setup_errors"):
+        raise WorkerSetupError(
+            "training could not start, and would fail the same way again (not retried): "
+            + "; ".join(return_value["setup_errors"])
+        )
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | dict[str, list[str]]:
+    """Ray Train entry point (``config["job"]``: the ``WorkerJob``); returns (on rank 0) the run's metric history, or
+    ``{"setup_errors": [...]}`` when the workers could not build their model (``check_setup``)."""
     from sftray.train.loop import run_worker
 
     _quiet_report_log()

@@ -39,7 +39,7 @@ from sftray.eval.metrics import (
 from sftray.models.loading import load_model
 from sftray.models.lora import apply_lora
 from sftray.train import checkpoint as ckpt_mod
-from sftray.train.job import WorkerJob
+from sftray.train.job import SETUP_ERRORS, WorkerJob
 from sftray.train.step import build_optimizer, build_scheduler, optimizer_step
 
 log = logging.getLogger("sftray.train")
@@ -67,9 +67,16 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
     fresh_start = checkpoint is None and not t.resume_from  # fault injection fires on a fresh run's first attempt
     if checkpoint is None and t.resume_from:
         checkpoint = ray.train.Checkpoint.from_directory(t.resume_from)
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckdir:
-        state = ckpt_mod.load_state(Path(ckdir)) if ckdir else None
-        model = _build_model(job, tokenizer=tokenizer, checkpoint_dir=Path(ckdir) if ckdir else None)
+    error = None
+    try:
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckdir:
+            state = ckpt_mod.load_state(Path(ckdir)) if ckdir else None
+            model = _build_model(job, tokenizer=tokenizer, checkpoint_dir=Path(ckdir) if ckdir else None)
+    except SETUP_ERRORS as exc:  # the same inputs would fail the same way: returned, so Train does not retry it
+        log.debug("rank %d could not build its model", rank, exc_info=True)
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if errors := _setup_errors(error, world=world):
+        return {"setup_errors": errors}
     model.to(device)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -247,6 +254,16 @@ def _with_forgetting(metrics: dict[str, float], base: dict[str, Any], cfg: Confi
         metric=cfg.eval.select_metric,
         budget=cfg.eval.forgetting_budget,
     )
+
+
+def _setup_errors(error: str | None, *, world: int) -> list[str]:
+    """Every rank's model-building error, as ``rank k: ...`` (none when all ranks built theirs). A collective, so
+    all ranks go on, or all return, together: a rank that went on alone would wait for the others for ever."""
+    errors = [error]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    return [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
 
 
 def _build_model(job: WorkerJob, *, tokenizer: Any, checkpoint_dir: Path | None) -> Any:

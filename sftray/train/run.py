@@ -32,7 +32,7 @@ from sftray.eval.metrics import (
 from sftray.eval.probes import generation_limit, probes_from_file, probes_from_rows, reference_lengths
 from sftray.train.checkpoint import STATE_FILE as CHECKPOINT_STATE
 from sftray.train.checkpoint import load_state
-from sftray.train.job import WorkerJob, train_fn_per_worker
+from sftray.train.job import WorkerJob, check_setup, train_fn_per_worker
 
 log = logging.getLogger("sftray.train")
 
@@ -206,6 +206,7 @@ def run_training(
         ),
     )
     result = trainer.fit()
+    check_setup(result.return_value)
     checkpoints = sorted(((c.path, m) for c, m in (result.best_checkpoints or [])), key=lambda cm: cm[1]["epoch"])
     if t.resume_from:  # the earlier run's epochs are candidates too: selection is over the whole training
         checkpoints = prior_checkpoints(Path(t.resume_from)) + checkpoints

@@ -6,7 +6,14 @@ import random
 
 import pytest
 
-from sftray.data.mixing import chunk_windows, in_fraction, pretrain_token_target, select_windows, stable_key
+from sftray.data.mixing import (
+    chunk_windows,
+    in_fraction,
+    pretrain_token_target,
+    repeat_windows,
+    select_windows,
+    stable_key,
+)
 
 
 def test_stable_key_deterministic_and_seed_dependent() -> None:
@@ -127,9 +134,64 @@ def test_select_windows_corpus_too_small() -> None:
     with pytest.raises(ValueError) as info:
         select_windows([10, 20], [1, 2], target_tokens=31)
     assert str(info.value) == (
-        "the pretraining corpus has 30 trainable tokens but the mix needs 31: add pretraining text or lower mix.ratio"
+        "the pretraining corpus has 30 trainable tokens but the mix needs 31 (2 passes over it; mix.max_repeats=1 "
+        "allows 1): add pretraining text, lower mix.ratio or set mix.max_repeats=2"
     )
-    assert "mix.ratio" in str(info.value)
+
+
+def _check_passes(lengths: list[int], keys: list[int], target: int, passes: list[list[tuple[int, int]]]) -> None:
+    """Each pass takes each window at most once; every pass but the last takes the whole corpus; the tokens add up."""
+    assert sum(n for p in passes for _, n in p) == target
+    for p in passes[:-1]:
+        assert sorted(i for i, _ in p) == list(range(len(lengths)))
+        assert all(n == lengths[i] for i, n in p)
+    last = passes[-1]
+    assert len({i for i, _ in last}) == len(last)
+    assert all(0 < n <= lengths[i] for i, n in last)
+    assert all(n == lengths[i] for i, n in last[:-1])  # only the very last window is cut
+
+
+def test_repeat_windows_one_pass_is_select_windows() -> None:
+    lengths, keys = [10, 10, 10, 10], [40, 10, 30, 20]
+    assert repeat_windows(lengths, keys, target_tokens=25, max_repeats=1, seed=0) == [[(1, 10), (3, 10), (2, 5)]]
+    assert repeat_windows(lengths, keys, target_tokens=25, max_repeats=4, seed=0) == [[(1, 10), (3, 10), (2, 5)]]
+    assert repeat_windows(lengths, keys, target_tokens=0, max_repeats=2, seed=0) == []
+
+
+def test_repeat_windows_reuses_the_corpus_in_passes() -> None:
+    lengths, keys = [10, 20], [2, 1]
+    passes = repeat_windows(lengths, keys, target_tokens=65, max_repeats=3, seed=0)
+    assert len(passes) == 3
+    assert passes[0] == [(1, 20), (0, 10)]
+    _check_passes(lengths, keys, 65, passes)
+    # the corpus exactly twice: two whole passes, nothing cut
+    passes = repeat_windows(lengths, keys, target_tokens=60, max_repeats=2, seed=0)
+    assert len(passes) == 2
+    _check_passes(lengths, keys, 60, passes)
+
+
+def test_repeat_windows_later_passes_are_reshuffled_and_seeded() -> None:
+    rng = random.Random(5)
+    lengths = [rng.randint(1, 64) for _ in range(200)]
+    keys = [stable_key("w", i, seed=1) for i in range(200)]
+    target = 2 * sum(lengths) + 100
+    passes = repeat_windows(lengths, keys, target_tokens=target, max_repeats=3, seed=7)
+    _check_passes(lengths, keys, target, passes)
+    assert passes == repeat_windows(list(lengths), list(keys), target_tokens=target, max_repeats=3, seed=7)
+    orders = [[i for i, _ in p] for p in passes[:2]]
+    assert orders[0] != orders[1]  # a second pass is the corpus again, in another order
+    assert passes[1] != repeat_windows(lengths, keys, target_tokens=target, max_repeats=3, seed=8)[1]
+
+
+def test_repeat_windows_too_few_repeats_names_the_knob() -> None:
+    with pytest.raises(ValueError) as info:
+        repeat_windows([10, 20], [1, 2], target_tokens=65, max_repeats=2, seed=0)
+    assert str(info.value) == (
+        "the pretraining corpus has 30 trainable tokens but the mix needs 65 (3 passes over it; mix.max_repeats=2 "
+        "allows 2): add pretraining text, lower mix.ratio or set mix.max_repeats=3"
+    )
+    with pytest.raises(ValueError, match=r"corpus has 0 trainable tokens.*add pretraining text"):
+        repeat_windows([], [], target_tokens=5, max_repeats=3, seed=0)
 
 
 def test_mix_share_property() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -19,6 +20,7 @@ from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
 from sftray.data.mixing import chunk_windows
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT
+from sftray.data.pipeline import load_prepared
 from sftray.recipes.prep import prep
 
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
@@ -330,3 +332,63 @@ def test_demo_without_mix(ray_local, cache_dir, tmp_path):
     assert train["pretrain_tokens"] == 0 and train["rows"] > 0
     assert train["examples"] + prepared.report["splits"]["val"]["examples"] == 2000
     assert all(k == 1 for row in _rows(prepared.out_dir / "train") for k in row["seq_kinds"])  # chat only
+
+
+def test_a_small_corpus_is_reused_up_to_max_repeats(ray_local, cache_dir, tmp_path, capsys):
+    """``sftray prep`` with a mix that needs more pretraining text than mix.sources hold fails naming
+    mix.max_repeats and the passes it needs; with that many allowed, the corpus goes in as whole passes (every
+    window of it at least passes-1 times), the ratio stays exact, held-out text stays out, and report.json and the
+    summary count the repeats. Inputs span several files (blocks) on both sides."""
+    chats, corpus = tmp_path / "chats", tmp_path / "corpus"
+    chats.mkdir()
+    corpus.mkdir()
+    for f in range(2):
+        rows = [{"messages": _messages(50 * f + i)} for i in range(40)]
+        (chats / f"part{f}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    words = "river stone cloud light grass apple lamp door bird fish moon tree".split()
+    for d in range(3):
+        (corpus / f"doc{d}.txt").write_text(" ".join(words[(d + i) % len(words)] for i in range(60)) + ".\n")
+    sources = [str(chats / "part0.jsonl"), str(chats / "part1.jsonl")]
+    mix = [f"mix.sources=[{{path:'{corpus}',format:text}}]", "mix.ratio=0.5", "mix.window_len=32"]
+    listed = ",".join("{path:'" + s + "'}" for s in sources)
+    args = [f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path / 'out'}", f"data.sources=[{listed}]", *mix]
+    assert main(["prep", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    found = re.fullmatch(
+        r"error: the pretraining corpus has \d+ trainable tokens but the mix needs \d+ \((\d+) passes over it; "
+        r"mix\.max_repeats=1 allows 1\): add pretraining text, lower mix\.ratio or set mix\.max_repeats=(\d+)",
+        err,
+    )
+    assert found and found[1] == found[2], err
+    passes = int(found[1])
+    assert passes >= 3
+    assert main(["prep", *args, f"mix.max_repeats={passes}"]) == 0
+    out = capsys.readouterr().out
+    prepared = load_prepared(Path(re.search(r"prepared data: (\S+)", out)[1]))
+
+    tok = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
+    windows = []
+    for d in range(3):
+        text = (corpus / f"doc{d}.txt").read_text(encoding="utf-8")
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"] + [tok.eos_token_id]
+        windows += [tuple(w) for w in chunk_windows(ids, window_len=32)]
+    rows = _rows(prepared.train_dir)
+    trained = Counter(tuple(ids) for r in rows for k, ids, _ in _segments(r) if k == KIND_PRETRAIN)
+    corpus = Counter(windows)  # a window two documents share counts twice
+    cut = [w for w in trained if w not in corpus]
+    assert set(trained) - set(cut) == set(corpus)
+    assert all((passes - 1) * n <= trained[w] <= passes * n for w, n in corpus.items())
+    assert len(cut) <= 1 and all(any(w[: len(c)] == c for w in windows) for c in cut)  # the cut that ends the mix
+    train = prepared.report["splits"]["train"]
+    assert train["pretrain_tokens"] == train["pretrain_tokens_target"]
+    assert abs(train["mix_ratio_achieved"] - 0.5) < 0.01
+    heldout = {tuple(ids) for r in _rows(prepared.heldout_dir) for _, ids, _ in _segments(r)}
+    assert heldout and not heldout & set(trained)
+    report = prepared.report["pretraining_windows"]
+    assert report["passes"] == passes
+    assert report["windows_used"] == sum(trained.values())
+    assert report["windows_repeated"] == sum(trained.values()) - len(windows)
+    assert (
+        f"pretraining corpus reused: {passes} passes (mix.max_repeats={passes}), {report['windows_repeated']} of "
+        f"{report['windows_used']} window uses are repeats"
+    ) in out

@@ -16,6 +16,7 @@ def _report(*, sources: list[dict[str, Any]], train: int, mix_target: float, pre
         "conversations": {"in": 314, "train": train, "val": 60, "dropped": 4, "truncated": 0},
         "drops": {},
         "sources": sources,
+        "pretraining_windows": {"passes": 1},
         "splits": {
             "train": {
                 **split,

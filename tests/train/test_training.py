@@ -241,3 +241,18 @@ def test_workers_do_not_log_every_report(fsdp2) -> None:
     text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*") if p.suffix in (".out", ".err"))
     assert "Checkpoint successfully created" in text  # the run's worker logs are there
     assert "Reporting training result" not in text
+
+
+def test_a_deterministic_setup_error_on_the_workers_is_not_retried(setup):
+    """A worker that cannot build its model (here a LoRA target of no module, which ``sftray train`` catches before
+    Ray starts, but a run started from Python or a sweep point reaches the workers with) fails the run at once with
+    the error itself: Train retried it as a worker failure (train.max_failures), starting the worker group again to
+    fail the same way, and raised TrainingFailedError around a traceback per rank and attempt."""
+    cfg = setup[0]
+    lora = dataclasses.replace(cfg.train.lora, target_modules=["nosuch"])
+    with pytest.raises(ValueError) as err:
+        _run(setup, "setup-error", workers=2, method="lora", lora=lora, max_failures=1)
+    assert type(err.value).__name__ == "WorkerSetupError", type(err.value).__mro__
+    assert str(err.value).startswith("training could not start, and would fail the same way again (not retried):")
+    assert "rank 0: NoMatchingPeftModuleError: Target modules {'nosuch'} not found" in str(err.value)
+    assert "rank 1: NoMatchingPeftModuleError" in str(err.value)
