@@ -4,6 +4,7 @@ per-epoch metrics, train/loss several times per epoch, the data report and the s
 
 from __future__ import annotations
 
+import math
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from sftray.config import LOSS_POINTS_PER_EPOCH
 from sftray.tracking.sweep_report import main as report_check
 
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
@@ -21,7 +23,7 @@ EXPERIMENT = "train"
 
 @pytest.fixture(scope="module")
 def tracked(ray_local, tmp_path_factory, random_base, training_run):
-    """Two LoRA runs of the training tests' data on one worker, micro-batches of 2 (12 optimizer steps per epoch):
+    """Two LoRA runs of the training tests' data on one worker, one packed row per optimizer step (a dozen per epoch):
     one with the default tracking (2 epochs, merged/ exported), one with ``tracking.log_model=none`` (1 epoch)."""
     root = tmp_path_factory.mktemp("tracked")
     out = root / "out"
@@ -32,7 +34,7 @@ def tracked(ray_local, tmp_path_factory, random_base, training_run):
         "train.lora.target_modules=[q_proj,v_proj]",
         "train.num_workers=1",
         "train.cpus_per_worker=1",
-        "train.micro_batch_size=2",
+        "train.micro_batch_size=1",
     ]
     assert main(["train", *overrides, "train.epochs=2", "train.export_merged=true"]) == 0
     assert (out / "mlflow.db").is_file(), f"sftray train created no MLflow store in {out}"
@@ -59,11 +61,13 @@ def test_metrics_per_epoch_and_train_loss_several_times_per_epoch(tracked):
     _, client, runs, _ = tracked
     run_id = runs[0].info.run_id
     val = sorted(client.get_metric_history(run_id, "val/loss"), key=lambda m: m.step)
-    assert [m.step for m in val] == [0, 12, 24]  # the base model, then each epoch's end (optimizer steps)
+    per_epoch = val[1].step
+    assert per_epoch >= 5 and [m.step for m in val] == [0, per_epoch, 2 * per_epoch]  # base, then each epoch's end
     train = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
     steps = [m.step for m in train]
-    assert len(steps) == len(set(steps)) >= 8 and steps[-1] == 24, steps  # a handful per epoch, one per step
-    assert sum(1 for s in steps if s <= 12) >= 4
+    every = math.ceil(per_epoch / LOSS_POINTS_PER_EPOCH)  # the default spacing: a handful per epoch
+    expected = sorted({*range(every, 2 * per_epoch + 1, every), per_epoch, 2 * per_epoch})
+    assert steps == expected and len([s for s in steps if s <= per_epoch]) >= 3, (steps, per_epoch)
     assert all(m.value > 0 for m in train)
     assert runs[0].data.metrics["best/epoch"] in (1, 2)
 
