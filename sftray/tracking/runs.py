@@ -23,7 +23,9 @@ from sftray.tracking.mlflow_logger import (
     experiment_id,
     flatten,
     is_metric_value,
+    log,
     log_params,
+    redact,
     tracking_uri,
 )
 
@@ -128,6 +130,7 @@ def start_run(cfg: Config, *, name: str, run_dir: Path, data_report: dict[str, A
     )
     log_params(client, run.info.run_id, flatten(cfg))
     client.log_text(run.info.run_id, json.dumps(dataclasses.asdict(cfg), indent=1, default=str), "config.json")
+    log.info("tracked as MLflow run %s in experiment %r at %s", run.info.run_id, EXPERIMENT, redact(uri))
     return run.info.run_id
 
 
