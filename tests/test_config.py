@@ -256,6 +256,7 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
         ("data.sources=[]", "data.sources is empty: give at least one source"),
         ("data.dedup=fuzzy", "data.dedup='fuzzy' is not valid; choose one of: none, exact, near"),
         ("train.precision=fp16", "train.precision='fp16' is not valid; choose one of: auto, fp32, bf16"),
+        ("tracking.log_model=last", "tracking.log_model='last' is not valid; choose one of: best, none, all"),
         ("data.sources=[{path:/x.jsonl,weight:0}]", "data.sources[0].weight=0.0 must be > 0"),
         ("data.sources=[{path:/x.jsonl,max_rows:0}]", "data.sources[0].max_rows=0 must be >= 1"),
         (
@@ -329,6 +330,7 @@ OUT_OF_RANGE = [
     ("train.max_failures=-5", "train.max_failures=-5 must be >= -1"),
     ("train.log_every_steps=0", "train.log_every_steps=0 must be >= 1"),
     ("train.fail_at_step=0", "train.fail_at_step=0 must be >= 1"),
+    ("tracking.log_every_steps=0", "tracking.log_every_steps=0 must be >= 1"),
     ("eval.num_probes=-1", "eval.num_probes=-1 must be >= 0"),
     ("eval.max_new_tokens=0", "eval.max_new_tokens=0 must be >= 1"),
     ("eval.max_new_tokens_cap=0", "eval.max_new_tokens_cap=0 must be >= 1"),

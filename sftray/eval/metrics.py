@@ -43,6 +43,10 @@ def stage_metric(stage: str, metric: str) -> str:
 
 # Train metrics that modules other than the training loop read (the loop computes them).
 TRAIN_LOSS = "train/loss"
+TRAIN_LOSS_POINTS = "train/loss_points"
+"""In an epoch's report: ``[step, loss]`` pairs, the training loss over the steps since the previous pair (every
+``tracking.log_every_steps``; the last at the epoch's end). Tracking logs each as ``train/loss`` at its step, in
+place of the epoch's ``train/loss``, so a loss curve has several points per epoch without a report per step."""
 TRAIN_TOKENS_PER_S = "train/tokens_per_s"
 """Real (non-pad) tokens per second of an epoch's training, from its first micro-batch to its last step."""
 TRAIN_TARGET_TOKENS_PER_S = "train/target_tokens_per_s"

@@ -1,4 +1,5 @@
-"""The train recipe: prep (cached) -> base model (built on first use for the builtin) -> one Ray Train run."""
+"""The train recipe: prep (cached) -> base model (built on first use for the builtin) -> one Ray Train run, tracked
+in MLflow."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from sftray.config import Config
 from sftray.models.loading import resolve_base_model_path
 from sftray.recipes.prep import prep
+from sftray.tracking import runs
 from sftray.train.run import TrainOutcome, run_training
 
 
@@ -22,9 +24,16 @@ def run_name(cfg: Config) -> str:
 
 
 def train(cfg: Config, *, force: bool = False, name: str | None = None) -> TrainOutcome:
-    """Trains once and picks the best checkpoint by eval; the run lives in ``runs_dir(cfg) / name``."""
+    """Trains once and picks the best checkpoint by eval; the run lives in ``runs_dir(cfg) / name``, tracked as an
+    MLflow run in the ``train`` experiment (FAILED, or KILLED when interrupted, if it does not finish)."""
     prepared = prep(cfg, force=force)
     base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
-    return run_training(
-        cfg, prepared=prepared, base_model=base, name=name or run_name(cfg), storage_path=str(runs_dir(cfg))
-    )
+    name = name or run_name(cfg)
+    run_id = runs.start_run(cfg, name=name, run_dir=runs_dir(cfg) / name, data_report=prepared.report)
+    try:
+        outcome = run_training(cfg, prepared=prepared, base_model=base, name=name, storage_path=str(runs_dir(cfg)))
+    except BaseException as exc:
+        runs.end_run(cfg, run_id=run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    runs.finish_run(cfg, run_id=run_id, outcome=outcome, data_report=prepared.out_dir / "report.json")
+    return outcome

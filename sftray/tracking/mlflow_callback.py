@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
 from sftray.config import Config, override
 from sftray.tracking import stage_runs
-from sftray.tracking.mlflow_logger import BEST_NAMES, is_metric_value, log_params, tracking_uri, trial_params
+from sftray.tracking.mlflow_logger import log_params, tracking_uri, trial_params
+from sftray.tracking.runs import log_selected, report_metrics
 from sftray.tune.sweep import OUTCOME_FILE, read_outcome
 
 
@@ -56,12 +56,7 @@ class MlflowTrialLogger(Callback):
         run_id = self.runs.get(trial.trial_id)
         if run_id is None:
             return
-        from mlflow.entities import Metric
-
-        step = int(result.get("step", result.get("epoch", 0)) or 0)
-        ts = int(result.get("timestamp", 0) * 1000)
-        metrics = [Metric(k, float(v), ts, step) for k, v in result.items() if "/" in k and is_metric_value(v)]
-        metrics.append(Metric("epoch", float(result.get("epoch", 0)), ts, step))
+        metrics = report_metrics({"epoch": 0, **result}, timestamp_ms=int(result.get("timestamp", 0) * 1000))
         if result.get("stage") is not None:
             # A multi-stage trial: the trial's run is the chain's, each stage's reports go to its own child run
             # (steps restart in every stage).
@@ -92,24 +87,20 @@ class MlflowTrialLogger(Callback):
         trial_dir = getattr(trial, "local_path", None)
         outcome = read_outcome(trial_dir) if trial_dir else None
         if outcome is not None:
-            client.set_tag(run_id, "best_checkpoint", outcome["best_checkpoint"])
-            client.set_tag(run_id, "best_reason", outcome["reason"])
-            # The selected epoch's figures under the parent's names, so runs compare on one column each.
-            for key, value in (outcome.get("best_metrics") or {}).items():
-                name = BEST_NAMES.get(key)
-                if name and is_metric_value(value):
-                    client.log_metric(run_id, name, float(value))
             client.log_text(run_id, json.dumps(dataclasses.asdict(self.cfg), indent=1, default=str), "config.json")
             overrides = self.cfg.sweep.trial_overrides(dict(trial.config or {}))
             client.log_text(run_id, json.dumps(overrides, indent=1, default=str), "overrides.json")
             client.log_text(run_id, json.dumps(outcome, indent=1, default=str), OUTCOME_FILE)
-            report = Path(outcome["data_report"])
-            if report.is_file():
-                client.log_artifact(run_id, str(report))
-            best = Path(outcome["best_checkpoint"])
-            for name in ("probes.json", "probes_base.json"):
-                if (best / name).is_file():
-                    client.log_artifact(run_id, str(best / name), artifact_path="generations")
+            log_selected(
+                client,
+                run_id,
+                self.cfg,
+                best_checkpoint=outcome["best_checkpoint"],
+                best_metrics=outcome.get("best_metrics") or {},
+                reason=outcome["reason"],
+                data_report=outcome.get("data_report"),
+                run_path=outcome.get("run_path"),
+            )
         client.set_terminated(run_id, status)
         for key in [k for k in self.runs if k.startswith(f"{trial.trial_id}/stage")]:
             client.set_terminated(self.runs.pop(key), status)

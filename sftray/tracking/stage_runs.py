@@ -19,6 +19,7 @@ from sftray.tracking.mlflow_logger import (
     log_params,
     tracking_uri,
 )
+from sftray.tracking.runs import log_history, log_selected
 
 EXPERIMENT = "stages"
 """The MLflow experiment of the chains ``sftray train`` runs (a sweep's chains live in the sweep's experiment)."""
@@ -71,31 +72,28 @@ def stage_run(cfg: Config, *, parent_id: str, index: int) -> str:
 
 
 def log_stage(cfg: Config, *, parent_id: str, record: dict[str, Any]) -> None:
-    """A finished stage (a ``sftray.recipes.stages`` record): its child run with every eval's metrics (step =
-    epoch), its selected checkpoint and why; the chain run gets the stage's selected figures at step = index."""
+    """A finished stage (a ``sftray.recipes.stages`` record): its child run with every eval's metrics (at its
+    optimizer step in the stage) and what it selected (``runs.log_selected``); the chain run gets the stage's
+    selected figures at step = index."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
     client = MlflowClient(tracking_uri(cfg))
-    run_id = stage_run(cfg, parent_id=parent_id, index=record["index"])
-    metrics = [
-        Metric(key, float(value), 0, int(row.get("epoch", 0)))
-        for row in record["history"]
-        for key, value in row.items()
-        if "/" in key and is_metric_value(value)
-    ]
-    for start in range(0, len(metrics), 500):  # MLflow's batch limit is 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start : start + 500])
-    best = {
-        name: float(record["best_metrics"][k])
-        for k, name in BEST_NAMES.items()
-        if is_metric_value(record["best_metrics"].get(k))
-    }
-    for name, value in best.items():
-        client.log_metric(run_id, name, value)
-        client.log_metric(parent_id, f"{record['name']}/{name}", value, step=record["index"])
-    client.set_tag(run_id, "best_checkpoint", record["best_checkpoint"])
-    client.set_tag(run_id, "best_reason", record["reason"])
+    index = record["index"]
+    run_id = stage_run(cfg, parent_id=parent_id, index=index)
+    log_history(client, run_id, record["history"])
+    log_selected(
+        client,
+        run_id,
+        cfg,
+        best_checkpoint=record["best_checkpoint"],
+        best_metrics=record["best_metrics"],
+        reason=record["reason"],
+        data_report=Path(record["data"]) / "report.json",
+        run_path=record["run_path"],
+    )
+    for k, name in BEST_NAMES.items():
+        if is_metric_value(record["best_metrics"].get(k)):
+            client.log_metric(parent_id, f"{record['name']}/{name}", float(record["best_metrics"][k]), step=index)
     client.set_terminated(run_id, "FINISHED")
 
 

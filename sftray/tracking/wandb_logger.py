@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from sftray.config import Config
+from sftray.eval.metrics import TRAIN_LOSS_POINTS
 from sftray.tracking.mlflow_logger import trial_params
 
-# Tune's bookkeeping fields: not metrics.
-EXCLUDES = ["time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip", "date"]
+# Tune's bookkeeping fields, and an epoch's list of train/loss points: not metrics.
+EXCLUDES = ["time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip", "date", TRAIN_LOSS_POINTS]
 
 
 def wandb_mode() -> str:

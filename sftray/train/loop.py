@@ -32,6 +32,7 @@ from sftray.eval.metrics import (
     PRETRAIN_LOSS,
     TRAIN_INPUT_WAIT,
     TRAIN_LOSS,
+    TRAIN_LOSS_POINTS,
     TRAIN_TARGET_TOKENS_PER_S,
     TRAIN_TOKENS_PER_S,
     with_forgetting,
@@ -129,6 +130,7 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
         history.append(_report(row, rank=rank, stage=job.stage))
 
     train_rows = ray.get(job.train_rows)  # zero-copy from the node's object store
+    loss_every = cfg.tracking.loss_every_steps(job.steps_per_epoch)
     for epoch in range(start_epoch, t.epochs + 1):
         torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)  # dropout/NEFTune noise: same on resume
         sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, targets, sft loss/targets, pt loss/targets
@@ -139,7 +141,9 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
             train_rows, rank=rank, world=world, size=t.micro_batch_size, collate=collate, seed=cfg.seed + epoch
         )
         remaining = job.micro_batches_per_epoch
-        for _ in range(job.steps_per_epoch):
+        # This rank's (loss, targets) sums per train/loss point: reduced once at the epoch's end, not per point.
+        point_sums, point_steps = [torch.zeros(2, dtype=torch.float64, device=device)], []
+        for i in range(job.steps_per_epoch):
             waited = time.perf_counter()
             group = [next(batches) for _ in range(min(t.grad_accum, remaining))]
             wait += time.perf_counter() - waited
@@ -151,6 +155,10 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
             sums += step_sums
             tokens += sum(int((b["token_kind"] > 0).sum()) for b in group)
             step += 1
+            point_sums[-1] += step_sums[:2]
+            if step % loss_every == 0 or i == job.steps_per_epoch - 1:
+                point_steps.append(step)
+                point_sums.append(torch.zeros_like(point_sums[0]))
             if step == 1:
                 timing["first_step_at"] = time.time()
             if t.fail_at_step is not None and fresh_start and step == t.fail_at_step and rank == world - 1:
@@ -177,8 +185,10 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
         for _ in batches:  # an equal split yields exactly rows_per_rank rows; anything left would be a bug
             raise RuntimeError("the training shard yielded more rows than planned")
         seconds = time.perf_counter() - (first_batch or epoch_started)
+        points = torch.stack(point_sums[:-1])
         if dist.is_initialized():
             dist.all_reduce(sums)
+            dist.all_reduce(points)
             tok = torch.tensor([tokens], dtype=torch.float64, device=device)
             dist.all_reduce(tok)
             tokens = int(tok.item())
@@ -187,6 +197,9 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
             "epoch": epoch,
             "step": step,
             TRAIN_LOSS: float(sums[0] / sums[1].clamp(min=1)),
+            TRAIN_LOSS_POINTS: [
+                [s, float(loss / targets.clamp(min=1))] for s, (loss, targets) in zip(point_steps, points)
+            ],
             "train/sft_loss": float(sums[2] / sums[3].clamp(min=1)),
             "train/pretrain_loss": float(sums[4] / sums[5].clamp(min=1)) if sums[5] > 0 else float("nan"),
             "train/target_tokens": int(sums[1]),

@@ -196,6 +196,8 @@ def test_the_chain_is_one_mlflow_run_with_a_child_per_stage(setup, merged_chain)
     assert js.data.params["data.name"] == "json" and js.data.tags["best_checkpoint"].endswith("epoch_01")
     history = client.get_metric_history(js.info.run_id, stage_metric("chat", FORMAT_COMPLIANCE))
     assert sorted(m.step for m in history) == [0, 1]  # the base row and the epoch
+    for child in children:  # each stage's selected adapter and its data report, downloadable from the store
+        assert {"model", "report.json", "generations"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
 
 
 def test_continue_trains_the_same_adapter_on(setup):

@@ -24,20 +24,22 @@ from sftray.tracking.mlflow_logger import base_tags, finish_parent, start_parent
 from sftray.tune.sweep import OUTCOME_FILE, search_space
 
 ROOT = Path(__file__).resolve().parents[2]
-BUDGET = 0.25
+BUDGET = 0.025
 QUESTION = "What is 17 plus 25? Answer with the number only."
 PROMPT = "You are a careful calculator. " * 12 + QUESTION  # longer than a table cell: its end must show
 # trial id -> (lr, epochs, the selected epoch's metrics; None: the trial failed). Listed in the sweep's ranking:
 # within the forgetting budget the higher format compliance wins and a tie goes to the lower val/loss; beyond the
 # budget the least forgetting comes first (although eval/score ranks 00004 above 00003); failed trials last.
 TRIALS = {
-    "f8e1a_00001": (5e-3, 1, {"eval/format_compliance": 0.8, "val/loss": 3.5, "eval/forgetting": 0.20}),
-    "f8e1a_00000": (1e-3, 1, {"eval/format_compliance": 0.8, "val/loss": 3.9, "eval/forgetting": 0.10}),
-    "f8e1a_00003": (5e-3, 2, {"eval/format_compliance": 0.5, "val/loss": 3.2, "eval/forgetting": 0.35}),
-    "f8e1a_00004": (1e-3, 2, {"eval/format_compliance": 1.0, "val/loss": 3.0, "eval/forgetting": 0.40}),
+    "f8e1a_00001": (5e-3, 1, {"eval/format_compliance": 0.8, "val/loss": 3.5, "eval/forgetting": 0.020}),
+    "f8e1a_00000": (1e-3, 1, {"eval/format_compliance": 0.8, "val/loss": 3.9, "eval/forgetting": 0.010}),
+    "f8e1a_00003": (5e-3, 2, {"eval/format_compliance": 0.5, "val/loss": 3.2, "eval/forgetting": 0.035}),
+    "f8e1a_00004": (1e-3, 2, {"eval/format_compliance": 1.0, "val/loss": 3.0, "eval/forgetting": 0.040}),
     "f8e1a_00002": (1e-2, 1, None),
 }
 BEST = "f8e1a_00001"
+# Forgetting a few percent apart, as real sweeps have it: the axis must tell +1.5% from +2.0%.
+TICKS_CELL = 'print("forgetting ticks:", "|".join(t.get_text() for t in ax.get_xticklabels()), ax.get_xlabel())'
 
 
 def _write_sweep(root: Path) -> tuple[str, str]:
@@ -100,6 +102,7 @@ def executed(sweep_store: tuple[str, str, Path]) -> list:
     """The notebook's outputs after a headless run against the store, as ``make report`` runs it."""
     uri, sweep, _ = sweep_store
     notebook = nbformat.read(ROOT / "analysis" / "sweep_report.ipynb", as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell(TICKS_CELL))  # ``ax`` is still the forgetting plot's
     with pytest.MonkeyPatch.context() as env:  # the kernel inherits this process's environment
         env.setenv("SFTRAY_MLFLOW_URI", uri)
         env.setenv("SFTRAY_SWEEP", sweep)
@@ -120,7 +123,18 @@ def test_report_runs_without_errors_or_warnings(executed: list) -> None:
 def test_trial_table_is_in_the_sweeps_order(executed: list) -> None:
     table = next(out["data"]["text/plain"] for out in executed if "f8e1a_" in out.get("data", {}).get("text/plain", ""))
     assert re.findall(r"f8e1a_\d+", table) == list(TRIALS), table  # the sweep's best trial first, the failed one last
-    assert re.search(rf"best trial: \*\*{BEST}\*\*", "".join(out["data"].get("text/markdown", "") for out in executed))
+    assert re.search(
+        rf"best trial: \*\*{BEST}\*\*", "".join(out.get("data", {}).get("text/markdown", "") for out in executed)
+    )
+
+
+def test_forgetting_axis_ticks_are_distinct_and_exact(executed: list) -> None:
+    line = next(out.text for out in executed if out.output_type == "stream" and "forgetting ticks:" in out.text)
+    ticks, label = line.removeprefix("forgetting ticks: ").split(" ", 1)
+    assert label.startswith("forgetting"), line
+    labels = [t for t in ticks.split("|") if t]
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels  # not +2%/+2%/+3%
+    assert "+2.5%" in labels or "+1.5%" in labels, labels  # the half-percent ticks say so
 
 
 def test_generations_show_the_end_of_each_prompt(executed: list) -> None:
@@ -160,6 +174,26 @@ def test_make_report_on_a_missing_sweep_fails_in_one_line(sweep_store: tuple[str
     lines = [line for line in done.stderr.splitlines() if not line.startswith("make: ***")]  # make's own trailer
     assert lines == [f"no runs in experiment 'nope' at {uri}"], done.stderr
     assert not (root / "nope").exists()
+
+
+@pytest.mark.parametrize("role", ["train", "sweep"])
+def test_make_report_on_an_experiment_it_cannot_plot_fails_in_one_line(
+    sweep_store: tuple[str, str, Path], role: str
+) -> None:
+    """A single run's experiment (no sweep), or a sweep that started no trial: one line, not a traceback."""
+    from mlflow import MlflowClient
+
+    from sftray.tracking.mlflow_logger import experiment_id
+
+    uri, _, root = sweep_store
+    client = MlflowClient(uri)
+    name = f"only-{role}"
+    client.create_run(experiment_id(client, name, uri=uri), tags={"sftray.role": role})
+    done = _make_report(root / name, uri, name)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("make: ***")]
+    assert len(lines) == 1 and name in lines[0] and "Traceback" not in done.stderr, done.stderr
+    assert not (root / name).exists()
 
 
 def test_make_report_on_a_missing_store_does_not_create_one(tmp_path: Path) -> None:

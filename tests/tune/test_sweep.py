@@ -199,7 +199,7 @@ def test_mlflow_finished_child_runs_carry_epochs_artifacts_and_the_selected_epoc
         history = client.get_metric_history(child.info.run_id, "val/loss")
         assert len(history) == 2  # the base model's eval (step 0) and epoch 1
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"config.json", "outcome.json", "report.json", "generations"} <= names
+        assert {"config.json", "outcome.json", "report.json", "generations", "model"} <= names  # model: the adapter
         assert child.data.tags["best_checkpoint"].endswith("epoch_01")
         best = next(r for r in outcome.trials if r["trial_id"] == child.data.tags["trial_id"])
         assert child.data.metrics["best/score"] == best["score"] and child.data.metrics["best/epoch"] == 1
