@@ -95,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def preflight(cfg: Config) -> None:
+    """What can be checked from the config and its files before Ray starts (each stage's own config included)."""
+    from sftray.config import stage_config
+    from sftray.eval.probes import check_probe_file
+
+    for run_cfg in [cfg, *(stage_config(cfg, k) for k in range(len(cfg.stages)))]:
+        check_probe_file(run_cfg)
+
+
 def init_ray() -> None:
     """Joins $RAY_ADDRESS if set, else starts a local Ray (dashboard on: Train V2 needs it)."""
     import ray
@@ -109,6 +118,7 @@ def _prep(cfg: Config, *, force: bool) -> int:
     from sftray.data.report import summary
     from sftray.recipes.prep import prep
 
+    preflight(cfg)
     init_ray()
     print(summary(prep(cfg, force=force).report))
     return 0
@@ -121,6 +131,7 @@ def _train(cfg: Config, *, force: bool, overrides: list[str]) -> int:
     from sftray.recipes.train import run_name, runs_dir, train
     from sftray.train.run import summary
 
+    preflight(cfg)
     init_ray()
     if cfg.stages:
         return _train_stages(cfg, overrides=overrides)
@@ -195,6 +206,7 @@ def _sweep(cfg: Config, *, overrides: list[str]) -> int:
     from sftray.tracking.mlflow_logger import tracking_uri
     from sftray.tune.sweep import table
 
+    preflight(cfg)
     init_ray()
     try:
         outcome = sweep(cfg)

@@ -535,3 +535,24 @@ def test_a_stage_key_is_swept_like_any_key(tmp_path: Path) -> None:
 )
 def test_a_bad_stage_key_or_value_names_the_stage(tmp_path: Path, override_: str, message: str) -> None:
     assert message in compose_error(["stages=demo_two_stage", override_], tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.answer_pattern='#### *(\\S+'", r"eval.answer_pattern='#### \*\(\\\\S\+' is not a regular expression"),
+        ("eval.answer_pattern='#### *\\S+'", r"eval.answer_pattern=.* has 0 groups; it needs exactly one"),
+        ("eval.answer_pattern='(#+) *(\\S+)'", r"eval.answer_pattern=.* has 2 groups; it needs exactly one"),
+        ("+data.probe_columns={question: q}", r"data.probe_columns: 'question' is not a probe field; valid: prompt,"),
+    ],
+)
+def test_answer_pattern_and_probe_columns_are_checked_when_composed(tmp_path: Path, override: str, message: str):
+    assert re.search(message, compose_error([override], tmp_path)), compose_error([override], tmp_path)
+
+
+def test_a_gsm8k_answer_pattern_and_probe_columns_compose(tmp_path: Path) -> None:
+    cfg = compose(
+        ["eval.answer_pattern='#### *(\\S+)'", "+data.probe_columns={prompt: question, reference: answer}"], tmp_path
+    )
+    assert cfg.eval.answer_pattern == "#### *(\\S+)"
+    assert cfg.data.probe_columns == {"prompt": "question", "reference": "answer"}

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from sftray.config import Config, PruneConfig
-from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import template_hash
+from sftray.data.probe_file import probes_path
 from sftray.data.sources import ResolvedSource, fingerprint_files, load_hub_split
 
 DATA_VERSION = 4
@@ -63,6 +62,4 @@ def with_pruning(fingerprint: str, *, prune: PruneConfig, scores_key: str) -> st
 
 
 def _probes_hash(cfg: Config) -> str:
-    probes = cfg.data.probes
-    path = resolve_builtin(probes, Path(cfg.paths.cache_dir)) if probes.startswith("builtin:") else Path(probes)
-    return fingerprint_files((str(path),))[0][2]
+    return fingerprint_files((str(probes_path(cfg.data.probes, cache_dir=cfg.paths.cache_dir)),))[0][2]

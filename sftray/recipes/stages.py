@@ -218,6 +218,7 @@ def _record(
         "best_checkpoint": outcome.best_checkpoint,
         "best_metrics": outcome.best_metrics,
         "reason": outcome.best_reason,
+        "worse_than_base": outcome.worse_than_base,
         "history": outcome.history,
         "data": str(prepared.out_dir),
         "heldout_digest": _heldout_digest(prepared),

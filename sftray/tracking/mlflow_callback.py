@@ -16,7 +16,14 @@ from ray.tune import Callback
 
 from sftray.config import Config, override
 from sftray.tracking import stage_runs
-from sftray.tracking.mlflow_logger import BEST_NAMES, is_metric_value, log_params, tracking_uri, trial_params
+from sftray.tracking.mlflow_logger import (
+    BEST_NAMES,
+    is_metric_value,
+    log_params,
+    set_selection_tags,
+    tracking_uri,
+    trial_params,
+)
 from sftray.tune.sweep import OUTCOME_FILE, read_outcome
 
 
@@ -92,8 +99,7 @@ class MlflowTrialLogger(Callback):
         trial_dir = getattr(trial, "local_path", None)
         outcome = read_outcome(trial_dir) if trial_dir else None
         if outcome is not None:
-            client.set_tag(run_id, "best_checkpoint", outcome["best_checkpoint"])
-            client.set_tag(run_id, "best_reason", outcome["reason"])
+            set_selection_tags(client, run_id, outcome)
             # The selected epoch's figures under the parent's names, so runs compare on one column each.
             for key, value in (outcome.get("best_metrics") or {}).items():
                 name = BEST_NAMES.get(key)

@@ -184,6 +184,19 @@ BEST_NAMES = {
 }
 
 
+WORSE_THAN_BASE = "selection/worse_than_base"
+"""Tag of a trial's or stage's run: "true" when its selected checkpoint is worse than the model it started from on
+eval.select_metric (``sftray.eval.metrics.select_best``), else "false"."""
+
+
+def set_selection_tags(client: Any, run_id: str, record: dict[str, Any]) -> None:
+    """The selected checkpoint of a run, why it was chosen, and whether it is worse than its base model
+    (``record``: a trial's outcome or a stage's record)."""
+    client.set_tag(run_id, "best_checkpoint", record["best_checkpoint"])
+    client.set_tag(run_id, "best_reason", record["reason"])
+    client.set_tag(run_id, WORSE_THAN_BASE, str(bool(record.get("worse_than_base", False))).lower())
+
+
 def finish_parent(cfg: Config, *, parent_id: str, best: dict[str, Any] | None, table_text: str) -> None:
     """Ends the parent run with the trial table and the best trial (a ``SweepOutcome.trials`` row, or None)."""
     from mlflow import MlflowClient

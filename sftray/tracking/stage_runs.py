@@ -17,6 +17,7 @@ from sftray.tracking.mlflow_logger import (
     flatten,
     is_metric_value,
     log_params,
+    set_selection_tags,
     tracking_uri,
 )
 
@@ -92,8 +93,7 @@ def log_stage(cfg: Config, *, parent_id: str, record: dict[str, Any]) -> None:
     for name, value in best.items():
         client.log_metric(run_id, name, value)
         client.log_metric(parent_id, f"{record['name']}/{name}", value, step=record["index"])
-    client.set_tag(run_id, "best_checkpoint", record["best_checkpoint"])
-    client.set_tag(run_id, "best_reason", record["reason"])
+    set_selection_tags(client, run_id, record)
     client.set_terminated(run_id, "FINISHED")
 
 
