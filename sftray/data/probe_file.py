@@ -106,6 +106,8 @@ def _probe(record: Any, *, columns: Mapping[str, str], system_prompt: str | None
         reference, messages = last.get("content"), messages[:-1]  # the last answer is the reference
         if not isinstance(reference, str):
             raise ValueError(f"{where}: the last assistant turn (the reference) must be a string")
+    if not any(isinstance(m, dict) and m.get("role") != "system" for m in messages):
+        raise ValueError(f"{where}: the probe has no turn for the model to answer")
     return ProbeRecord(messages=messages, reference=reference, format=pattern, where=where)
 
 

@@ -74,6 +74,7 @@ def test_columns_map_a_probe_files_own_names(tmp_path):
         ([[1, 2]], {}, r"probes.jsonl:1: expected a JSON object, got list"),
         ([{"prompt": "a", "format": "([a-z"}], {}, r"probes.jsonl:1: 'format' is not a regular expression"),
         ([{"prompt": "a", "reference": 4}], {}, r"probes.jsonl:1: 'reference' must be a string, got int"),
+        ([{"messages": [], "reference": "a"}], {}, r"probes.jsonl:1: the probe has no turn for the model to answer"),
         ([], {}, r"probes.jsonl: no probes"),
     ],
 )
