@@ -12,9 +12,10 @@ from sftray.data.chat import template_hash
 from sftray.data.probe_file import probes_path
 from sftray.data.sources import ResolvedSource, fingerprint_files, load_hub_split
 
-DATA_VERSION = 4
+DATA_VERSION = 5
 """Bumped whenever the stored row schema or any transform changes; part of the fingerprint. 4: the report's prune
-section and data.prune in its config."""
+section and data.prune in its config. 5: dedup's duplicate_of_eval covers every probe of the file (messages-style and
+data.probe_columns-mapped ones too)."""
 CONFIG_INPUTS = ("seed", "window_len", "data", "mix", "model")
 """Top-level config keys ``fingerprint`` reads (``model`` through its tokenizer): a change to any key under them may
 change the prepared data (a sweep trial that sets one prepares its own)."""
