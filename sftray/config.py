@@ -26,6 +26,8 @@ DEDUP = ("none", "exact", "near")
 LOG_MODEL = ("best", "none", "all")
 LOSS_POINTS_PER_EPOCH = 5
 """``train/loss`` points per epoch in tracking unless ``tracking.log_every_steps`` is set."""
+PROBE_FIELDS = ("prompt", "messages", "reference", "format")
+"""A probe record's own fields (``sftray.data.probe_file``); ``data.probe_columns`` may also map a chat format's."""
 
 
 def _one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -122,6 +124,12 @@ class SourceConfig:
     """The fields of each format, the keys ``columns`` may map."""
 
 
+def probe_column_fields() -> tuple[str, ...]:
+    """The fields ``data.probe_columns`` may map: the probe's own, then every chat format's (turn keys included)."""
+    chat = (f for fmt, fields in SourceConfig.FIELDS.items() if fmt != "text" for f in fields)
+    return tuple(dict.fromkeys((*PROBE_FIELDS, *chat)))
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """The base model and its tokenizer."""
@@ -206,8 +214,14 @@ class DataConfig:
     val_fraction: float = 0.05
     """Share of training rows held out for validation (hash of source+row: stable across runs)."""
     probes: str | None = "builtin:demo-heldout"
-    """Generation probes: JSONL of {"prompt", "reference"} or builtin:demo-heldout (unseen prompts with checkable
-    answers); None: the last turn of the validation conversations."""
+    """Generation probes: JSONL of {"prompt", "reference"} (or {"messages", "reference"}, or any chat record whose
+    last assistant turn is the reference; optional "format": a regular expression a compliant answer matches), or
+    builtin:demo-heldout (unseen prompts with checkable answers); None: the last turn of the validation
+    conversations. Read before Ray starts: a bad line fails at once with file and line."""
+    probe_columns: dict[str, str] = field(default_factory=dict)
+    """The probe file's own field names, as {probe field: your key} like a source's ``columns``: {prompt: question,
+    reference: answer} (or the source's {prompt: question, completion: answer}) reads GSM8K's {"question",
+    "answer"} lines. Fields: ``PROBE_FIELDS`` and those of the chat formats (``SourceConfig.FIELDS``)."""
     system_prompt: str | None = None
     """System prompt added to conversations that have none (None: leave them as they are)."""
     max_seq_len: int = 256
@@ -269,6 +283,10 @@ class DataConfig:
             raise ValueError("data.sources is empty: give at least one source")
         _check_sources("data.sources", self.sources, chat=True, weighted=True)
         _check_sources("data.val_sources", self.val_sources, chat=True)
+        valid = probe_column_fields()
+        for key in self.probe_columns:
+            if key not in valid:
+                raise ValueError(f"data.probe_columns: {key!r} is not a probe field; valid: {', '.join(valid)}")
 
 
 @dataclass(kw_only=True)
@@ -428,6 +446,10 @@ class EvalConfig:
     ranked below every one within it."""
     max_eval_rows: int = 256
     """Cap on val / held-out rows per eval, so evals stay cheap."""
+    answer_pattern: str | None = None
+    """A regular expression with one group that extracts the final answer; eval/exact_match then compares the
+    group's text in the response and in the reference (the last match in each, whitespace and case aside) instead
+    of the whole texts. GSM8K: ``'#### *(\\S+)'`` (worked solutions end in ``#### 72``). None: whole texts."""
     reuse_base_eval: bool = True
     """Reuse the base model's eval (the epoch-0 row) from an earlier run or trial with the same model, data and eval
     inputs (``sftray.eval.base_eval``); false computes it again."""
@@ -438,6 +460,18 @@ class EvalConfig:
         _in_range("eval.max_new_tokens_cap", self.max_new_tokens_cap, ge=1)
         _in_range("eval.forgetting_budget", self.forgetting_budget, ge=0)
         _in_range("eval.max_eval_rows", self.max_eval_rows, ge=1)
+        if self.answer_pattern is not None:
+            try:
+                groups = re.compile(self.answer_pattern).groups
+            except re.error as exc:
+                raise ValueError(
+                    f"eval.answer_pattern={self.answer_pattern!r} is not a regular expression ({exc})"
+                ) from None
+            if groups != 1:
+                raise ValueError(
+                    f"eval.answer_pattern={self.answer_pattern!r} has {groups} groups; it needs exactly one, around "
+                    "the answer (other parentheses as (?:...)), e.g. '#### *(\\S+)'"
+                )
 
 
 @dataclass(kw_only=True)

@@ -647,3 +647,24 @@ def test_resuming_a_chain_with_another_config_fails_before_ray_without_a_resume_
     assert "stage 0 (chat) was trained with another configuration than stages[0] now" in err
     assert "resume with" not in err  # it would fail the same way
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.answer_pattern='#### *(\\S+'", r"eval.answer_pattern='#### \*\(\\\\S\+' is not a regular expression"),
+        ("eval.answer_pattern='#### *\\S+'", r"eval.answer_pattern=.* has 0 groups; it needs exactly one"),
+        ("eval.answer_pattern='(#+) *(\\S+)'", r"eval.answer_pattern=.* has 2 groups; it needs exactly one"),
+        ("+data.probe_columns={question: q}", r"data.probe_columns: 'question' is not a probe field; valid: prompt,"),
+    ],
+)
+def test_answer_pattern_and_probe_columns_are_checked_when_composed(tmp_path: Path, override: str, message: str):
+    assert re.search(message, compose_error([override], tmp_path)), compose_error([override], tmp_path)
+
+
+def test_a_gsm8k_answer_pattern_and_probe_columns_compose(tmp_path: Path) -> None:
+    cfg = compose(
+        ["eval.answer_pattern='#### *(\\S+)'", "+data.probe_columns={prompt: question, reference: answer}"], tmp_path
+    )
+    assert cfg.eval.answer_pattern == "#### *(\\S+)"
+    assert cfg.data.probe_columns == {"prompt": "question", "reference": "answer"}

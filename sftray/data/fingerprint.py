@@ -5,17 +5,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from sftray.config import Config, PruneConfig
-from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import template_hash
+from sftray.data.probe_file import probes_path
 from sftray.data.sources import ResolvedSource, fingerprint_files, load_hub_split
 
 DATA_VERSION = 5
 """Bumped whenever the stored row schema or any transform changes; part of the fingerprint. 4: the report's prune
-section and data.prune in its config; 5: mix.max_repeats and the report's passes over the corpus."""
+section and data.prune in its config; 5: mix.max_repeats and the report's passes over the corpus, and dedup's
+duplicate_of_eval covers every probe of the file (messages-style and data.probe_columns-mapped ones too)."""
 CONFIG_INPUTS = ("seed", "window_len", "data", "mix", "model")
 """Top-level config keys ``fingerprint`` reads (``model`` through its tokenizer): a change to any key under them may
 change the prepared data (a sweep trial that sets one prepares its own)."""
@@ -63,6 +63,4 @@ def with_pruning(fingerprint: str, *, prune: PruneConfig, scores_key: str) -> st
 
 
 def _probes_hash(cfg: Config) -> str:
-    probes = cfg.data.probes
-    path = resolve_builtin(probes, Path(cfg.paths.cache_dir)) if probes.startswith("builtin:") else Path(probes)
-    return fingerprint_files((str(path),))[0][2]
+    return fingerprint_files((str(probes_path(cfg.data.probes, cache_dir=cfg.paths.cache_dir)),))[0][2]

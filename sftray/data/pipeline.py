@@ -25,7 +25,6 @@ from sftray.atomic import atomic_dir, atomic_file
 from sftray.config import Config, DataConfig, PruneConfig
 from sftray.data import curation, pruning
 from sftray.data import report as report_mod
-from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import IGNORE_INDEX, template_hash
 from sftray.data.drops import check_drops, write_drops
 from sftray.data.encoding import encode_conversation
@@ -34,6 +33,7 @@ from sftray.data.fingerprint import fingerprint as data_fingerprint
 from sftray.data.fingerprint import with_pruning
 from sftray.data.mixing import chunk_windows, in_fraction, pretrain_token_target, repeat_windows, stable_key
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT, int32_lists, pack_table
+from sftray.data.probe_file import probes_path, read_probes
 from sftray.data.schema import EXAMPLE_COLUMNS, META_COLUMNS, ROW_SCHEMA
 from sftray.data.sources import (
     ResolvedSource,
@@ -344,23 +344,12 @@ def _drop_duplicates(meta: Any, *, probe_keys: list[list[int]], probes: str | No
 
 
 def _probe_keys(cfg: Config) -> list[list[int]]:
-    """Duplicate keys of the generation probes (a prompt and its reference as one exchange)."""
-    probes = cfg.data.probes
-    if not probes:
+    """Duplicate keys of the generation probes (each probe's conversation and its reference as one exchange)."""
+    if not cfg.data.probes:
         return []
-    path = resolve_builtin(probes, Path(cfg.paths.cache_dir)) if probes.startswith("builtin:") else Path(probes)
-    keys = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else None
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("reference"), str):
-            system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
-            messages = [
-                *system,
-                {"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": row["reference"]},
-            ]
-            keys.append(dedup_keys(messages, data=cfg.data, seed=cfg.seed))
-    return keys
+    path = probes_path(cfg.data.probes, cache_dir=cfg.paths.cache_dir)
+    records = read_probes(path, columns=cfg.data.probe_columns, system_prompt=cfg.data.system_prompt)
+    return [dedup_keys(r.exchange(), data=cfg.data, seed=cfg.seed) for r in records if r.reference is not None]
 
 
 def _source_copies(meta: Any, *, sft: list[ResolvedSource], configs: list[Any]) -> np.ndarray:

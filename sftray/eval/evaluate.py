@@ -157,6 +157,7 @@ def run_probes(
                 user_opener=user_opener,
                 reference=probe["reference"],
                 pattern=probe.get("format"),
+                answer_pattern=probe.get("answer_pattern"),
             )
             rows.append({"prompt": probe["prompt"], "reference": probe["reference"], **verdict})
     model.train(was_training)
@@ -166,7 +167,9 @@ def run_probes(
         dist.all_gather_object(gathered, rows)
     table = [r for part in gathered for r in part]
     n = max(len(table), 1)
-    with_ref = [r for r in table if r["reference"] is not None]
+    # Exact match counts the probes with an answer to compare: a reference, and its final answer when
+    # eval.answer_pattern extracts one (a reference it cannot find an answer in is not a miss of the model).
+    with_ref = [r for r in table if r["reference"] is not None and r.get("reference_answer", "") is not None]
     metrics = {
         FORMAT_COMPLIANCE: sum(r["compliant"] for r in table) / n,
         ENDED: sum(r["ended"] for r in table) / n,

@@ -8,6 +8,9 @@ best checkpoint of a run, for the best trial of a sweep and for the analysis not
 2. when the metric ties among them, the lower ``val/loss`` (a learning signal) decides, then less forgetting;
 3. candidates beyond the budget follow, least forgetting first.
 
+A run's winner is then compared with the base model's eval (its epoch 0) on the metric: a winner worse than the
+model before training says so in its reason and ``Choice.worse_than_base`` (the summary and MLflow show it).
+
 ``eval/score`` folds the rule into one number that is higher-is-better for every metric (Tune's objective, and
 ASHA's): within the budget it is the metric's *goodness* in [0, 1] (a rate as it is, a loss as exp(-loss), i.e.
 1/perplexity); beyond the budget it is ``goodness - 1 - forgetting``, below every candidate within it.
@@ -75,7 +78,10 @@ class Choice:
     index: int
     """Position of the winner in the candidates."""
     reason: str
-    """Why it won, for people: which rule decided."""
+    """Why it won, for people: which rule decided (and, when it is, that it is worse than the base model)."""
+    worse_than_base: bool = False
+    """The winner is worse than the base model (the run's epoch-0 eval) on the selection metric: training made
+    the model worse by the measure it was selected on (e.g. a learning rate too high for the task)."""
 
 
 def direction(metric: str) -> str:
@@ -138,8 +144,28 @@ def rank(candidates: Sequence[dict[str, Any]], *, metric: str, forgetting_budget
     return sorted(range(len(candidates)), key=key)
 
 
-def select_best(candidates: Sequence[dict[str, Any]], *, metric: str, forgetting_budget: float) -> Choice:
-    """The best candidate by ``rank``, and which rule decided."""
+def select_best(
+    candidates: Sequence[dict[str, Any]], *, metric: str, forgetting_budget: float, base: dict[str, Any] | None = None
+) -> Choice:
+    """The best candidate by ``rank``, and which rule decided; ``base``: the base model's eval (a run's epoch 0),
+    which the winner is compared with on ``metric`` (``worse_than_base``)."""
+    choice = _select(candidates, metric=metric, forgetting_budget=forgetting_budget)
+    if base is None or not worse_than_base(candidates[choice.index], base, metric=metric):
+        return choice
+    chosen, before = candidates[choice.index][metric], base[metric]
+    note = f"; worse than the base model on {metric} ({chosen:.3f} vs {before:.3f} before training)"
+    return Choice(index=choice.index, reason=choice.reason + note, worse_than_base=True)
+
+
+def worse_than_base(candidate: dict[str, Any], base: dict[str, Any], *, metric: str) -> bool:
+    """``candidate`` is worse than ``base`` on ``metric`` (in its direction; beyond the tie tolerance)."""
+    now, before = candidate.get(metric), base.get(metric)
+    if now is None or before is None or math.isnan(float(now)) or math.isnan(float(before)):
+        return False
+    return goodness(metric, now) < goodness(metric, before) - TIE_TOLERANCE
+
+
+def _select(candidates: Sequence[dict[str, Any]], *, metric: str, forgetting_budget: float) -> Choice:
     if not candidates:
         raise ValueError("no candidates to select from (no epoch finished an eval)")
     missing = [k for k in (metric, FORGETTING) if k not in candidates[0]]

@@ -1,56 +1,67 @@
-"""Generation probes (pure): which prompts to ask, and whether a response follows the chat format.
+r"""Generation probes (pure): which prompts to ask, and whether a response follows the chat format.
 
 A response is *compliant* when it is non-empty, ends with the template's end-of-turn token within the generation
 limit, and writes no other control token and no user-turn opener before it (a model that has not learnt the format runs
 on, or starts a fake next turn). A probe may also carry a ``format``: a regular expression the whole answer must
 match to comply (a response format such as JSON, as the second demo stage teaches). *Exact match* additionally
-requires the reference answer.
+requires the reference answer: the whole answer, or with ``eval.answer_pattern`` (a regular expression with one
+group, e.g. GSM8K's ``#### *(\S+)``) the final answer it extracts from both the response and the reference.
 """
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sftray.config import Config
 from sftray.data.chat import IGNORE_INDEX
+from sftray.data.probe_file import probes_path, read_probes
 
 
-def probes_from_file(path: Path, *, tokenizer: Any, system_prompt: str | None, limit: int) -> list[dict]:
-    """``{"prompt", "reference"}`` lines (or ``{"messages": [...], "reference"}``; optional ``format``, a regular
-    expression a compliant answer matches) -> probes with prompt ids."""
+def probes_from_file(
+    path: Path,
+    *,
+    tokenizer: Any,
+    system_prompt: str | None,
+    limit: int,
+    columns: Mapping[str, str] | None = None,
+    answer_pattern: str | None = None,
+) -> list[dict]:
+    """The first ``limit`` probes of a probe file (``sftray.data.probe_file``: its records, ``columns`` the
+    ``data.probe_columns`` mapping) with prompt ids; ``answer_pattern``: ``eval.answer_pattern``."""
     probes = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-        if "messages" in item:
-            messages = item["messages"]
-        elif isinstance(item.get("prompt"), str):
-            messages = [{"role": "user", "content": item["prompt"]}]
-        else:
-            raise ValueError(f"{path}:{lineno}: a probe needs 'prompt' (string) or 'messages'")
-        if system_prompt and not any(m.get("role") == "system" for m in messages):
-            messages = [{"role": "system", "content": system_prompt}, *messages]
-        pattern = item.get("format")
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: 'format' is not a regular expression ({exc})") from exc
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    for record in read_probes(path, columns=columns or {}, system_prompt=system_prompt, limit=limit):
+        ids = tokenizer.apply_chat_template(record.messages, tokenize=True, add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        probe = {"prompt": messages[-1]["content"], "prompt_ids": ids, "reference": item.get("reference")}
-        probes.append(probe | ({"format": pattern} if pattern is not None else {}))
-        if len(probes) == limit:
-            break
-    if not probes:
-        raise ValueError(f"{path}: no probes")
-    return probes
+        probe = {"prompt": record.messages[-1]["content"], "prompt_ids": ids, "reference": record.reference}
+        probes.append(probe | ({"format": record.format} if record.format is not None else {}))
+    return with_answer_pattern(probes, answer_pattern)
+
+
+def with_answer_pattern(probes: list[dict], pattern: str | None) -> list[dict]:
+    """``probes`` that ``judge`` scores by their final answers (``eval.answer_pattern``); unchanged for None."""
+    return [p | {"answer_pattern": pattern} for p in probes] if pattern else probes
+
+
+def check_probe_file(cfg: Config) -> None:
+    """Reads ``data.probes`` as a run will (before Ray starts: a bad line costs no start-up) and checks that
+    ``eval.answer_pattern`` finds an answer in at least one reference (else exact match is 0 by construction)."""
+    if not cfg.data.probes or cfg.eval.num_probes <= 0:
+        return
+    path = probes_path(cfg.data.probes, cache_dir=cfg.paths.cache_dir)
+    if not path.is_file():
+        raise ValueError(f"data.probes={cfg.data.probes}: no such file")
+    records = read_probes(path, columns=cfg.data.probe_columns, system_prompt=cfg.data.system_prompt)
+    pattern = cfg.eval.answer_pattern
+    references = [r.reference for r in records[: cfg.eval.num_probes] if r.reference is not None]
+    if pattern and references and not any(extract_answer(r, pattern) is not None for r in references):
+        raise ValueError(
+            f"eval.answer_pattern={pattern!r} matches none of the {len(references)} reference answers in {path} "
+            f"(the first: {references[0][-80:]!r}); fix the pattern, or set eval.answer_pattern=null to compare "
+            "whole answers"
+        )
 
 
 def probes_from_rows(rows: list[dict], *, tokenizer: Any, limit: int) -> list[dict]:
@@ -86,8 +97,10 @@ def judge(
     user_opener: str,
     reference: str | None,
     pattern: str | None = None,
+    answer_pattern: str | None = None,
 ) -> dict[str, Any]:
-    """Verdict on one generated continuation (token ids after the prompt); ``pattern``: the probe's format."""
+    """Verdict on one generated continuation (token ids after the prompt); ``pattern``: the probe's format;
+    ``answer_pattern``: ``eval.answer_pattern``, so exact match compares the final answers it extracts."""
     ended = end_of_turn_id in response_ids
     body = response_ids[: response_ids.index(end_of_turn_id)] if ended else response_ids
     special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
@@ -95,8 +108,22 @@ def judge(
     leaked = any(t in special for t in body) or (bool(user_opener) and user_opener in text)
     compliant = ended and not leaked and bool(text.strip())  # an empty answer follows no format
     compliant = compliant and (pattern is None or re.fullmatch(pattern, text.strip()) is not None)
-    exact = compliant and reference is not None and _normalise(text) == _normalise(reference)
-    return {"response": text, "ended": ended, "role_leak": leaked, "compliant": compliant, "exact_match": exact}
+    verdict = {"response": text, "ended": ended, "role_leak": leaked, "compliant": compliant}
+    if answer_pattern is None:
+        exact = compliant and reference is not None and _normalise(text) == _normalise(reference)
+        return verdict | {"exact_match": exact}
+    answer = extract_answer(text, answer_pattern)
+    expected = extract_answer(reference, answer_pattern) if reference is not None else None
+    exact = compliant and answer is not None and expected is not None and _normalise(answer) == _normalise(expected)
+    return verdict | {"exact_match": exact, "answer": answer, "reference_answer": expected}
+
+
+def extract_answer(text: str, pattern: str) -> str | None:
+    """The group of ``pattern``'s last match in ``text`` (the final answer, after any working), or None."""
+    matches = list(re.finditer(pattern, text))
+    if not matches or matches[-1].group(1) is None:
+        return None
+    return matches[-1].group(1).strip()
 
 
 def _normalise(text: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from sftray.config import Config, LoraConfig, ModelConfig, override, stage_config
 from sftray.data.sources import resolve_source
+from sftray.eval.probes import check_probe_file
 
 
 def check_inputs(cfg: Config, *, train: bool, sweep: bool = False) -> None:
@@ -91,6 +92,7 @@ def check_data(cfg: Config) -> None:
                 f.read(1)
         except OSError as exc:
             raise ValueError(f"data.probes={probes}: cannot read it ({exc.strerror})") from None
+    check_probe_file(cfg)  # every line parses (columns mapped), and eval.answer_pattern finds reference answers
 
 
 def check_model_path(model: ModelConfig) -> None:

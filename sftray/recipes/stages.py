@@ -242,6 +242,7 @@ def _record(
         "best_checkpoint": outcome.best_checkpoint,
         "best_metrics": outcome.best_metrics,
         "reason": outcome.best_reason,
+        "worse_than_base": outcome.worse_than_base,
         "history": outcome.history,
         "data": str(prepared[k].out_dir),
         "heldout_digest": _heldout_digest(prepared[0]),  # the chain's forgetting text: stage 0's held-out windows

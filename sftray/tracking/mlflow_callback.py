@@ -98,6 +98,7 @@ class MlflowTrialLogger(Callback):
                 best_checkpoint=outcome["best_checkpoint"],
                 best_metrics=outcome.get("best_metrics") or {},
                 reason=outcome["reason"],
+                worse_than_base=bool(outcome.get("worse_than_base", False)),
                 data_report=outcome.get("data_report"),
                 run_path=outcome.get("run_path"),
             )

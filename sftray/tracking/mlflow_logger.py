@@ -184,6 +184,11 @@ BEST_NAMES = {
 }
 
 
+WORSE_THAN_BASE = "selection/worse_than_base"
+"""Tag of a trial's or stage's run: "true" when its selected checkpoint is worse than the model it started from on
+eval.select_metric (``sftray.eval.metrics.select_best``), else "false"."""
+
+
 def finish_parent(cfg: Config, *, parent_id: str, best: dict[str, Any] | None, table_text: str) -> None:
     """Ends the parent run with the trial table and the best trial (a ``SweepOutcome.trials`` row, or None)."""
     from mlflow import MlflowClient

@@ -19,6 +19,7 @@ from sftray.config import Config
 from sftray.eval.metrics import TRAIN_LOSS, TRAIN_LOSS_POINTS
 from sftray.tracking.mlflow_logger import (
     BEST_NAMES,
+    WORSE_THAN_BASE,
     base_tags,
     experiment_id,
     flatten,
@@ -75,13 +76,16 @@ def log_selected(
     best_checkpoint: str,
     best_metrics: dict[str, Any],
     reason: str,
+    worse_than_base: bool,
     data_report: str | Path | None,
     run_path: str | Path | None,
 ) -> None:
-    """What a finished run selected: the checkpoint (tag), why, its figures as ``best/*``, the data report, its
-    generation tables and model folders (``log_models``)."""
+    """What a finished run selected: the checkpoint (tag), why, whether it is worse than the model the run started
+    from on the selection metric, its figures as ``best/*``, the data report, its generation tables and model folders
+    (``log_models``)."""
     client.set_tag(run_id, "best_checkpoint", best_checkpoint)
     client.set_tag(run_id, "best_reason", reason)
+    client.set_tag(run_id, WORSE_THAN_BASE, str(worse_than_base).lower())
     # The selected epoch's figures under the sweep parent's names, so runs compare on one column each.
     for key, value in best_metrics.items():
         name = BEST_NAMES.get(key)
@@ -147,6 +151,7 @@ def finish_run(cfg: Config, *, run_id: str, outcome: Any, data_report: Path) -> 
         best_checkpoint=outcome.best_checkpoint,
         best_metrics=outcome.best_metrics,
         reason=outcome.best_reason,
+        worse_than_base=outcome.worse_than_base,
         data_report=data_report,
         run_path=outcome.path,
     )

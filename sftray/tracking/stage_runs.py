@@ -88,6 +88,7 @@ def log_stage(cfg: Config, *, parent_id: str, record: dict[str, Any]) -> None:
         best_checkpoint=record["best_checkpoint"],
         best_metrics=record["best_metrics"],
         reason=record["reason"],
+        worse_than_base=bool(record.get("worse_than_base", False)),
         data_report=Path(record["data"]) / "report.json",
         run_path=record["run_path"],
     )

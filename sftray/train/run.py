@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftray.config import Config, TrainConfig
-from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import turn_markers
 from sftray.data.pipeline import Prepared
+from sftray.data.probe_file import probes_path
 from sftray.data.schema import ROW_SCHEMA, empty_rows
 from sftray.eval import base_eval
 from sftray.eval.metrics import (
@@ -29,7 +29,14 @@ from sftray.eval.metrics import (
     check_select_metric,
     select_best,
 )
-from sftray.eval.probes import generation_limit, probes_from_file, probes_from_rows, reference_lengths
+from sftray.eval.probes import (
+    extract_answer,
+    generation_limit,
+    probes_from_file,
+    probes_from_rows,
+    reference_lengths,
+    with_answer_pattern,
+)
 from sftray.train.checkpoint import STATE_FILE as CHECKPOINT_STATE
 from sftray.train.checkpoint import load_state
 from sftray.train.job import WorkerJob, check_setup, train_fn_per_worker
@@ -50,6 +57,8 @@ class TrainOutcome:
     best_checkpoint: str
     best_metrics: dict[str, Any]
     best_reason: str
+    worse_than_base: bool = False
+    """The selected checkpoint is worse than the base model (epoch 0) on ``eval.select_metric``."""
 
 
 def check_resources(t: TrainConfig, *, available: dict[str, float]) -> None:
@@ -212,10 +221,15 @@ def run_training(
         checkpoints = prior_checkpoints(Path(t.resume_from)) + checkpoints
     if not checkpoints:
         raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
-    choice = select_best(
-        [m for _, m in checkpoints], metric=cfg.eval.select_metric, forgetting_budget=cfg.eval.forgetting_budget
-    )
     history = result.return_value or [m for _, m in checkpoints]
+    choice = select_best(
+        [m for _, m in checkpoints],
+        metric=cfg.eval.select_metric,
+        forgetting_budget=cfg.eval.forgetting_budget,
+        base=next((m for m in history if m.get("epoch") == 0), None),
+    )
+    if choice.worse_than_base:
+        log.warning("the selected checkpoint is worse than the base model: %s", choice.reason)
     best_path, best_metrics = checkpoints[choice.index]
     return TrainOutcome(
         path=str(result.path),
@@ -224,6 +238,7 @@ def run_training(
         best_checkpoint=best_path,
         best_metrics=best_metrics,
         best_reason=choice.reason,
+        worse_than_base=choice.worse_than_base,
     )
 
 
@@ -287,6 +302,11 @@ def summary(outcome: TrainOutcome) -> str:
         lines.append("".join(cells))
     lines.append(f"best checkpoint: {outcome.best_checkpoint}")
     lines.append(f"  chosen for: {outcome.best_reason}")
+    if outcome.worse_than_base:
+        lines.append(
+            "  warning: training made the model worse than the base model (epoch 0) by the selection metric; "
+            "the base may serve better (try a lower train.lr or fewer train.epochs)"
+        )
     return "\n".join(lines)
 
 
@@ -329,19 +349,35 @@ def _generation_limit(cfg: Config, *, probes: list[dict], prepared: Prepared, to
 
 
 def _probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:
-
+    """The run's generation probes: ``data.probes``, else the last trained turn of validation conversations."""
     n = cfg.eval.num_probes
     if n <= 0:
         return []
     if cfg.data.probes:
-        path = cfg.data.probes
-        if path.startswith("builtin:"):
-            path = str(resolve_builtin(path, Path(cfg.paths.cache_dir)))
-        return probes_from_file(Path(path), tokenizer=tokenizer, system_prompt=cfg.data.system_prompt, limit=n)
-    probes = probes_from_rows(_read_rows(prepared.val_dir, limit=None).to_pylist(), tokenizer=tokenizer, limit=n)
+        probes = probes_from_file(
+            probes_path(cfg.data.probes, cache_dir=cfg.paths.cache_dir),
+            tokenizer=tokenizer,
+            system_prompt=cfg.data.system_prompt,
+            limit=n,
+            columns=cfg.data.probe_columns,
+            answer_pattern=cfg.eval.answer_pattern,
+        )
+    else:
+        rows = _read_rows(prepared.val_dir, limit=None).to_pylist()
+        probes = with_answer_pattern(probes_from_rows(rows, tokenizer=tokenizer, limit=n), cfg.eval.answer_pattern)
     if not probes:
         raise ValueError(
             f"eval.num_probes={n} but the validation split of {prepared.out_dir} has no trained assistant turn to "
             "probe; give data.probes or more validation examples (data.val_fraction, data.val_sources)"
+        )
+    pattern, references = cfg.eval.answer_pattern, [p["reference"] for p in probes if p["reference"] is not None]
+    unanswered = sum(1 for r in references if extract_answer(r, pattern) is None) if pattern else 0
+    if unanswered:
+        log.warning(
+            "eval.answer_pattern=%r finds no answer in %d of %d probe references: those probes are left out of "
+            "eval/exact_match",
+            pattern,
+            unanswered,
+            len(references),
         )
     return probes

@@ -251,6 +251,7 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
         )
         last = stages[-1]
         result = {k: last[k] for k in ("best_checkpoint", "best_metrics", "reason", "history", "run_path")}
+        result["worse_than_base"] = last.get("worse_than_base", False)  # a chain recorded before it was kept
         result.update(stages=stages, data_report=str(Path(last["data"]) / "report.json"))
     else:
         prepared = prep(cfg) if trial_prepares_own_data(overrides) else load_prepared(Path(prepared_dir))
@@ -268,6 +269,7 @@ def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_
             "best_checkpoint": outcome.best_checkpoint,
             "best_metrics": outcome.best_metrics,
             "reason": outcome.best_reason,
+            "worse_than_base": outcome.worse_than_base,
             "history": outcome.history,
             "run_path": outcome.path,
             "data_report": str(prepared.out_dir / "report.json"),

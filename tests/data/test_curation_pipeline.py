@@ -42,6 +42,8 @@ def curated(tmp_path_factory):
     root = tmp_path_factory.mktemp("curation")
     val = [_chat(f"Validation question {v}?", _answer(100_000 + v)) for v in range(50)]
     probes = [{"prompt": f"Probe question {p}?", "reference": f"probe answer {p}"} for p in range(5)]
+    # A messages-style probe: its conversation and reference are one exchange to dedup against, like a prompt's.
+    probes.append({"messages": [{"role": "user", "content": "Probe chat turn?"}], "reference": "probe chat answer"})
     rows = [_chat(f"Question {i}: describe item {i} in detail.", _answer(i)) for i in range(N)]
     expect: dict[str, list[int]] = {"duplicate": [], "near": [], "duplicate_of_eval": []}
 
@@ -58,6 +60,7 @@ def curated(tmp_path_factory):
     # Training copies of a validation row and of a probe (prompt + reference as one exchange).
     add(_chat("validation question 3?", _answer(100_003)), "duplicate_of_eval")
     add(_chat(probes[2]["prompt"], probes[2]["reference"]), "duplicate_of_eval")
+    add(_chat("Probe chat turn?", "probe chat answer"), "duplicate_of_eval")
     # Filters: 3 assistant turns; an answer of ~700 tokens; a 200-word prompt answered with one word.
     turns = [{"role": r, "content": f"turn {k} of row filters"} for k in range(3) for r in ("user", "assistant")]
     add({"messages": turns})
@@ -134,7 +137,7 @@ def test_exact_dedup_filters_and_weights_drop_the_right_rows(ray_local, cache_di
         "filters"
     ]
     assert report["drops"] == {k: len(v) for k, v in drops.items()}
-    assert sum(report["drops"].values()) == 7
+    assert sum(report["drops"].values()) == 8
 
     # Weights: each source's achieved share of SFT training tokens within 1 point of its target, and the rows
     # hold exactly those tokens (the weight-2 source twice over).
@@ -142,7 +145,7 @@ def test_exact_dedup_filters_and_weights_drop_the_right_rows(ray_local, cache_di
     for s in (train_src, other_src):
         assert abs(s["token_share"] - s["token_share_target"]) < 0.01, s
     assert 380 <= other_src["train_rows_unused"] <= 420  # max_rows=400 of 600, then about half of those by tokens
-    assert train_src["train_copies"] == 2 * (N + 8 - 7)
+    assert train_src["train_copies"] == 2 * (N + 9 - 8)
     assert _sft_tokens(folder) == train_src["train_tokens"] + other_src["train_tokens"]
     # The printed summary says what the training split takes, and no "max_rows None" or "0.00%" mix.
     copies, unused = train_src["train_copies"] + other_src["train_copies"], other_src["train_rows_unused"]
@@ -161,4 +164,4 @@ def test_near_dedup_also_finds_the_edited_copy(ray_local, cache_dir, curated, ca
     drops, expect = _drops(folder), curated["expect"]
     assert drops["duplicate"] == sorted(expect["duplicate"] + expect["near"])
     assert drops["duplicate_of_eval"] == expect["duplicate_of_eval"]
-    assert report["conversations"]["train"] == N + 8 - 5  # only the duplicates went (no filters set)
+    assert report["conversations"]["train"] == N + 9 - 6  # only the duplicates went (no filters set)

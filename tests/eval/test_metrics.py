@@ -97,3 +97,22 @@ def test_select_best_prefers_the_metric_within_the_forgetting_budget():
     assert choice.index == 0 and "no candidate within" in choice.reason
     with pytest.raises(ValueError, match="available metrics"):
         select_best([{"val/loss": 1.0}], metric="eval/format_compliance", forgetting_budget=0.1)
+
+
+def test_a_choice_worse_than_the_base_model_says_so():
+    base = {"epoch": 0, "eval/format_compliance": 0.141, "eval/forgetting": 0.0, "val/loss": 2.0}
+    epochs = [{"eval/format_compliance": 0.0, "eval/forgetting": 0.01, "val/loss": 1.5}]
+    choice = select_best(epochs, metric="eval/format_compliance", forgetting_budget=0.05, base=base)
+    assert choice.worse_than_base
+    assert choice.reason.endswith(
+        "; worse than the base model on eval/format_compliance (0.000 vs 0.141 before training)"
+    ), choice.reason
+    better = [{"eval/format_compliance": 0.5, "eval/forgetting": 0.01, "val/loss": 1.5}]
+    choice = select_best(better, metric="eval/format_compliance", forgetting_budget=0.05, base=base)
+    assert not choice.worse_than_base and "base model" not in choice.reason
+    # A loss is worse when higher; an equal value is not worse.
+    losses = [{"val/loss": 2.5, "eval/forgetting": 0.0}, {"val/loss": 2.0, "eval/forgetting": 0.0}]
+    choice = select_best(losses[:1], metric="val/loss", forgetting_budget=0.05, base=base)
+    assert choice.worse_than_base and "(2.500 vs 2.000 before training)" in choice.reason
+    assert not select_best(losses[1:], metric="val/loss", forgetting_budget=0.05, base=base).worse_than_base
+    assert not select_best(losses, metric="val/loss", forgetting_budget=0.05).worse_than_base  # no base: no claim

@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from sftray.eval.probes import generation_limit, judge, probes_from_file, reference_lengths
+from sftray.eval.probes import extract_answer, generation_limit, judge, probes_from_file, reference_lengths
 from sftray.models.tiny import ensure_tiny_tokenizer
 
 
@@ -68,3 +68,41 @@ def test_a_probe_with_a_format_complies_only_in_that_format(cache_dir, tmp_path)
     probes.write_text('{"prompt": "a"}\n{"prompt": "b", "format": "([a-z"}\n')
     with pytest.raises(ValueError, match=r"probes.jsonl:2: 'format' is not a regular expression"):
         probes_from_file(probes, tokenizer=tok, system_prompt=None, limit=8)
+
+
+GSM8K_REFERENCE = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether she sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+)
+GSM8K_PATTERN = r"#### *(\S+)"
+
+
+def test_answer_pattern_compares_the_final_answers_not_the_worked_solutions(cache_dir):
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache_dir))
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    kw = dict(tokenizer=tok, end_of_turn_id=eot, user_opener="<|im_start|>user", reference=GSM8K_REFERENCE)
+    other_working = enc("48 / 2 = 24 in May, 48 + 24 = 72 in all.\n#### 72") + [eot]
+    assert not judge(other_working, **kw)["exact_match"]  # whole response vs whole solution: 0 by construction
+    right = judge(other_working, answer_pattern=GSM8K_PATTERN, **kw)
+    assert right["exact_match"] and right["answer"] == "72" and right["reference_answer"] == "72"
+    wrong = judge(enc("48 + 48 = 96\n#### 96") + [eot], answer_pattern=GSM8K_PATTERN, **kw)
+    assert wrong["compliant"] and not wrong["exact_match"] and wrong["answer"] == "96"
+    none = judge(enc("It is 72.") + [eot], answer_pattern=GSM8K_PATTERN, **kw)
+    assert not none["exact_match"] and none["answer"] is None  # no final answer in the pattern's form
+    assert extract_answer("#### 1\nthen #### 2 ", GSM8K_PATTERN) == "2"  # the last match: the final answer
+    assert extract_answer("no answer", GSM8K_PATTERN) is None
+
+
+def test_probe_files_take_the_columns_mapping_of_data_sources(cache_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_tokenizer(cache_dir))
+    gsm8k = tmp_path / "gsm8k_test.jsonl"
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(3)]
+    gsm8k.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for columns in ({"prompt": "question", "reference": "answer"}, {"prompt": "question", "completion": "answer"}):
+        probes = probes_from_file(gsm8k, tokenizer=tok, system_prompt=None, limit=8, columns=columns)
+        assert [p["prompt"] for p in probes] == [r["question"] for r in rows], columns
+        assert [p["reference"] for p in probes] == [r["answer"] for r in rows], columns
+    with pytest.raises(
+        ValueError, match=r"gsm8k_test.jsonl:1: a probe needs 'prompt'.* has answer, question.*data.probe_columns"
+    ):
+        probes_from_file(gsm8k, tokenizer=tok, system_prompt=None, limit=8)  # unmapped: names the fix

@@ -81,3 +81,28 @@ def test_starting_a_sweeps_run_leaves_the_processs_tracking_uri_alone(tmp_path: 
     _parent(tmp_path, [])
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert mlflow.get_tracking_uri() == before
+
+
+def test_a_stage_worse_than_its_base_is_tagged_so(tmp_path: Path) -> None:
+    """A stage run in a real SQLite store: its selection tags say whether the chosen checkpoint is worse than the
+    model the stage started from (the same tags a sweep trial's run gets from its outcome)."""
+    from sftray.tracking.stage_runs import log_stage, start_chain
+
+    cfg = compose_config([f"paths.output_dir={tmp_path / 'out'}", "stages=demo_two_stage"], conf=CONF, base=tmp_path)
+    chain = start_chain(cfg, chain_dir=tmp_path / "chain")
+    reason = "highest eval/format_compliance (0.000) ...; worse than the base model on eval/format_compliance"
+    for index, worse in ((0, True), (1, False)):
+        base = {"epoch": 0, "eval/format_compliance": 0.141, "eval/forgetting": 0.0}
+        best = {"epoch": 1, "eval/format_compliance": 0.0 if worse else 0.5, "eval/forgetting": 0.01}
+        record = {"index": index, "name": cfg.stages[index].name, "history": [base, best], "best_metrics": best}
+        log_stage(
+            cfg,
+            parent_id=chain,
+            record=record
+            | {"best_checkpoint": "/x", "reason": reason, "worse_than_base": worse, "data": "/x", "run_path": None},
+        )
+    client = MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([client.get_run(chain).info.experiment_id], filter_string="tags.`sftray.role` = 'stage'")
+    tags = {r.data.tags["stage"]: r.data.tags for r in runs}
+    assert tags["0"]["selection/worse_than_base"] == "true" and tags["0"]["best_reason"] == reason
+    assert tags["1"]["selection/worse_than_base"] == "false"

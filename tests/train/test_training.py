@@ -8,6 +8,7 @@ then produce the same losses up to float32 reduction order (tolerance below).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shlex
@@ -200,15 +201,32 @@ def test_resume_from_continues_an_interrupted_run_to_the_uninterrupted_result(se
     assert best in {failed / "epoch_01", failed / "epoch_02", resumed / "epoch_03"}
 
 
+GSM8K_PATTERN = "eval.answer_pattern='#### *(\\S+)'"
+"""GSM8K's final answer (``#### 72`` ends every worked solution), as a user types it."""
+
+
+def _gsm8k_probes(root: Path) -> tuple[Path, list[str]]:
+    """A GSM8K-style probe file (question, worked answer ending in ``#### N``), and the overrides that read it."""
+    path = root / "gsm8k_test.jsonl"
+    rows = [
+        {"question": f"Add {i} and {i + 3}.", "answer": f"{i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"}
+        for i in range(40, 46)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, [f"data.probes={path}", "+data.probe_columns={prompt: question, reference: answer}", GSM8K_PATTERN]
+
+
 def test_ctrl_c_prints_the_last_checkpoint_and_the_command_that_resumes_it(setup, ray_local):
-    """``sftray train`` in its own process, joined to the test cluster; SIGINT once its first checkpoint exists."""
+    """``sftray train`` in its own process, joined to the test cluster; SIGINT once its first checkpoint exists.
+    Its probes are a GSM8K-style file read through data.probe_columns and scored by eval.answer_pattern."""
     _, _, _, root, _ = setup
     runs = root / "out" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     before = set(runs.iterdir())
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    gsm8k, probe_args = _gsm8k_probes(root)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sftray.cli", "train", *_cli_args(setup), "train.epochs=30"],
+        [sys.executable, "-m", "sftray.cli", "train", *_cli_args(setup), "train.epochs=30", *probe_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -230,8 +248,18 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_command_that_resumes_it(setup
     assert line.startswith("training interrupted") and last.parent == run and (last / "train_state.pt").is_file()
     assert last.name != "epoch_30"  # it did stop early
     command = next(line for line in err.splitlines() if line.startswith("resume with:"))
-    assert shlex.split(command.removeprefix("resume with:"))[-1] == f"train.resume_from={last}"
+    argv = shlex.split(command.removeprefix("resume with:"))
+    assert argv[-1] == f"train.resume_from={last}" and set(probe_args) <= set(argv)
     assert f"resume_from={last}" in next(line for line in err.splitlines() if "make train" in line)
+
+    # The probes are the file's questions; exact match compares the final answers, not the worked solutions.
+    questions = [json.loads(line) for line in gsm8k.read_text().splitlines()][:4]  # eval.num_probes=4
+    for table in (run / "epoch_01" / "probes.json", run / "epoch_01" / "probes_base.json"):
+        rows = json.loads(table.read_text())
+        assert [r["prompt"] for r in rows] == [q["question"] for q in questions]
+        assert [r["reference_answer"] for r in rows] == [q["answer"].rsplit(" ", 1)[1] for q in questions]
+        for r in rows:
+            assert "answer" in r and r["exact_match"] == (r["compliant"] and r["answer"] == r["reference_answer"])
 
 
 def test_workers_do_not_log_every_report(fsdp2) -> None:

@@ -3,16 +3,19 @@ resource and validation checks."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sftray.config import LoraConfig, ModelConfig, TrainConfig
+from sftray.eval.metrics import select_best
 from sftray.models.loading import add_template_tokens, load_model, load_tokenizer
 from sftray.models.lora import apply_lora
 from sftray.models.tiny import CHATML_TEMPLATE, tiny_llama_config
-from sftray.train.run import check_resources, check_validation
+from sftray.train.run import TrainOutcome, check_resources, check_validation, summary
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +106,24 @@ def test_epoch_rows_deal_a_fresh_permutation_to_every_rank():
     assert all(set(a) != set(b) for a, b in zip(one, two))
     with pytest.raises(ValueError, match="31 rows do not split evenly over 3 ranks"):
         epoch_rows(31, rank=0, world=3, seed=1)
+
+
+def test_the_summary_warns_when_the_chosen_checkpoint_is_worse_than_the_base():
+    base = {"epoch": 0, "step": 0, "val/loss": 2.0, "eval/format_compliance": 0.141, "eval/forgetting": 0.0}
+    epoch = {"epoch": 1, "step": 4, "val/loss": 1.5, "eval/format_compliance": 0.0, "eval/forgetting": 0.01}
+    choice = select_best([epoch], metric="eval/format_compliance", forgetting_budget=0.05, base=base)
+    outcome = TrainOutcome(
+        path="/runs/r",
+        history=[base, epoch],
+        checkpoints=[("/runs/r/epoch_01", epoch)],
+        best_checkpoint="/runs/r/epoch_01",
+        best_metrics=epoch,
+        best_reason=choice.reason,
+        worse_than_base=choice.worse_than_base,
+    )
+    text = summary(outcome)
+    assert "chosen for: highest eval/format_compliance (0.000)" in text
+    assert "worse than the base model on eval/format_compliance (0.000 vs 0.141 before training)" in text
+    assert "warning: training made the model worse than the base model (epoch 0)" in text
+    better = dataclasses.replace(outcome, best_reason="highest eval/format_compliance (0.500)", worse_than_base=False)
+    assert "warning" not in summary(better)
