@@ -34,6 +34,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_untouched():
+    """A command under test must fail before it starts Ray: Ray's state after it is what it was before (not started
+    when the test runs alone; a whole-suite run may have started the shared instance earlier)."""
+    import ray
+
+    was = ray.is_initialized()
+    yield
+    assert ray.is_initialized() == was, "the command started Ray before failing"
+
+
 @pytest.fixture(scope="session")
 def random_base(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer tiny Llama with the tiny tokenizer, saved as an ordinary HF folder."""

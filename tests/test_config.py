@@ -613,11 +613,10 @@ def test_a_stage_may_pack_its_rows_its_own_way(tmp_path: Path) -> None:
         (["mix.heldout_sources=[]", "stages.1.mix.heldout_fraction=0.5"], "stages[1] (json).mix.heldout_fraction=0.5"),
     ],
 )
+@pytest.mark.usefixtures("ray_untouched")
 def test_a_stage_that_would_change_the_forgetting_text_fails_naming_the_key_before_ray_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], overrides: list[str], key: str
 ) -> None:
-    import ray
-
     from sftray.cli import main
 
     assert key in compose_error(["stages=demo_two_stage", *overrides], tmp_path)
@@ -625,15 +624,14 @@ def test_a_stage_that_would_change_the_forgetting_text_fails_naming_the_key_befo
     assert main(["train", f"paths.output_dir={tmp_path / 'out'}", "stages=demo_two_stage", *overrides]) == 1
     err = capsys.readouterr().err
     assert key in err and "one held-out text" in err and "resume with" not in err
-    assert not ray.is_initialized() and not (tmp_path / "out").exists()  # no work: no Ray, no chain folder
+    assert not (tmp_path / "out").exists()  # no work: no chain folder (ray_untouched: no Ray)
 
 
+@pytest.mark.usefixtures("ray_untouched")
 def test_resuming_a_chain_with_another_config_fails_before_ray_without_a_resume_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import json
-
-    import ray
 
     from sftray.cli import main
 
@@ -646,7 +644,7 @@ def test_resuming_a_chain_with_another_config_fails_before_ray_without_a_resume_
     err = capsys.readouterr().err
     assert "stage 0 (chat) was trained with another configuration than stages[0] now" in err
     assert "resume with" not in err  # it would fail the same way
-    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,10 @@ import json
 from importlib.metadata import entry_points
 
 import pytest
-import ray
 
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
+
+pytestmark = pytest.mark.usefixtures("ray_untouched")  # every command here fails before init_ray
 
 
 @pytest.fixture
@@ -30,23 +31,19 @@ def files(tmp_path, write_sums, cache_dir):
 @pytest.mark.parametrize("command", ["train", "sweep", "prep"])
 def test_a_probe_without_a_prompt_fails_before_ray_starts_naming_file_and_line(files, command, capsys):
     args, gsm8k = files
-    ray_before = ray.is_initialized()  # the suite's Ray may be up already; run alone, none must start
     assert main([command, *args, f"data.probes={gsm8k}"]) == 1
     err = capsys.readouterr().err
     assert f"{gsm8k}:1: a probe needs 'prompt' (string) or 'messages'" in err and "data.probe_columns" in err
     columns = "+data.probe_columns={prompt: question, reference: answer}"
     assert main([command, *args, f"data.probes={gsm8k}", columns]) == 1
     assert f"{gsm8k}:4: no field 'question' (columns: prompt -> question)" in capsys.readouterr().err
-    assert ray.is_initialized() == ray_before  # both found from the config and the file alone
 
 
 def test_an_answer_pattern_no_reference_matches_fails_before_ray_starts(files, capsys):
     args, gsm8k = files
-    ray_before = ray.is_initialized()
     rows = [json.loads(line) for line in gsm8k.read_text().splitlines()]
     gsm8k.write_text("".join(json.dumps(r) + "\n" for r in rows if "question" in r))
     columns = "+data.probe_columns={prompt: question, reference: answer}"
     assert main(["train", *args, f"data.probes={gsm8k}", columns, "eval.answer_pattern='The answer is (\\d+)'"]) == 1
     err = capsys.readouterr().err
     assert f"eval.answer_pattern='The answer is (\\\\d+)' matches none of the 4 reference answers in {gsm8k}" in err
-    assert ray.is_initialized() == ray_before

@@ -3,27 +3,21 @@ LoRA targets against the base model's module names, data and probe paths, the va
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-import ray
 
 from sftray.config import compose_config
+from sftray.models.tiny import ensure_tiny_tokenizer
 
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
-@pytest.fixture(autouse=True)
-def ray_untouched() -> Iterator[None]:
-    """Every command here must fail before ``init_ray``: Ray's state is what it was (not started when this file runs
-    alone; a whole-suite run may have started it earlier)."""
-    was = ray.is_initialized()
-    yield
-    assert ray.is_initialized() == was, "the command started Ray before failing"
+pytestmark = pytest.mark.usefixtures("ray_untouched")  # every command here fails before init_ray
 
 
 @pytest.fixture
@@ -66,15 +60,18 @@ def test_one_misspelled_lora_target_among_good_ones_fails(capsys, base_args):
 
 
 def test_lora_targets_of_the_builtin_are_checked_without_pretraining_it(capsys, cache_dir, tmp_path):
+    # A cache of its own: in a whole-suite run the shared one may hold a base pretrained by an earlier test.
+    cache = tmp_path / "cache"
+    shutil.copytree(ensure_tiny_tokenizer(cache_dir), cache / "tiny-llama")  # the tokenizer only
     err = _error(
         capsys,
         "train",
-        f"paths.cache_dir={cache_dir}",
-        f"paths.output_dir={tmp_path}",
+        f"paths.cache_dir={cache}",
+        f"paths.output_dir={tmp_path / 'out'}",
         "train.lora.target_modules=[qproj]",
     )
     assert "'qproj' matches no module of builtin:tiny-llama" in err
-    assert not (Path(cache_dir) / "tiny-llama-base-v2").exists()
+    assert not (cache / "tiny-llama-base-v2").exists()
 
 
 def test_a_later_stage_s_lora_targets_are_checked(capsys, base_args):

@@ -1,6 +1,7 @@
 """A single ``sftray train`` run in MLflow, driven through the command as a user runs it: the run with its params,
 per-epoch metrics, train/loss several times per epoch, the data report and the selected checkpoint's model folders
-(loadable with plain transformers/peft after a download); ``tracking.log_model=none`` logs no model."""
+(loadable with plain transformers/peft after a download); ``tracking.log_model=none`` logs no model and
+``tracking.log_every_steps`` spaces the train/loss points."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ EXPERIMENT = "train"
 @pytest.fixture(scope="module")
 def tracked(ray_local, tmp_path_factory, random_base, training_run):
     """Two LoRA runs of the training tests' data on one worker, one packed row per optimizer step (a dozen per epoch):
-    one with the default tracking (2 epochs, merged/ exported), one with ``tracking.log_model=none`` (1 epoch)."""
+    one with the default tracking (2 epochs, merged/ exported), one with ``tracking.log_model=none`` and a train/loss
+    point every 2 steps (1 epoch)."""
     root = tmp_path_factory.mktemp("tracked")
     out = root / "out"
     overrides = [
@@ -38,7 +40,7 @@ def tracked(ray_local, tmp_path_factory, random_base, training_run):
     ]
     assert main(["train", *overrides, "train.epochs=2", "train.export_merged=true"]) == 0
     assert (out / "mlflow.db").is_file(), f"sftray train created no MLflow store in {out}"
-    assert main(["train", *overrides, "train.epochs=1", "tracking.log_model=none"]) == 0
+    assert main(["train", *overrides, "train.epochs=1", "tracking.log_model=none", "tracking.log_every_steps=2"]) == 0
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -87,6 +89,14 @@ def test_data_report_and_the_selected_model_are_artifacts_that_load(tracked, ran
     assert any("lora_" in name for name, _ in tuned.named_parameters())
     merged = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/merged", dst_path=str(where), tracking_uri=uri)
     AutoModelForCausalLM.from_pretrained(merged)  # plain transformers, no peft
+
+
+def test_log_every_steps_sets_the_train_loss_spacing(tracked):
+    _, client, runs, _ = tracked
+    run_id = runs[1].info.run_id
+    per_epoch = max(m.step for m in client.get_metric_history(run_id, "val/loss"))  # one epoch
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert steps == sorted({*range(2, per_epoch + 1, 2), per_epoch}), (steps, per_epoch)
 
 
 def test_log_model_none_logs_no_model(tracked):
