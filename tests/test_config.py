@@ -7,6 +7,7 @@ import functools
 import re
 import shutil
 import typing
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ YAMLS = sorted(CONF.rglob("*.yaml"))
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 DATA_KEYS = [f.name for f in dataclasses.fields(DataConfig)]
 ROOT_KEYS = ", ".join(f.name for f in dataclasses.fields(Config))
+
+main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 
 @pytest.fixture(autouse=True)
@@ -552,8 +555,6 @@ DEMO_STAGES_INLINE = (
 
 def sftray_config(capsys: pytest.CaptureFixture[str], *overrides: str) -> str:
     """``sftray config OVERRIDES`` as the shell runs it: its printed config (or its error, with code 1)."""
-    from sftray.cli import main
-
     code = main(["config", *overrides])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -617,8 +618,6 @@ def test_a_stage_may_pack_its_rows_its_own_way(tmp_path: Path) -> None:
 def test_a_stage_that_would_change_the_forgetting_text_fails_naming_the_key_before_ray_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], overrides: list[str], key: str
 ) -> None:
-    from sftray.cli import main
-
     assert key in compose_error(["stages=demo_two_stage", *overrides], tmp_path)
     monkeypatch.chdir(tmp_path)
     assert main(["train", f"paths.output_dir={tmp_path / 'out'}", "stages=demo_two_stage", *overrides]) == 1
@@ -632,8 +631,6 @@ def test_resuming_a_chain_with_another_config_fails_before_ray_without_a_resume_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import json
-
-    from sftray.cli import main
 
     chain = tmp_path / "chain"
     chain.mkdir()
