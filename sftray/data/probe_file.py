@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftray.config import DataConfig
 from sftray.data.builtin import resolve_builtin
 from sftray.data.errors import FormatError, MessageError
 from sftray.data.formats import FORMAT_KEYS, TURN_KEYS, detect_format, rename_fields, to_messages
@@ -51,7 +52,32 @@ class ProbeRecord:
 
 def probes_path(probes: str, *, cache_dir: str | Path) -> Path:
     """The file ``data.probes`` names (a builtin one is written on first use)."""
-    return resolve_builtin(probes, Path(cache_dir)) if probes.startswith("builtin:") else Path(probes)
+    return resolve_builtin(probes, Path(cache_dir)) if probes.startswith("builtin:") else Path(probes).expanduser()
+
+
+def probe_file(data: DataConfig, *, cache_dir: str | Path) -> Path | None:
+    """The readable file ``data.probes`` names, or None when it names none: the one place that resolves it. A
+    missing or unreadable file raises one line naming the key and the path."""
+    if not data.probes:
+        return None
+    path = probes_path(data.probes, cache_dir=cache_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.probes={data.probes}: no such file (a JSONL of probes, or null)")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ValueError(f"data.probes={data.probes}: cannot read it ({exc.strerror})") from None
+    return path
+
+
+def probe_records(data: DataConfig, *, cache_dir: str | Path, limit: int | None = None) -> list[ProbeRecord]:
+    """The first ``limit`` probes of ``data.probes`` (None: all; none without a file), read with the data config's
+    ``probe_columns`` and ``system_prompt``: what eval probes and what dedup checks training rows against."""
+    path = probe_file(data, cache_dir=cache_dir)
+    if path is None:
+        return []
+    return read_probes(path, columns=data.probe_columns, system_prompt=data.system_prompt, limit=limit)
 
 
 def read_probes(
