@@ -20,6 +20,7 @@ The CLI runs through its console-script entry point, as the shell runs it (never
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import subprocess
@@ -95,15 +96,18 @@ def help_section(text: str, title: str) -> list[str]:
     return body
 
 
+@functools.cache
 def makefile_targets() -> set[str]:
     return set(re.findall(r"^([A-Za-z_][\w-]*):(?!=)", (ROOT / "Makefile").read_text(), re.M))
 
 
+@functools.cache
 def make_help_targets() -> set[str]:
     out = subprocess.run(["make", "--no-print-directory", "help"], cwd=ROOT, capture_output=True, text=True, check=True)
     return {line.split()[0] for line in out.stdout.splitlines()[1:] if line.strip()}
 
 
+@functools.cache
 def makefile_variables() -> set[str]:
     """Variables the Makefile reads: ``$(VAR)`` anywhere, ``VAR ?=`` defaults."""
     text = (ROOT / "Makefile").read_text()
