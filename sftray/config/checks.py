@@ -7,6 +7,7 @@ from typing import Any
 
 
 def one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    """ValueError naming the key, its value and the valid choices unless ``value`` is one of them."""
     if value not in valid:
         raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(valid)}")
 

@@ -39,6 +39,24 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
 
     register_configs()
     GlobalHydra.instance().clear()
+    overrides = _rewritten(overrides)
+    try:
+        overrides = [_given_stages(o, base=base or Path.cwd()) for o in overrides]
+        with initialize_config_dir(config_dir=str(Path(conf or config_dir()).resolve()), version_base="1.3"):
+            composed = compose("config", overrides=overrides)
+        # Hydra's +key / ++key adds keys the schema lacks, and to_object would drop them silently.
+        if unknown := unknown_keys(Config, OmegaConf.to_container(composed)):
+            raise ConfigError(unknown_key_message(Config, unknown[0]))
+        cfg = OmegaConf.to_object(composed)
+    except Exception as exc:  # Hydra/OmegaConf raise several types; all become one readable message
+        raise ConfigError(explain_config_error(exc, root=Config)) from exc
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"conf/config.yaml did not compose to a Config (got {type(cfg).__name__})")
+    return cfg.resolved_paths(base or Path.cwd())
+
+
+def _rewritten(overrides: list[str]) -> list[str]:
+    """The override forms Hydra lacks, rewritten into ones it composes (inline and file stages: ``_given_stages``)."""
     # Below an open mapping the rest of a dotted key is one key: +sweep.params.train.lora.r=[8,16] adds the entry
     # "train.lora.r" (Hydra would nest train: {lora: {r: ...}}), as +sweep.params={train.lora.r:[8,16]} does.
     mappings = "|".join(re.escape(m) for m in open_mappings(Config))
@@ -53,19 +71,7 @@ def compose_config(overrides: list[str], *, conf: Path | None = None, base: Path
         re.sub(rf"^(\+*(?:{lists}))=(?![\[{{'\"]|null$)(.+)$", lambda m: f"{m[1]}=[{{path:{_quoted(m[2])}}}]", o)
         for o in overrides
     ]
-    try:
-        overrides = [_given_stages(o, base=base or Path.cwd()) for o in overrides]
-        with initialize_config_dir(config_dir=str(Path(conf or config_dir()).resolve()), version_base="1.3"):
-            composed = compose("config", overrides=overrides)
-        # Hydra's +key / ++key adds keys the schema lacks, and to_object would drop them silently.
-        if unknown := unknown_keys(Config, OmegaConf.to_container(composed)):
-            raise ConfigError(unknown_key_message(Config, unknown[0]))
-        cfg = OmegaConf.to_object(composed)
-    except Exception as exc:  # Hydra/OmegaConf raise several types; all become one readable message
-        raise ConfigError(explain_config_error(exc, root=Config)) from exc
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"conf/config.yaml did not compose to a Config (got {type(cfg).__name__})")
-    return cfg.resolved_paths(base or Path.cwd())
+    return overrides
 
 
 def _quoted(text: str) -> str:

@@ -16,31 +16,6 @@ PROBE_FIELDS = ("prompt", "messages", "reference", "format")
 """A probe record's own fields (``sftray.data.probe_file``); ``data.probe_columns`` may also map a chat format's."""
 
 
-def _check_sources(name: str, sources: list, *, chat: bool, weighted: bool = False) -> None:
-    """Each source's format and mappings; ``weighted``: the list whose sources may set weight / max_rows."""
-    valid = tuple(f for f in FORMATS if f != "text") if chat else ("auto", "text")
-    for i, src in enumerate(sources):
-        one_of(f"{name}[{i}].format", src.format, valid)
-        in_range(f"{name}[{i}].weight", src.weight, gt=0)
-        in_range(f"{name}[{i}].max_rows", src.max_rows, ge=1)
-        for key in ("weight", "max_rows"):
-            if not weighted and getattr(src, key) != getattr(SourceConfig, key):
-                raise ValueError(
-                    f"{name}[{i}].{key}={getattr(src, key)}: {key} applies to data.sources (training conversations)"
-                    f" only; remove it here"
-                )
-        fmt = "text" if src.format == "auto" and not chat else src.format
-        fields = SourceConfig.FIELDS.get(fmt, ())
-        for key in src.columns:
-            if fmt == "auto" and not any(key in f for k, f in SourceConfig.FIELDS.items() if k != "text"):
-                known = "; ".join(f"{k}: {', '.join(f)}" for k, f in SourceConfig.FIELDS.items() if k != "text")
-                raise ValueError(f"{name}[{i}].columns: {key!r} is not a field of any chat format; valid: {known}")
-            if fmt != "auto" and key not in fields:
-                raise ValueError(f"{name}[{i}].columns: {key!r} is not a field of {fmt}; valid: {', '.join(fields)}")
-        if src.roles and fmt not in ("auto", "messages", "sharegpt"):
-            raise ValueError(f"{name}[{i}].roles: only messages and sharegpt records have roles, not {fmt}")
-
-
 @dataclass(kw_only=True)
 class SourceConfig:
     """One input: a local file / glob / folder, a Hugging Face dataset id, or ``builtin:NAME``."""
@@ -84,6 +59,31 @@ def probe_column_fields() -> tuple[str, ...]:
     """The fields ``data.probe_columns`` may map: the probe's own, then every chat format's (turn keys included)."""
     chat = (f for fmt, fields in SourceConfig.FIELDS.items() if fmt != "text" for f in fields)
     return tuple(dict.fromkeys((*PROBE_FIELDS, *chat)))
+
+
+def _check_sources(name: str, sources: list, *, chat: bool, weighted: bool = False) -> None:
+    """Each source's format and mappings; ``weighted``: the list whose sources may set weight / max_rows."""
+    valid = tuple(f for f in FORMATS if f != "text") if chat else ("auto", "text")
+    for i, src in enumerate(sources):
+        one_of(f"{name}[{i}].format", src.format, valid)
+        in_range(f"{name}[{i}].weight", src.weight, gt=0)
+        in_range(f"{name}[{i}].max_rows", src.max_rows, ge=1)
+        for key in ("weight", "max_rows"):
+            if not weighted and getattr(src, key) != getattr(SourceConfig, key):
+                raise ValueError(
+                    f"{name}[{i}].{key}={getattr(src, key)}: {key} applies to data.sources (training conversations)"
+                    f" only; remove it here"
+                )
+        fmt = "text" if src.format == "auto" and not chat else src.format
+        fields = SourceConfig.FIELDS.get(fmt, ())
+        for key in src.columns:
+            if fmt == "auto" and not any(key in f for k, f in SourceConfig.FIELDS.items() if k != "text"):
+                known = "; ".join(f"{k}: {', '.join(f)}" for k, f in SourceConfig.FIELDS.items() if k != "text")
+                raise ValueError(f"{name}[{i}].columns: {key!r} is not a field of any chat format; valid: {known}")
+            if fmt != "auto" and key not in fields:
+                raise ValueError(f"{name}[{i}].columns: {key!r} is not a field of {fmt}; valid: {', '.join(fields)}")
+        if src.roles and fmt not in ("auto", "messages", "sharegpt"):
+            raise ValueError(f"{name}[{i}].roles: only messages and sharegpt records have roles, not {fmt}")
 
 
 @dataclass(kw_only=True)

@@ -28,11 +28,11 @@ class SweepConfig:
     name: str = "demo"
     """Sweep folder and MLflow experiment name (the default sweep: LoRA LR x epochs on the demo)."""
     lr: LrSpace = field(default_factory=lambda: LrSpace(values=[2e-3, 5e-3]))
-    """Learning-rate search space (train.lr)."""
+    """Learning-rate search space (train.lr); the default brackets train.lr's default, from below."""
     epochs: list[int] = field(default_factory=lambda: [4])
     """train.epochs values, tried as a grid; empty keeps train.epochs. Every epoch of a trial is evaluated and the
-    best one selected, so a 4-epoch trial also tries 1, 2 and 3 epochs (under a schedule that decays over 4): on the
-    demo, 4 epochs at lr 5e-3 is what learns the format within the forgetting budget (README "Sweeps")."""
+    best one selected, so a 4-epoch trial also tries 1, 2 and 3 epochs (under a schedule that decays over 4): one
+    epochs value covers the shorter runs too."""
     params: dict[str, list[Any]] = field(default_factory=dict)
     """Any other dotted config key -> values tried as a grid, e.g. {train.lora.r: [8, 16]}."""
     points: list[dict[str, Any]] = field(default_factory=list)

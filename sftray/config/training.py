@@ -84,8 +84,8 @@ class TrainConfig:
     epochs: int = 2
     """Passes over the training rows; a checkpoint and an eval after each."""
     lr: float = 5e-3
-    """Peak learning rate (SFT: 2-10x below pretraining). LoRA adapters take ~10x the full fine-tuning LR; 5e-3 is
-    the demo's measured best of 1e-3..5e-3 (conf/train/full.yaml: 1e-4)."""
+    """Peak learning rate (SFT: 2-10x below pretraining). LoRA adapters take ~10x the full fine-tuning LR, so the
+    default suits the default method=lora; conf/train/full.yaml sets full fine-tuning's own."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     warmup_ratio: float = 0.05
@@ -148,9 +148,9 @@ class EvalConfig:
     """Metric that picks the best checkpoint and ranks sweep trials, in its own direction (a loss: lower is better;
     a rate: higher); checked against the metrics the run produces (``sftray.eval.metrics``)."""
     forgetting_budget: float = 0.05
-    """Max eval/forgetting (relative rise of held-out pretraining loss) a selectable checkpoint may have. 5%: the
-    demo's LoRA runs that learn the format stay at +3-4% (README "Forgetting study"); a checkpoint past it is
-    ranked below every one within it."""
+    """Max eval/forgetting (relative rise of held-out pretraining loss) a selectable checkpoint may have; a
+    checkpoint past it is ranked below every one within it. Small: an SFT run that learns its task need barely move
+    the base model's loss on text it already knew."""
     max_eval_rows: int = 256
     """Cap on val / held-out rows per eval, so evals stay cheap."""
     answer_pattern: str | None = None
