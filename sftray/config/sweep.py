@@ -28,7 +28,7 @@ class SweepConfig:
     name: str = "demo"
     """Sweep folder and MLflow experiment name (the default sweep: LoRA LR x epochs on the demo)."""
     lr: LrSpace = field(default_factory=lambda: LrSpace(values=[2e-3, 5e-3]))
-    """Learning-rate search space (train.lr); the default brackets train.lr's default, from below."""
+    """Learning-rate search space (train.lr); the default tries train.lr's default and a lower one."""
     epochs: list[int] = field(default_factory=lambda: [4])
     """train.epochs values, tried as a grid; empty keeps train.epochs. Every epoch of a trial is evaluated and the
     best one selected, so a 4-epoch trial also tries 1, 2 and 3 epochs (under a schedule that decays over 4): one

@@ -149,8 +149,8 @@ class EvalConfig:
     a rate: higher); checked against the metrics the run produces (``sftray.eval.metrics``)."""
     forgetting_budget: float = 0.05
     """Max eval/forgetting (relative rise of held-out pretraining loss) a selectable checkpoint may have; a
-    checkpoint past it is ranked below every one within it. Small: an SFT run that learns its task need barely move
-    the base model's loss on text it already knew."""
+    checkpoint past it is ranked below every one within it. Kept small: an SFT run that learns its task should barely
+    raise the base model's loss on text it already knew."""
     max_eval_rows: int = 256
     """Cap on val / held-out rows per eval, so evals stay cheap."""
     answer_pattern: str | None = None
