@@ -37,6 +37,7 @@ from sftray.eval.metrics import (
     TRAIN_TOKENS_PER_S,
     with_forgetting,
 )
+from sftray.layout import epoch_dir_name
 from sftray.models.loading import load_model
 from sftray.models.lora import apply_lora
 from sftray.train import checkpoint as ckpt_mod
@@ -233,7 +234,7 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
                 tables=tables,
                 merged_from=job.base_model if t.method == "lora" and t.export_merged else None,
             )
-            _report(metrics, rank=rank, stage=job.stage, checkpoint_dir=Path(tmp), name=f"epoch_{epoch:02d}")
+            _report(metrics, rank=rank, stage=job.stage, checkpoint_dir=Path(tmp), name=epoch_dir_name(epoch))
     return history
 
 

@@ -26,7 +26,6 @@ from sftray.eval.metrics import (
     FORMAT_COMPLIANCE,
     TRAIN_LOSS,
     VAL_LOSS,
-    check_select_metric,
     select_best,
 )
 from sftray.eval.probes import (
@@ -37,6 +36,7 @@ from sftray.eval.probes import (
     reference_lengths,
     with_answer_pattern,
 )
+from sftray.layout import EPOCH_GLOB, epoch_dir_name
 from sftray.train.checkpoint import STATE_FILE as CHECKPOINT_STATE
 from sftray.train.checkpoint import load_state
 from sftray.train.job import WorkerJob, check_setup, train_fn_per_worker
@@ -184,7 +184,6 @@ def run_training(
     t = cfg.train
     check_resources(t, available=ray.cluster_resources())
     check_validation(prepared.report)
-    check_select_metric(cfg.eval.select_metric, probes=cfg.eval.num_probes > 0)
     job = build_job(cfg, prepared=prepared, base_model=base_model, start=start)
     if t.resume_from:
         check_resumable(Path(t.resume_from), cfg=cfg, steps_per_epoch=job.steps_per_epoch)
@@ -268,7 +267,7 @@ def prior_checkpoints(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
     history = load_state(checkpoint)["history"]
     out = []
     for metrics in history:
-        folder = checkpoint.parent / f"epoch_{metrics['epoch']:02d}"
+        folder = checkpoint.parent / epoch_dir_name(metrics["epoch"])
         if metrics["epoch"] > 0 and TRAIN_LOSS in metrics and (folder / CHECKPOINT_STATE).is_file():
             out.append((str(folder), metrics))
     return out
@@ -276,7 +275,9 @@ def prior_checkpoints(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
 
 def last_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete epoch checkpoint below ``run_dir`` (a run folder or a folder of runs), if any."""
-    done = [p.parent for p in Path(run_dir).glob("**/epoch_*/" + CHECKPOINT_STATE) if (p.parent / "model").is_dir()]
+    done = [
+        p.parent for p in Path(run_dir).glob(f"**/{EPOCH_GLOB}/{CHECKPOINT_STATE}") if (p.parent / "model").is_dir()
+    ]
     return max(done, key=lambda p: p.stat().st_mtime) if done else None
 
 
