@@ -104,9 +104,9 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
         val=eval_share(ray.get(job.eval_rows["val"]), rank=rank, world=world),
         heldout=eval_share(ray.get(job.eval_rows["heldout"]), rank=rank, world=world),
         micro_batch_size=t.micro_batch_size,
-        probes=job.probes,
-        earlier_probes=job.earlier_probes,
-        max_new_tokens=job.max_new_tokens,
+        probes=job.eval.probes,
+        earlier_probes=job.eval.earlier_probes,
+        max_new_tokens=job.eval.max_new_tokens,
         end_of_turn_id=job.end_of_turn_id,
         user_opener=job.user_opener,
     )
@@ -120,7 +120,7 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
         log.info("rank %d resumed after epoch %d (step %d)", rank, state["epoch"], step)
     else:
         start_epoch, step, history, restarts = 1, 0, [], 0
-        base_metrics, base_table, reused = _base_eval(evaluator, job.base_eval_path, rank=rank)
+        base_metrics, base_table, reused = _base_eval(evaluator, job.eval.base_eval_path, rank=rank)
         reference = job.reference_pretrain_loss  # a later stage: forgetting relative to the original base
         base = {
             "pretrain_loss": base_metrics[PRETRAIN_LOSS] if reference is None else reference,

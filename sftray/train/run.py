@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sftray.config import Config, TrainConfig
+from sftray.core.rows import read_rows
 from sftray.data.chat import turn_markers
 from sftray.data.pipeline import Prepared
-from sftray.data.probe_file import probes_path
-from sftray.data.schema import ROW_SCHEMA, empty_rows
-from sftray.eval import base_eval
+from sftray.data.schema import empty_rows
 from sftray.eval.metrics import (
     EXACT_MATCH,
     FORGETTING,
@@ -28,14 +26,7 @@ from sftray.eval.metrics import (
     VAL_LOSS,
     select_best,
 )
-from sftray.eval.probes import (
-    extract_answer,
-    generation_limit,
-    probes_from_file,
-    probes_from_rows,
-    reference_lengths,
-    with_answer_pattern,
-)
+from sftray.eval.plan import plan_eval
 from sftray.layout import EPOCH_GLOB, epoch_dir_name
 from sftray.train.checkpoint import STATE_FILE as CHECKPOINT_STATE
 from sftray.train.checkpoint import load_state
@@ -88,19 +79,10 @@ class StageStart:
     reference_pretrain_loss: float | None = None
     """The original base model's held-out pretraining loss: forgetting is relative to it."""
     earlier_probes: dict[str, tuple[list[dict], int]] = field(default_factory=dict)
-    """Each earlier stage's name -> (its probes, their generation limit) (``eval_probes``)."""
+    """Each earlier stage's name -> (its probes, their generation limit) (``sftray.eval.plan.eval_probes``)."""
     heldout_dir: str | None = None
     """The chain's held-out windows (stage 0's prepared ``pretrain_heldout``): every stage measures forgetting on
     the same rows, whatever its own packing; None: the prepared data's own."""
-
-
-def eval_probes(cfg: Config, *, prepared: Prepared) -> tuple[list[dict], int]:
-    """The generation probes a run of ``cfg`` on ``prepared`` asks, and their generation limit."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
-    probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
-    return probes, _generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer)
 
 
 def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageStart | None = None) -> WorkerJob:
@@ -125,23 +107,19 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
         ("val", prepared.val_dir, cfg.eval.max_eval_rows),
         ("heldout", heldout_dir, cfg.eval.max_eval_rows),
     ):
-        table = _read_rows(folder, limit=limit)
+        table = read_rows(folder, limit=limit)
         if table.num_rows == 0 and name == "train":
             raise ValueError(f"{folder} holds no training rows")
         # Every rank must read the same number of rows (an equal split would otherwise drop the remainder):
         # pad with empty rows that hold one pad token and no target.
         fill = (-table.num_rows) % world if table.num_rows else world
         tables[name] = pa.concat_tables([table, empty_rows(fill, pad_id=tokenizer.pad_token_id)])
-    probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
-    max_new_tokens = _generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer)
-    key = base_eval.base_eval_key(
+    plan = plan_eval(
         cfg,
+        prepared=prepared,
+        tokenizer=tokenizer,
         base_model=base_model,
-        # another prepared folder's held-out rows: its path (named by its fingerprint) is part of the data
-        data_fingerprint=prepared.report["fingerprint"]
-        + ("" if heldout_dir == prepared.heldout_dir else f"+{heldout_dir}"),
-        probes=probes,
-        max_new_tokens=max_new_tokens,
+        heldout_dir=heldout_dir,
         adapter=start.init_adapter,
         earlier_probes=start.earlier_probes,
     )
@@ -152,15 +130,12 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
         rows_per_rank=tables["train"].num_rows // world,
         train_rows=ray.put(tables["train"]),
         eval_rows={name: ray.put(tables[name]) for name in ("val", "heldout")},
-        probes=probes,
-        max_new_tokens=max_new_tokens,
-        base_eval_path=str(base_eval.cache_path(cfg.paths.output_dir, key)) if cfg.eval.reuse_base_eval else None,
+        eval=plan,
         end_of_turn_id=tokenizer.convert_tokens_to_ids(markers["end_of_turn"]),
         user_opener=markers["user_opener"],
         stage=start.index,
         init_adapter=start.init_adapter,
         reference_pretrain_loss=start.reference_pretrain_loss,
-        earlier_probes=start.earlier_probes,
     )
     return job
 
@@ -311,12 +286,6 @@ def summary(outcome: TrainOutcome) -> str:
     return "\n".join(lines)
 
 
-def _read_rows(folder: Path, *, limit: int | None) -> pa.Table:
-    files = sorted(Path(folder).glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f).cast(ROW_SCHEMA) for f in files]) if files else ROW_SCHEMA.empty_table()
-    return table.slice(0, limit) if limit is not None else table
-
-
 def check_validation(report: dict[str, Any]) -> None:
     """Fails before any worker starts when the prepared data has no validation conversations.
 
@@ -330,55 +299,3 @@ def check_validation(report: dict[str, Any]) -> None:
             f"no validation conversations in {report.get('out_dir')} ({conversations.get('train', 0)} train, "
             f"data.val_fraction={fraction}): raise data.val_fraction or give data.val_sources"
         )
-
-
-def _generation_limit(cfg: Config, *, probes: list[dict], prepared: Prepared, tokenizer: Any) -> int:
-    """``max_new_tokens`` of the probes: configured, or sized to their reference answers (warns when out of reach)."""
-
-    e = cfg.eval
-    if not probes:
-        return e.max_new_tokens or 1
-    lengths = reference_lengths(probes, tokenizer=tokenizer)
-    if not lengths:  # probes without references: the validation answers' lengths stand in
-        rows = _read_rows(prepared.val_dir, limit=e.max_eval_rows).to_pylist()
-        lengths = reference_lengths(probes_from_rows(rows, tokenizer=tokenizer, limit=256), tokenizer=tokenizer)
-    limit, warning = generation_limit(lengths, configured=e.max_new_tokens, cap=e.max_new_tokens_cap)
-    if warning:
-        log.warning(warning)
-    log.info("%d generation probes, at most %d new tokens each", len(probes), limit)
-    return limit
-
-
-def _probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:
-    """The run's generation probes: ``data.probes``, else the last trained turn of validation conversations."""
-    n = cfg.eval.num_probes
-    if n <= 0:
-        return []
-    if cfg.data.probes:
-        probes = probes_from_file(
-            probes_path(cfg.data.probes, cache_dir=cfg.paths.cache_dir),
-            tokenizer=tokenizer,
-            system_prompt=cfg.data.system_prompt,
-            limit=n,
-            columns=cfg.data.probe_columns,
-            answer_pattern=cfg.eval.answer_pattern,
-        )
-    else:
-        rows = _read_rows(prepared.val_dir, limit=None).to_pylist()
-        probes = with_answer_pattern(probes_from_rows(rows, tokenizer=tokenizer, limit=n), cfg.eval.answer_pattern)
-    if not probes:
-        raise ValueError(
-            f"eval.num_probes={n} but the validation split of {prepared.out_dir} has no trained assistant turn to "
-            "probe; give data.probes or more validation examples (data.val_fraction, data.val_sources)"
-        )
-    pattern, references = cfg.eval.answer_pattern, [p["reference"] for p in probes if p["reference"] is not None]
-    unanswered = sum(1 for r in references if extract_answer(r, pattern) is None) if pattern else 0
-    if unanswered:
-        log.warning(
-            "eval.answer_pattern=%r finds no answer in %d of %d probe references: those probes are left out of "
-            "eval/exact_match",
-            pattern,
-            unanswered,
-            len(references),
-        )
-    return probes
