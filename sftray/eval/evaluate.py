@@ -5,7 +5,7 @@ dealt out evenly and generation uses ``synced_gpus`` to keep ranks stepping toge
 
 The eval rows are small by construction (``eval.max_eval_rows`` per set) and read every epoch, so each rank holds
 its share in memory as Arrow rather than streaming it through Ray Data: a Ray Data shard costs a coordinator actor
-per set at start-up and an execution per pass (``make bench``: seconds to the first step).
+per set at start-up and an execution per pass, each a delay before the first step.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """What the driver hands every Ray Train worker (``WorkerJob``) and Train's entry point, kept free of heavy imports.
 
 Ray Train's controller unpickles the entry point and its config before any worker starts. Defined next to the loop,
-they made the controller import the loop's modules too (transformers, pandas): 1.3 s more of every run's and every
-trial's start-up (measured in the controller actor), spent before the workers start. The worker imports the loop
-when the entry point runs.
+they made the controller import the loop's modules too (transformers, pandas), delaying every run's and every
+trial's start-up before the workers start. The worker imports the loop when the entry point runs.
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
 
     Each rank trains on its round-robin share of a new permutation of all rows per epoch (``epoch_rows``), like
     torch's DistributedSampler, rather than on a Ray Data shard: the rows are in memory already, a shard costs a
-    split-coordinator actor at start-up and a new streaming execution per epoch (``make bench``: seconds to the
-    first step), and a local shuffle buffer reorders only within a window while this reshuffles the whole set.
+    split-coordinator actor at start-up and a new streaming execution per epoch (each delays the epoch's first
+    step), and a local shuffle buffer reorders only within a window while this reshuffles the whole set.
     """
     import ray
     from transformers import AutoTokenizer
