@@ -1,4 +1,4 @@
-"""One training run from the driver: resources check, rows, probes, a TorchTrainer, and the best checkpoint.
+"""One training run from the driver: checks, the rows and eval plan for the workers, a TorchTrainer, the best checkpoint.
 
 Used by ``sftray train`` and by each Tune trial of a sweep. Never imports tune/ or tracking/.
 """
@@ -27,10 +27,8 @@ from sftray.eval.metrics import (
     select_best,
 )
 from sftray.eval.plan import plan_eval
-from sftray.layout import EPOCH_GLOB, epoch_dir_name
-from sftray.train.checkpoint import STATE_FILE as CHECKPOINT_STATE
-from sftray.train.checkpoint import load_state
 from sftray.train.job import WorkerJob, check_setup, train_fn_per_worker
+from sftray.train.resume import check_resumable, prior_checkpoints
 
 log = logging.getLogger("sftray.train")
 
@@ -101,19 +99,14 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
     markers = turn_markers(tokenizer)
     start = start or StageStart()
     heldout_dir = Path(start.heldout_dir) if start.heldout_dir else prepared.heldout_dir
-    tables = {}
-    for name, folder, limit in (
-        ("train", prepared.train_dir, None),
-        ("val", prepared.val_dir, cfg.eval.max_eval_rows),
-        ("heldout", heldout_dir, cfg.eval.max_eval_rows),
-    ):
-        table = read_rows(folder, limit=limit)
-        if table.num_rows == 0 and name == "train":
-            raise ValueError(f"{folder} holds no training rows")
-        # Every rank must read the same number of rows (an equal split would otherwise drop the remainder):
-        # pad with empty rows that hold one pad token and no target.
-        fill = (-table.num_rows) % world if table.num_rows else world
-        tables[name] = pa.concat_tables([table, empty_rows(fill, pad_id=tokenizer.pad_token_id)])
+    tables = {
+        name: _padded_rows(folder, limit=limit, world=world, pad_id=tokenizer.pad_token_id, train=name == "train")
+        for name, folder, limit in (
+            ("train", prepared.train_dir, None),
+            ("val", prepared.val_dir, cfg.eval.max_eval_rows),
+            ("heldout", heldout_dir, cfg.eval.max_eval_rows),
+        )
+    }
     plan = plan_eval(
         cfg,
         prepared=prepared,
@@ -190,9 +183,15 @@ def run_training(
     )
     result = trainer.fit()
     check_setup(result.return_value)
+    return _outcome(result, cfg=cfg)
+
+
+def _outcome(result: Any, *, cfg: Config) -> TrainOutcome:
+    """The run's checkpoints (a resumed run's earlier ones too) and the one ``eval.select_metric`` chooses within
+    ``eval.forgetting_budget``."""
     checkpoints = sorted(((c.path, m) for c, m in (result.best_checkpoints or [])), key=lambda cm: cm[1]["epoch"])
-    if t.resume_from:  # the earlier run's epochs are candidates too: selection is over the whole training
-        checkpoints = prior_checkpoints(Path(t.resume_from)) + checkpoints
+    if cfg.train.resume_from:  # the earlier run's epochs are candidates too: selection is over the whole training
+        checkpoints = prior_checkpoints(Path(cfg.train.resume_from)) + checkpoints
     if not checkpoints:
         raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
     history = result.return_value or [m for _, m in checkpoints]
@@ -216,44 +215,15 @@ def run_training(
     )
 
 
-def check_resumable(checkpoint: Path, *, cfg: Config, steps_per_epoch: int) -> None:
-    """Fails before any worker starts when ``train.resume_from`` cannot continue this run's configuration."""
-    what = f"train.resume_from={checkpoint}"
-    if not (checkpoint / CHECKPOINT_STATE).is_file() or not (checkpoint / "model").is_dir():
-        raise ValueError(f"{what} is not a complete sftray checkpoint (it needs {CHECKPOINT_STATE} and model/)")
-    lora = (checkpoint / "model" / "adapter_config.json").is_file()
-    if lora != (cfg.train.method == "lora"):
-        raise ValueError(f"{what} holds a {'LoRA' if lora else 'full'} model but train.method={cfg.train.method}")
-    state = load_state(checkpoint)
-    if state["epoch"] >= cfg.train.epochs:
-        raise ValueError(
-            f"{what} ends epoch {state['epoch']} and train.epochs={cfg.train.epochs}: nothing left to train "
-            "(raise train.epochs)"
-        )
-    if state["step"] != state["epoch"] * steps_per_epoch:
-        raise ValueError(
-            f"{what} took {state['step']} steps in {state['epoch']} epoch(s), but this configuration takes "
-            f"{steps_per_epoch} per epoch: resume with the data and batch settings of the run that wrote it"
-        )
-
-
-def prior_checkpoints(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
-    """The epoch checkpoints up to and including ``checkpoint`` in its run folder, with their epoch-end metrics."""
-    history = load_state(checkpoint)["history"]
-    out = []
-    for metrics in history:
-        folder = checkpoint.parent / epoch_dir_name(metrics["epoch"])
-        if metrics["epoch"] > 0 and TRAIN_LOSS in metrics and (folder / CHECKPOINT_STATE).is_file():
-            out.append((str(folder), metrics))
-    return out
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete epoch checkpoint below ``run_dir`` (a run folder or a folder of runs), if any."""
-    done = [
-        p.parent for p in Path(run_dir).glob(f"**/{EPOCH_GLOB}/{CHECKPOINT_STATE}") if (p.parent / "model").is_dir()
-    ]
-    return max(done, key=lambda p: p.stat().st_mtime) if done else None
+def _padded_rows(folder: Path, *, limit: int | None, world: int, pad_id: int, train: bool) -> pa.Table:
+    """The first ``limit`` rows of ``folder``, padded to a multiple of ``world``: every rank must read the same
+    number of rows (an equal split would otherwise drop the remainder); the padding rows hold one pad token and no
+    target."""
+    table = read_rows(folder, limit=limit)
+    if table.num_rows == 0 and train:
+        raise ValueError(f"{folder} holds no training rows")
+    fill = (-table.num_rows) % world if table.num_rows else world
+    return pa.concat_tables([table, empty_rows(fill, pad_id=pad_id)])
 
 
 def summary(outcome: TrainOutcome) -> str:
