@@ -112,7 +112,9 @@ class _EpochTally:
             points=[torch.zeros(len(_POINT_SLOTS), dtype=torch.float64, device=device)],
         )
 
-    def add(self, step_sums: torch.Tensor, group: list[dict[str, torch.Tensor]], *, step: int, ends_point: bool):
+    def add(
+        self, step_sums: torch.Tensor, group: list[dict[str, torch.Tensor]], *, step: int, ends_point: bool
+    ) -> None:
         self.sums += step_sums
         self.tokens += sum(int((b["token_kind"] > 0).sum()) for b in group)
         self.points[-1] += step_sums[_POINT_SLOTS]
