@@ -99,7 +99,7 @@ class _EpochTally:
     point_steps: list[int] = field(default_factory=list)
     """The step each closed point ends at."""
     tokens: int = 0
-    """Input tokens trained on (padding excluded)."""
+    """Input tokens of the epoch's micro-batches (chat and pretraining; padding excluded)."""
     wait: float = 0.0
     """Seconds spent waiting for micro-batches."""
     first_batch: float | None = None
