@@ -88,11 +88,11 @@ def eval_probes(cfg: Config, *, prepared: Prepared) -> tuple[list[dict], int]:
 
 
 def _probes_and_limit(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> tuple[list[dict], int]:
-    probes = run_probes(cfg, prepared=prepared, tokenizer=tokenizer)
+    probes = choose_probes(cfg, prepared=prepared, tokenizer=tokenizer)
     return probes, probe_generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer)
 
 
-def run_probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:
+def choose_probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:
     """The run's generation probes: ``data.probes``, else the last trained turn of validation conversations."""
     n = cfg.eval.num_probes
     if n <= 0:
