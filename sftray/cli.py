@@ -250,7 +250,7 @@ def _train_resume_hint(run_dir: Path, overrides: list[str], *, interrupted: bool
     """Where an unfinished run got to, and the exact command that continues it."""
     import shlex
 
-    from sftray.train.run import last_checkpoint
+    from sftray.train.resume import last_checkpoint
 
     what = "interrupted" if interrupted else "failed"
     last = last_checkpoint(run_dir) if run_dir.is_dir() else None
@@ -295,7 +295,7 @@ def _sweep_resume_hint(cfg: Config, overrides: list[str], *, unfinished: int | N
     """Where an interrupted sweep got to, and the exact command that continues it."""
     import shlex
 
-    from sftray.train.run import last_checkpoint
+    from sftray.train.resume import last_checkpoint
     from sftray.tune.sweep import trial_runs_dir
 
     last = last_checkpoint(trial_runs_dir(cfg))

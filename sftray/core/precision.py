@@ -9,8 +9,8 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     """True when the forward and backward run under bf16 autocast (FSDP: a bf16 MixedPrecisionPolicy).
 
     ``auto`` picks bf16 only on a GPU that supports it: on a CPU the gain depends on bf16 matrix instructions
-    (``make bench`` measured 2.1x with AVX512-BF16, and CPUs without them gain nothing), and bf16 changes the
-    numbers a run produces, so a CPU user opts in. ``bf16`` asks for it anywhere it can run.
+    (AVX512-BF16; CPUs without them gain nothing), and bf16 changes the numbers a run produces, so a CPU user
+    opts in. ``bf16`` asks for it anywhere it can run.
     """
     if precision == "fp32":
         return False

@@ -1,1 +1,2 @@
-"""Evaluation: held-out losses, forgetting, and generation probes for format compliance."""
+"""Evaluation: the driver's eval plan (probes, generation limit, base-eval cache), held-out losses, forgetting, and
+generation probes for format compliance."""

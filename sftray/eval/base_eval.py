@@ -2,9 +2,9 @@
 
 Every run and every sweep trial starts by evaluating the untrained model (val loss, held-out pretraining loss,
 generation probes): forgetting is measured against it. It depends only on the inputs hashed by ``base_eval_key``,
-so the first run computes it and every later run or trial that shares the key reads it from
-``<paths.output_dir>/base_eval/<key>.json``. A lock file next to it makes concurrent trials wait for the one that
-computes instead of computing it too.
+so the first run computes it and every later run or trial that shares the key reads it from ``<key>.json`` in
+``sftray.layout.base_eval_dir``. A lock file next to it makes concurrent trials wait for the one that computes
+instead of computing it too.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from typing import Any
 
 from sftray.atomic import write_text_atomic
 from sftray.config import Config
+from sftray.layout import base_eval_dir
 
 EVAL_INPUTS = ("num_probes", "max_new_tokens", "max_new_tokens_cap", "max_eval_rows")
 """The eval knobs the base eval's values depend on (selection knobs such as the forgetting budget do not)."""
-CACHE_DIR = "base_eval"
-"""Folder of the cached evals, under ``paths.output_dir`` (shared storage on a cluster, like the runs)."""
 
 
 def base_eval_key(
@@ -59,7 +58,8 @@ def base_eval_key(
 
 
 def cache_path(output_dir: str | Path, key: str) -> Path:
-    return Path(output_dir) / CACHE_DIR / f"{key}.json"
+    """The cached eval of ``key``, under ``paths.output_dir`` (shared storage on a cluster, like the runs)."""
+    return base_eval_dir(output_dir) / f"{key}.json"
 
 
 def load(path: Path) -> tuple[dict[str, float], list[dict]] | None:

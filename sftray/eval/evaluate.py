@@ -5,7 +5,7 @@ dealt out evenly and generation uses ``synced_gpus`` to keep ranks stepping toge
 
 The eval rows are small by construction (``eval.max_eval_rows`` per set) and read every epoch, so each rank holds
 its share in memory as Arrow rather than streaming it through Ray Data: a Ray Data shard costs a coordinator actor
-per set at start-up and an execution per pass (``make bench``: seconds to the first step).
+per set at start-up and an execution per pass, each a delay before the first step.
 """
 
 from __future__ import annotations
@@ -132,24 +132,16 @@ def run_probes(
     model.eval()
     rows: list[dict] = []
     if mine:
-        width = max(len(p["prompt_ids"]) for p in mine)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor(
-            [[pad] * (width - len(p["prompt_ids"])) + list(p["prompt_ids"]) for p in mine], device=device
-        )
-        mask = torch.tensor(
-            [[0] * (width - len(p["prompt_ids"])) + [1] * len(p["prompt_ids"]) for p in mine], device=device
-        )
-        out = unwrap(model).generate(
-            input_ids=ids,
-            attention_mask=mask,
+        generated = _generate(
+            model,
+            mine,
+            tokenizer=tokenizer,
+            device=device,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=end_of_turn_id,
-            pad_token_id=pad,
-            synced_gpus=world > 1,
+            end_of_turn_id=end_of_turn_id,
+            synced=world > 1,
         )
-        for probe, gen in zip(mine[:real], out[:real, width:].tolist()):
+        for probe, gen in zip(mine[:real], generated[:real]):
             verdict = judge(
                 gen,
                 tokenizer=tokenizer,
@@ -166,13 +158,47 @@ def run_probes(
         gathered = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(gathered, rows)
     table = [r for part in gathered for r in part]
+    return _probe_metrics(table), table
+
+
+def _generate(
+    model: Any,
+    probes: list[dict],
+    *,
+    tokenizer: Any,
+    device: torch.device,
+    max_new_tokens: int,
+    end_of_turn_id: int,
+    synced: bool,
+) -> list[list[int]]:
+    """Greedy continuations (token ids after the prompt) of the probes' prompts, left-padded into one batch;
+    ``synced``: keep stepping until every rank has finished (each step of an FSDP2 model is a collective)."""
+    width = max(len(p["prompt_ids"]) for p in probes)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p["prompt_ids"])) + list(p["prompt_ids"]) for p in probes], device=device)
+    mask = torch.tensor(
+        [[0] * (width - len(p["prompt_ids"])) + [1] * len(p["prompt_ids"]) for p in probes], device=device
+    )
+    out = unwrap(model).generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=end_of_turn_id,
+        pad_token_id=pad,
+        synced_gpus=synced,
+    )
+    return out[:, width:].tolist()
+
+
+def _probe_metrics(table: list[dict]) -> dict[str, float]:
+    """Format compliance, ended and exact match over the probe table's verdicts (``judge``)."""
     n = max(len(table), 1)
     # Exact match counts the probes with an answer to compare: a reference, and its final answer when
     # eval.answer_pattern extracts one (a reference it cannot find an answer in is not a miss of the model).
     with_ref = [r for r in table if r["reference"] is not None and r.get("reference_answer", "") is not None]
-    metrics = {
+    return {
         FORMAT_COMPLIANCE: sum(r["compliant"] for r in table) / n,
         ENDED: sum(r["ended"] for r in table) / n,
         EXACT_MATCH: sum(r["exact_match"] for r in with_ref) / max(len(with_ref), 1),
     }
-    return metrics, table

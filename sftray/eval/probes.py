@@ -11,28 +11,22 @@ group, e.g. GSM8K's ``#### *(\S+)``) the final answer it extracts from both the 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sftray.config import Config
+from sftray.config import Config, DataConfig
 from sftray.data.chat import IGNORE_INDEX
-from sftray.data.probe_file import probes_path, read_probes
+from sftray.data.probe_file import probe_file, probe_records
 
 
 def probes_from_file(
-    path: Path,
-    *,
-    tokenizer: Any,
-    system_prompt: str | None,
-    limit: int,
-    columns: Mapping[str, str] | None = None,
-    answer_pattern: str | None = None,
+    data: DataConfig, *, cache_dir: str | Path, tokenizer: Any, limit: int, answer_pattern: str | None = None
 ) -> list[dict]:
-    """The first ``limit`` probes of a probe file (``sftray.data.probe_file``: its records, ``columns`` the
-    ``data.probe_columns`` mapping) with prompt ids; ``answer_pattern``: ``eval.answer_pattern``."""
+    """The first ``limit`` probes of ``data.probes`` (``sftray.data.probe_file.probe_records``: resolved and read
+    with ``data.probe_columns`` and ``data.system_prompt``) with prompt ids; ``answer_pattern``:
+    ``eval.answer_pattern``."""
     probes = []
-    for record in read_probes(path, columns=columns or {}, system_prompt=system_prompt, limit=limit):
+    for record in probe_records(data, cache_dir=cache_dir, limit=limit):
         ids = tokenizer.apply_chat_template(record.messages, tokenize=True, add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         probe = {"prompt": record.messages[-1]["content"], "prompt_ids": ids, "reference": record.reference}
@@ -50,10 +44,8 @@ def check_probe_file(cfg: Config) -> None:
     ``eval.answer_pattern`` finds an answer in at least one reference (else exact match is 0 by construction)."""
     if not cfg.data.probes or cfg.eval.num_probes <= 0:
         return
-    path = probes_path(cfg.data.probes, cache_dir=cfg.paths.cache_dir)
-    if not path.is_file():
-        raise ValueError(f"data.probes={cfg.data.probes}: no such file")
-    records = read_probes(path, columns=cfg.data.probe_columns, system_prompt=cfg.data.system_prompt)
+    path = probe_file(cfg.data, cache_dir=cfg.paths.cache_dir)
+    records = probe_records(cfg.data, cache_dir=cfg.paths.cache_dir)
     pattern = cfg.eval.answer_pattern
     references = [r.reference for r in records[: cfg.eval.num_probes] if r.reference is not None]
     if pattern and references and not any(extract_answer(r, pattern) is not None for r in references):

@@ -15,7 +15,9 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -58,7 +60,8 @@ def pretrain_tiny(
 ) -> dict:
     """Train ``tiny_llama_config`` from scratch on pydoc prose; save model + tokenizer + report to ``out_dir``.
 
-    Args (defaults: 1.2 M tokens, ~11 passes over the ~110 k training tokens; ~3 minutes on 2 idle CPU cores):
+    Args (defaults: 600 x 8 x 256 = 1.2 M tokens, several passes over the training windows, small enough to run
+    on a laptop's CPU):
       steps: optimizer steps (one batch each).
       seq_len: tokens per training window; the token stream is cut into consecutive windows of this length.
       batch_size: windows per step (tokens per step = batch_size * seq_len).
@@ -107,13 +110,36 @@ def pretrain_tiny(
         batch_size,
     )
 
-    model.train()
     order = _window_order(len(train_windows), steps=steps, batch_size=batch_size, seed=seed)
+    batches = (train_windows[order[(step - 1) * batch_size : step * batch_size]] for step in range(1, steps + 1))
+    train_loss = _train(model, optimizer, scheduler, batches, steps=steps, log_every=log_every)
+
+    heldout_loss = _heldout_loss(model, heldout_windows, batch_size=batch_size)
+    unigram = unigram_loss(train_windows, heldout_windows, vocab_size=vocab_size)
+    report = {
+        "steps": steps,
+        "train_loss": train_loss,
+        "heldout_loss": heldout_loss,
+        "unigram_loss": unigram,
+        "seconds": round(time.perf_counter() - started, 1),
+        "tokens_seen": steps * batch_size * seq_len,
+    }
+    log.info("held-out loss %.4f vs unigram %.4f (nats/token)", heldout_loss, unigram)
+
+    _save(model, tokenizer, Path(out_dir), report=report, end_ids=[im_end_id, eos_id], pad_id=eos_id)
+    return report
+
+
+def _train(
+    model: Any, optimizer: Any, scheduler: Any, batches: Iterable[torch.Tensor], *, steps: int, log_every: int
+) -> float:
+    """One optimizer step per batch (a progress bar, a log line every ``log_every`` steps); returns the mean train
+    loss of the last ``log_every`` steps."""
+    model.train()
     recent: list[float] = []
     running = None
     with logging_redirect_tqdm(), tqdm(total=steps, desc="pretrain tiny-llama", unit="step") as bar:
-        for step in range(1, steps + 1):
-            batch = train_windows[order[(step - 1) * batch_size : step * batch_size]]
+        for step, batch in enumerate(batches, start=1):
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
@@ -134,29 +160,19 @@ def pretrain_tiny(
                     sum(recent) / len(recent),
                     scheduler.get_last_lr()[0],
                 )
+    return sum(recent) / len(recent)
 
-    heldout_loss = _heldout_loss(model, heldout_windows, batch_size=batch_size)
-    unigram = unigram_loss(train_windows, heldout_windows, vocab_size=vocab_size)
-    report = {
-        "steps": steps,
-        "train_loss": sum(recent) / len(recent),
-        "heldout_loss": heldout_loss,
-        "unigram_loss": unigram,
-        "seconds": round(time.perf_counter() - started, 1),
-        "tokens_seen": steps * batch_size * seq_len,
-    }
-    log.info("held-out loss %.4f vs unigram %.4f (nats/token)", heldout_loss, unigram)
 
-    out_dir = Path(out_dir)
+def _save(model: Any, tokenizer: Any, out_dir: Path, *, report: dict, end_ids: list[int], pad_id: int) -> None:
+    """The model, its tokenizer and the pretraining report in ``out_dir``; generation stops at any of ``end_ids``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # Chat generation stops at the end of an assistant turn, or at the end of a document.
-    model.generation_config.eos_token_id = [im_end_id, eos_id]
-    model.generation_config.pad_token_id = eos_id
+    model.generation_config.eos_token_id = end_ids
+    model.generation_config.pad_token_id = pad_id
     model.generation_config.bos_token_id = None
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def _corpus_ids(tokenizer, text: str, *, eos_id: int) -> list[int]:

@@ -33,9 +33,10 @@ from sftray.atomic import write_text_atomic
 from sftray.config import Config, ConfigError, stage_config
 from sftray.data.pipeline import Prepared
 from sftray.eval.metrics import EXACT_MATCH, FORGETTING, FORMAT_COMPLIANCE, PRETRAIN_LOSS, stage_metric
+from sftray.eval.plan import eval_probes
 from sftray.models.loading import resolve_base_model_path
 from sftray.recipes.prep import prep
-from sftray.train.run import StageStart, TrainOutcome, eval_probes, run_training
+from sftray.train.run import StageStart, TrainOutcome, run_training
 
 log = logging.getLogger("sftray.stages")
 

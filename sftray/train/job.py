@@ -1,9 +1,8 @@
 """What the driver hands every Ray Train worker (``WorkerJob``) and Train's entry point, kept free of heavy imports.
 
 Ray Train's controller unpickles the entry point and its config before any worker starts. Defined next to the loop,
-they made the controller import the loop's modules too (transformers, pandas): 1.3 s more of every run's and every
-trial's start-up (measured in the controller actor), spent before the workers start. The worker imports the loop
-when the entry point runs.
+they made the controller import the loop's modules too (transformers, pandas), delaying every run's and every
+trial's start-up before the workers start. The worker imports the loop when the entry point runs.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftray.config import Config
+from sftray.eval.plan import EvalPlan
 
 
 @dataclass(kw_only=True)
@@ -30,13 +30,10 @@ class WorkerJob:
     """Object ref of the training rows (an Arrow table padded to a multiple of the workers)."""
     eval_rows: dict[str, Any] = field(default_factory=dict)
     """Object refs of the val and heldout rows (Arrow tables padded to a multiple of the workers)."""
-    probes: list[dict] = field(default_factory=list)
-    max_new_tokens: int = 32
-    """Generation limit of the probes (``eval.max_new_tokens``, or sized to their reference answers)."""
+    eval: EvalPlan = field(default_factory=EvalPlan)
+    """The probes, their generation limit and the base-eval cache every eval uses (``sftray.eval.plan``)."""
     end_of_turn_id: int = 0
     user_opener: str = ""
-    base_eval_path: str | None = None
-    """Where the base model's eval is cached (``sftray.eval.base_eval``); None: compute it, cache nothing."""
     stage: int | None = None
     """Multi-stage: this stage's index, added to every report as ``stage``."""
     init_adapter: str | None = None
@@ -44,8 +41,6 @@ class WorkerJob:
     reference_pretrain_loss: float | None = None
     """Multi-stage: the original base model's held-out pretraining loss, so eval/forgetting of every stage is
     relative to it; None: relative to this run's own starting model (epoch 0)."""
-    earlier_probes: dict[str, tuple[list[dict], int]] = field(default_factory=dict)
-    """Multi-stage: each earlier stage's name -> (its probes, their generation limit), scored every eval."""
 
     @property
     def micro_batches_per_epoch(self) -> int:

@@ -14,6 +14,8 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,47 +39,160 @@ from sftray.eval.metrics import (
     TRAIN_TOKENS_PER_S,
     with_forgetting,
 )
+from sftray.layout import epoch_dir_name
 from sftray.models.loading import load_model
 from sftray.models.lora import apply_lora
 from sftray.train import checkpoint as ckpt_mod
 from sftray.train.job import SETUP_ERRORS, WorkerJob
-from sftray.train.step import build_optimizer, build_scheduler, optimizer_step
+from sftray.train.step import StepSum, build_optimizer, build_scheduler, mean_loss, optimizer_step
 
 log = logging.getLogger("sftray.train")
 
+_POINT_SLOTS = [StepSum.LOSS, StepSum.TARGETS]
+"""The step sums a ``train/loss`` point keeps."""
 
-def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
+
+@dataclass(kw_only=True)
+class _Worker:
+    """One rank's built run: what every epoch uses."""
+
+    job: WorkerJob
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+    tokenizer: Any
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    collate: Callable[..., dict[str, torch.Tensor]]
+    evaluator: Evaluator
+    fresh_start: bool
+    """Neither resumed nor retried: fault injection (``train.fail_at_step``) fires only then."""
+
+
+@dataclass(kw_only=True)
+class _Progress:
+    """Where the run stands: what an epoch checkpoint saves and a resumed run restores."""
+
+    next_epoch: int
+    step: int
+    """Optimizer steps taken so far, over all epochs."""
+    base: dict[str, Any]
+    """The base model's eval (``metrics``) and the pretraining loss forgetting is relative to (``pretrain_loss``)."""
+    history: list[dict[str, Any]]
+    """Every eval's metrics so far (epoch 0: the base model)."""
+    restarts: int
+    """Resumptions from a checkpoint so far (worker failures, ``train.resume_from``)."""
+    probes_base: list[dict]
+    """The base model's probe table (saved with every checkpoint beside the epoch's own)."""
+
+
+@dataclass(kw_only=True)
+class _EpochTally:
+    """This rank's running totals over one epoch: summed over the ranks once, at its end, not per step."""
+
+    sums: torch.Tensor
+    """float64 sums over the epoch's steps, slots named by ``StepSum``."""
+    points: list[torch.Tensor]
+    """(loss, targets) sums per ``train/loss`` point; the last one is still open."""
+    point_steps: list[int] = field(default_factory=list)
+    """The step each closed point ends at."""
+    tokens: int = 0
+    """Input tokens of the epoch's micro-batches (chat and pretraining; padding excluded)."""
+    wait: float = 0.0
+    """Seconds spent waiting for micro-batches."""
+    first_batch: float | None = None
+    """``time.perf_counter()`` when the first micro-batch arrived: throughput counts from there."""
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> _EpochTally:
+        return cls(
+            sums=torch.zeros(len(StepSum), dtype=torch.float64, device=device),
+            points=[torch.zeros(len(_POINT_SLOTS), dtype=torch.float64, device=device)],
+        )
+
+    def add(
+        self, step_sums: torch.Tensor, group: list[dict[str, torch.Tensor]], *, step: int, ends_point: bool
+    ) -> None:
+        self.sums += step_sums
+        self.tokens += sum(int((b["token_kind"] > 0).sum()) for b in group)
+        self.points[-1] += step_sums[_POINT_SLOTS]
+        if ends_point:
+            self.point_steps.append(step)
+            self.points.append(torch.zeros_like(self.points[0]))
+
+    def all_reduce(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(sums, closed points, tokens) over every rank."""
+        points, tokens = torch.stack(self.points[:-1]), self.tokens
+        if dist.is_initialized():
+            dist.all_reduce(self.sums)
+            dist.all_reduce(points)
+            tok = torch.tensor([tokens], dtype=torch.float64, device=device)
+            dist.all_reduce(tok)
+            tokens = int(tok.item())
+        return self.sums, points, tokens
+
+
+def run_worker(job: WorkerJob) -> list[dict[str, Any]] | dict[str, list[str]]:
     """One worker's whole run (entered through ``sftray.train.job.train_fn_per_worker``); returns (on rank 0) the
-    metric history of the run."""
+    metric history of the run, or every rank's setup errors (``sftray.train.job.SETUP_ERRORS``)."""
     import ray
     import ray.train
     import ray.train.torch
     from transformers import AutoTokenizer
 
-    cfg, t = job.cfg, job.cfg.train
+    t = job.cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    bf16 = use_bf16(t.precision, device)
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
 
     # This run's own latest checkpoint (after a worker-group restart) wins over train.resume_from, which seeds
     # only the first attempt: Train V2 has no resume_from_checkpoint, so the worker loads the folder itself.
     checkpoint = ray.train.get_checkpoint()
-    fresh_start = checkpoint is None and not t.resume_from  # fault injection fires on a fresh run's first attempt
+    fresh_start = checkpoint is None and not t.resume_from
     if checkpoint is None and t.resume_from:
         checkpoint = ray.train.Checkpoint.from_directory(t.resume_from)
-    error = None
+    model, state, error = _load(job, checkpoint, tokenizer=tokenizer, rank=rank)
+    if errors := _setup_errors(error, world=world):
+        return {"setup_errors": errors}
+    w = _worker(job, model, tokenizer=tokenizer, rank=rank, world=world, device=device, fresh_start=fresh_start)
+    progress = _resumed(w, state) if state is not None else _started(w)
+    train_rows = ray.get(job.train_rows)  # zero-copy from the node's object store
+    for epoch in range(progress.next_epoch, t.epochs + 1):
+        _run_epoch(w, progress, epoch=epoch, train_rows=train_rows)
+    return progress.history
+
+
+def _load(job: WorkerJob, checkpoint: Any, *, tokenizer: Any, rank: int) -> tuple[Any, dict | None, str | None]:
+    """(model, the checkpoint's train state or None, None), or (None, None, this rank's setup error)."""
     try:
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckdir:
             state = ckpt_mod.load_state(Path(ckdir)) if ckdir else None
             model = _build_model(job, tokenizer=tokenizer, checkpoint_dir=Path(ckdir) if ckdir else None)
     except SETUP_ERRORS as exc:  # the same inputs would fail the same way: returned, so Train does not retry it
         log.debug("rank %d could not build its model", rank, exc_info=True)
-        error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    if errors := _setup_errors(error, world=world):
-        return {"setup_errors": errors}
+        return None, None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return model, state, None
+
+
+def _worker(
+    job: WorkerJob,
+    model: Any,
+    *,
+    tokenizer: Any,
+    rank: int,
+    world: int,
+    device: torch.device,
+    fresh_start: bool,
+) -> _Worker:
+    """The model on ``device``, wrapped for data parallelism, with its optimizer, schedule and evaluator."""
+    import ray
+
+    cfg, t = job.cfg, job.cfg.train
+    bf16 = use_bf16(t.precision, device)
     model.to(device)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -89,10 +204,8 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
         embeddings.register_forward_hook(neftune_post_forward_hook)
     model = wrap(model, parallelism=t.parallelism, device=device, world_size=world, bf16=bf16)
     model.train()
-
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg=t)
-    total_steps = job.steps_per_epoch * t.epochs
-    scheduler = build_scheduler(optimizer, cfg=t, total_steps=total_steps)
+    scheduler = build_scheduler(optimizer, cfg=t, total_steps=job.steps_per_epoch * t.epochs)
     # Pad each micro-batch to its longest row (not to max_seq_len): fewer wasted positions, same targets.
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing)
     evaluator = Evaluator(
@@ -103,138 +216,171 @@ def run_worker(job: WorkerJob) -> list[dict[str, Any]]:
         val=eval_share(ray.get(job.eval_rows["val"]), rank=rank, world=world),
         heldout=eval_share(ray.get(job.eval_rows["heldout"]), rank=rank, world=world),
         micro_batch_size=t.micro_batch_size,
-        probes=job.probes,
-        earlier_probes=job.earlier_probes,
-        max_new_tokens=job.max_new_tokens,
+        probes=job.eval.probes,
+        earlier_probes=job.eval.earlier_probes,
+        max_new_tokens=job.eval.max_new_tokens,
         end_of_turn_id=job.end_of_turn_id,
         user_opener=job.user_opener,
     )
+    return _Worker(
+        job=job,
+        rank=rank,
+        world=world,
+        device=device,
+        bf16=bf16,
+        tokenizer=tokenizer,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        collate=collate,
+        evaluator=evaluator,
+        fresh_start=fresh_start,
+    )
 
-    if state is not None:
-        ckpt_mod.restore_optimizer(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step, base, history = state["epoch"] + 1, state["step"], state["base"], state["history"]
-        restarts = state.get("restarts", 0) + 1
-        tables = {"probes_base": state.get("probes_base", [])}
-        log.info("rank %d resumed after epoch %d (step %d)", rank, state["epoch"], step)
-    else:
-        start_epoch, step, history, restarts = 1, 0, [], 0
-        base_metrics, base_table, reused = _base_eval(evaluator, job.base_eval_path, rank=rank)
-        reference = job.reference_pretrain_loss  # a later stage: forgetting relative to the original base
-        base = {
-            "pretrain_loss": base_metrics[PRETRAIN_LOSS] if reference is None else reference,
-            "metrics": base_metrics,
-        }
-        tables = {"probes_base": base_table}
-        row = {"epoch": 0, "step": 0, BASE_EVAL_REUSED: float(reused), **_with_forgetting(base_metrics, base, cfg)}
-        history.append(_report(row, rank=rank, stage=job.stage))
 
-    train_rows = ray.get(job.train_rows)  # zero-copy from the node's object store
+def _resumed(w: _Worker, state: dict[str, Any]) -> _Progress:
+    """The optimizer and schedule restored from a checkpoint's train state; training goes on after its epoch."""
+    ckpt_mod.restore_optimizer(w.model, w.optimizer, state["optimizer"])
+    w.scheduler.load_state_dict(state["scheduler"])
+    log.info("rank %d resumed after epoch %d (step %d)", w.rank, state["epoch"], state["step"])
+    return _Progress(
+        next_epoch=state["epoch"] + 1,
+        step=state["step"],
+        base=state["base"],
+        history=state["history"],
+        restarts=state.get("restarts", 0) + 1,
+        probes_base=state.get("probes_base", []),
+    )
+
+
+def _started(w: _Worker) -> _Progress:
+    """A fresh run: the base model's eval (epoch 0), reported like every later eval."""
+    job = w.job
+    base_metrics, base_table, reused = _base_eval(w.evaluator, job.eval.base_eval_path, rank=w.rank)
+    reference = job.reference_pretrain_loss  # a later stage: forgetting relative to the original base
+    base = {
+        "pretrain_loss": base_metrics[PRETRAIN_LOSS] if reference is None else reference,
+        "metrics": base_metrics,
+    }
+    progress = _Progress(next_epoch=1, step=0, base=base, history=[], restarts=0, probes_base=base_table)
+    row = {"epoch": 0, "step": 0, BASE_EVAL_REUSED: float(reused), **_with_forgetting(base_metrics, base, job.cfg)}
+    progress.history.append(_report(row, rank=w.rank, stage=job.stage))
+    return progress
+
+
+def _run_epoch(w: _Worker, progress: _Progress, *, epoch: int, train_rows: Any) -> None:
+    """One epoch on every rank: train on this rank's share, sum over the ranks, evaluate, checkpoint and report."""
+    tally, seconds, timing = _train_epoch(w, progress, epoch=epoch, train_rows=train_rows)
+    sums, points, tokens = tally.all_reduce(w.device)
+    eval_metrics, table = w.evaluator.run()
+    target_tokens = float(sums[StepSum.TARGETS])
+    metrics = {
+        "epoch": epoch,
+        "step": progress.step,
+        TRAIN_LOSS: mean_loss(sums, StepSum.LOSS, StepSum.TARGETS),
+        TRAIN_LOSS_POINTS: [
+            [s, float(loss / targets.clamp(min=1))] for s, (loss, targets) in zip(tally.point_steps, points)
+        ],
+        "train/sft_loss": mean_loss(sums, StepSum.SFT_LOSS, StepSum.SFT_TARGETS),
+        "train/pretrain_loss": (
+            mean_loss(sums, StepSum.PRETRAIN_LOSS, StepSum.PRETRAIN_TARGETS)
+            if sums[StepSum.PRETRAIN_TARGETS] > 0
+            else float("nan")
+        ),
+        "train/target_tokens": int(sums[StepSum.TARGETS]),
+        TRAIN_TOKENS_PER_S: tokens / max(seconds, 1e-9),
+        TRAIN_TARGET_TOKENS_PER_S: target_tokens / max(seconds, 1e-9),
+        TRAIN_INPUT_WAIT: tally.wait,
+        "train/lr": w.scheduler.get_last_lr()[0],
+        "train/restarts": progress.restarts,
+        **_with_forgetting(eval_metrics, progress.base, w.job.cfg),
+    }
+    progress.history.append({**metrics})
+    _checkpoint(w, progress, epoch=epoch, metrics=metrics, table=table, timing=timing)
+
+
+def _train_epoch(
+    w: _Worker, progress: _Progress, *, epoch: int, train_rows: Any
+) -> tuple[_EpochTally, float, dict[str, float]]:
+    """This rank's optimizer steps of one epoch: (its tally, seconds from the first micro-batch, wall-clock marks)."""
+    job, cfg, t = w.job, w.job.cfg, w.job.cfg.train
+    torch.manual_seed(cfg.seed * 1000 + epoch * 10 + w.rank)  # dropout/NEFTune noise: same on resume
+    tally = _EpochTally.zeros(w.device)
+    timing = {"epoch_started_at": time.time()}  # wall clock on this rank: the bench's start-up figures read it
+    epoch_started = time.perf_counter()
+    batches = micro_batches(
+        train_rows, rank=w.rank, world=w.world, size=t.micro_batch_size, collate=w.collate, seed=cfg.seed + epoch
+    )
+    remaining = job.micro_batches_per_epoch
     loss_every = cfg.tracking.loss_every_steps(job.steps_per_epoch)
-    for epoch in range(start_epoch, t.epochs + 1):
-        torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)  # dropout/NEFTune noise: same on resume
-        sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, targets, sft loss/targets, pt loss/targets
-        tokens, wait, first_batch = 0, 0.0, None
-        timing = {"epoch_started_at": time.time()}  # wall clock on this rank: the bench's start-up figures read it
-        epoch_started = time.perf_counter()
-        batches = micro_batches(
-            train_rows, rank=rank, world=world, size=t.micro_batch_size, collate=collate, seed=cfg.seed + epoch
+    for i in range(job.steps_per_epoch):
+        waited = time.perf_counter()
+        group = [next(batches) for _ in range(min(t.grad_accum, remaining))]
+        tally.wait += time.perf_counter() - waited
+        # Throughput counts from the first micro-batch: the shard's start-up is start-up (input_wait_s shows it).
+        tally.first_batch = tally.first_batch or time.perf_counter()
+        remaining -= len(group)
+        step_sums = optimizer_step(w.model, w.optimizer, group, cfg=t, device=w.device, world=w.world, bf16=w.bf16)
+        w.scheduler.step()
+        progress.step += 1
+        ends_point = progress.step % loss_every == 0 or i == job.steps_per_epoch - 1
+        tally.add(step_sums, group, step=progress.step, ends_point=ends_point)
+        if progress.step == 1:
+            timing["first_step_at"] = time.time()
+        _after_step(w, progress, epoch=epoch, step_sums=step_sums)
+    for _ in batches:  # an equal split yields exactly rows_per_rank rows; anything left would be a bug
+        raise RuntimeError("the training shard yielded more rows than planned")
+    return tally, time.perf_counter() - (tally.first_batch or epoch_started), timing
+
+
+def _after_step(w: _Worker, progress: _Progress, *, epoch: int, step_sums: torch.Tensor) -> None:
+    """Fault injection, the progress log line and a mid-epoch eval (``train.eval_every_steps``), when due."""
+    job, t, step = w.job, w.job.cfg.train, progress.step
+    if t.fail_at_step is not None and w.fresh_start and step == t.fail_at_step and w.rank == w.world - 1:
+        log.warning("fault injection: rank %d exits at step %d", w.rank, step)
+        os._exit(1)
+    if w.rank == 0 and step % t.log_every_steps == 0:
+        log.info(
+            "epoch %d step %d/%d loss %.4f lr %.2e",
+            epoch,
+            step,
+            job.steps_per_epoch * t.epochs,
+            mean_loss(step_sums, StepSum.LOSS, StepSum.TARGETS),
+            w.scheduler.get_last_lr()[0],
         )
-        remaining = job.micro_batches_per_epoch
-        # This rank's (loss, targets) sums per train/loss point: reduced once at the epoch's end, not per point.
-        point_sums, point_steps = [torch.zeros(2, dtype=torch.float64, device=device)], []
-        for i in range(job.steps_per_epoch):
-            waited = time.perf_counter()
-            group = [next(batches) for _ in range(min(t.grad_accum, remaining))]
-            wait += time.perf_counter() - waited
-            # Throughput counts from the first micro-batch: the shard's start-up is start-up (input_wait_s shows it).
-            first_batch = first_batch or time.perf_counter()
-            remaining -= len(group)
-            step_sums = optimizer_step(model, optimizer, group, cfg=t, device=device, world=world, bf16=bf16)
-            scheduler.step()
-            sums += step_sums
-            tokens += sum(int((b["token_kind"] > 0).sum()) for b in group)
-            step += 1
-            point_sums[-1] += step_sums[:2]
-            if step % loss_every == 0 or i == job.steps_per_epoch - 1:
-                point_steps.append(step)
-                point_sums.append(torch.zeros_like(point_sums[0]))
-            if step == 1:
-                timing["first_step_at"] = time.time()
-            if t.fail_at_step is not None and fresh_start and step == t.fail_at_step and rank == world - 1:
-                log.warning("fault injection: rank %d exits at step %d", rank, step)
-                os._exit(1)
-            if rank == 0 and step % t.log_every_steps == 0:
-                log.info(
-                    "epoch %d step %d/%d loss %.4f lr %.2e",
-                    epoch,
-                    step,
-                    total_steps,
-                    float(step_sums[0] / step_sums[1].clamp(min=1)),
-                    scheduler.get_last_lr()[0],
-                )
-            if t.eval_every_steps and step % t.eval_every_steps == 0 and step % job.steps_per_epoch:
-                metrics, _ = evaluator.run()
-                history.append(
-                    _report(
-                        {"epoch": epoch, "step": step, **_with_forgetting(metrics, base, cfg)},
-                        rank=rank,
-                        stage=job.stage,
-                    )
-                )
-        for _ in batches:  # an equal split yields exactly rows_per_rank rows; anything left would be a bug
-            raise RuntimeError("the training shard yielded more rows than planned")
-        seconds = time.perf_counter() - (first_batch or epoch_started)
-        points = torch.stack(point_sums[:-1])
-        if dist.is_initialized():
-            dist.all_reduce(sums)
-            dist.all_reduce(points)
-            tok = torch.tensor([tokens], dtype=torch.float64, device=device)
-            dist.all_reduce(tok)
-            tokens = int(tok.item())
-        metrics, table = evaluator.run()
-        metrics = {
-            "epoch": epoch,
-            "step": step,
-            TRAIN_LOSS: float(sums[0] / sums[1].clamp(min=1)),
-            TRAIN_LOSS_POINTS: [
-                [s, float(loss / targets.clamp(min=1))] for s, (loss, targets) in zip(point_steps, points)
-            ],
-            "train/sft_loss": float(sums[2] / sums[3].clamp(min=1)),
-            "train/pretrain_loss": float(sums[4] / sums[5].clamp(min=1)) if sums[5] > 0 else float("nan"),
-            "train/target_tokens": int(sums[1]),
-            TRAIN_TOKENS_PER_S: tokens / max(seconds, 1e-9),
-            TRAIN_TARGET_TOKENS_PER_S: float(sums[1]) / max(seconds, 1e-9),
-            TRAIN_INPUT_WAIT: wait,
-            "train/lr": scheduler.get_last_lr()[0],
-            "train/restarts": restarts,  # resumptions from a checkpoint so far (worker failures, resume_from)
-            **_with_forgetting(metrics, base, cfg),
-        }
-        history.append({**metrics})
-        tables["probes"] = table
-        state_out = {
-            "epoch": epoch,
-            "step": step,
-            "scheduler": scheduler.state_dict(),
-            "base": base,
-            "restarts": restarts,
-            "history": history,
-            "probes_base": tables["probes_base"],
-            "timing": timing,  # wall-clock marks, not metrics: they mean nothing in a plot
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt_mod.save(
-                model,
-                optimizer,
-                directory=Path(tmp),
-                tokenizer=tokenizer,
-                state=state_out,
-                rank=rank,
-                tables=tables,
-                merged_from=job.base_model if t.method == "lora" and t.export_merged else None,
-            )
-            _report(metrics, rank=rank, stage=job.stage, checkpoint_dir=Path(tmp), name=f"epoch_{epoch:02d}")
-    return history
+    if t.eval_every_steps and step % t.eval_every_steps == 0 and step % job.steps_per_epoch:
+        metrics, _ = w.evaluator.run()
+        row = {"epoch": epoch, "step": step, **_with_forgetting(metrics, progress.base, job.cfg)}
+        progress.history.append(_report(row, rank=w.rank, stage=job.stage))
+
+
+def _checkpoint(
+    w: _Worker, progress: _Progress, *, epoch: int, metrics: dict[str, Any], table: list[dict], timing: dict
+) -> None:
+    """Saves the epoch's checkpoint and reports it with the epoch's metrics (every rank: report is a barrier)."""
+    t = w.job.cfg.train
+    state = {
+        "epoch": epoch,
+        "step": progress.step,
+        "scheduler": w.scheduler.state_dict(),
+        "base": progress.base,
+        "restarts": progress.restarts,
+        "history": progress.history,
+        "probes_base": progress.probes_base,
+        "timing": timing,  # wall-clock marks, not metrics: they mean nothing in a plot
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_mod.save(
+            w.model,
+            w.optimizer,
+            directory=Path(tmp),
+            tokenizer=w.tokenizer,
+            state=state,
+            rank=w.rank,
+            tables={"probes_base": progress.probes_base, "probes": table},
+            merged_from=w.job.base_model if t.method == "lora" and t.export_merged else None,
+        )
+        _report(metrics, rank=w.rank, stage=w.job.stage, checkpoint_dir=Path(tmp), name=epoch_dir_name(epoch))
 
 
 # --- pieces -----------------------------------------------------------------------------------------------------

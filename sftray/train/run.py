@@ -1,4 +1,4 @@
-"""One training run from the driver: resources check, rows, probes, a TorchTrainer, and the best checkpoint.
+"""One training run from the driver: checks, the rows and eval plan for the workers, a TorchTrainer, the best checkpoint.
 
 Used by ``sftray train`` and by each Tune trial of a sweep. Never imports tune/ or tracking/.
 """
@@ -12,34 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sftray.config import Config, TrainConfig
+from sftray.core.rows import read_rows
 from sftray.data.chat import turn_markers
 from sftray.data.pipeline import Prepared
-from sftray.data.probe_file import probes_path
-from sftray.data.schema import ROW_SCHEMA, empty_rows
-from sftray.eval import base_eval
+from sftray.data.schema import empty_rows
 from sftray.eval.metrics import (
     EXACT_MATCH,
     FORGETTING,
     FORMAT_COMPLIANCE,
     TRAIN_LOSS,
     VAL_LOSS,
-    check_select_metric,
     select_best,
 )
-from sftray.eval.probes import (
-    extract_answer,
-    generation_limit,
-    probes_from_file,
-    probes_from_rows,
-    reference_lengths,
-    with_answer_pattern,
-)
-from sftray.train.checkpoint import STATE_FILE as CHECKPOINT_STATE
-from sftray.train.checkpoint import load_state
+from sftray.eval.plan import plan_eval
 from sftray.train.job import WorkerJob, check_setup, train_fn_per_worker
+from sftray.train.resume import check_resumable, prior_checkpoints
 
 log = logging.getLogger("sftray.train")
 
@@ -88,19 +77,10 @@ class StageStart:
     reference_pretrain_loss: float | None = None
     """The original base model's held-out pretraining loss: forgetting is relative to it."""
     earlier_probes: dict[str, tuple[list[dict], int]] = field(default_factory=dict)
-    """Each earlier stage's name -> (its probes, their generation limit) (``eval_probes``)."""
+    """Each earlier stage's name -> (its probes, their generation limit) (``sftray.eval.plan.eval_probes``)."""
     heldout_dir: str | None = None
     """The chain's held-out windows (stage 0's prepared ``pretrain_heldout``): every stage measures forgetting on
     the same rows, whatever its own packing; None: the prepared data's own."""
-
-
-def eval_probes(cfg: Config, *, prepared: Prepared) -> tuple[list[dict], int]:
-    """The generation probes a run of ``cfg`` on ``prepared`` asks, and their generation limit."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
-    probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
-    return probes, _generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer)
 
 
 def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageStart | None = None) -> WorkerJob:
@@ -108,8 +88,8 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
 
     Each rank trains on its round-robin share of a new permutation of all rows per epoch (``epoch_rows``), like
     torch's DistributedSampler, rather than on a Ray Data shard: the rows are in memory already, a shard costs a
-    split-coordinator actor at start-up and a new streaming execution per epoch (``make bench``: seconds to the
-    first step), and a local shuffle buffer reorders only within a window while this reshuffles the whole set.
+    split-coordinator actor at start-up and a new streaming execution per epoch (each delays the epoch's first
+    step), and a local shuffle buffer reorders only within a window while this reshuffles the whole set.
     """
     import ray
     from transformers import AutoTokenizer
@@ -119,29 +99,20 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
     markers = turn_markers(tokenizer)
     start = start or StageStart()
     heldout_dir = Path(start.heldout_dir) if start.heldout_dir else prepared.heldout_dir
-    tables = {}
-    for name, folder, limit in (
-        ("train", prepared.train_dir, None),
-        ("val", prepared.val_dir, cfg.eval.max_eval_rows),
-        ("heldout", heldout_dir, cfg.eval.max_eval_rows),
-    ):
-        table = _read_rows(folder, limit=limit)
-        if table.num_rows == 0 and name == "train":
-            raise ValueError(f"{folder} holds no training rows")
-        # Every rank must read the same number of rows (an equal split would otherwise drop the remainder):
-        # pad with empty rows that hold one pad token and no target.
-        fill = (-table.num_rows) % world if table.num_rows else world
-        tables[name] = pa.concat_tables([table, empty_rows(fill, pad_id=tokenizer.pad_token_id)])
-    probes = _probes(cfg, prepared=prepared, tokenizer=tokenizer)
-    max_new_tokens = _generation_limit(cfg, probes=probes, prepared=prepared, tokenizer=tokenizer)
-    key = base_eval.base_eval_key(
+    tables = {
+        name: _padded_rows(folder, limit=limit, world=world, pad_id=tokenizer.pad_token_id, train=name == "train")
+        for name, folder, limit in (
+            ("train", prepared.train_dir, None),
+            ("val", prepared.val_dir, cfg.eval.max_eval_rows),
+            ("heldout", heldout_dir, cfg.eval.max_eval_rows),
+        )
+    }
+    plan = plan_eval(
         cfg,
+        prepared=prepared,
+        tokenizer=tokenizer,
         base_model=base_model,
-        # another prepared folder's held-out rows: its path (named by its fingerprint) is part of the data
-        data_fingerprint=prepared.report["fingerprint"]
-        + ("" if heldout_dir == prepared.heldout_dir else f"+{heldout_dir}"),
-        probes=probes,
-        max_new_tokens=max_new_tokens,
+        heldout_dir=heldout_dir,
         adapter=start.init_adapter,
         earlier_probes=start.earlier_probes,
     )
@@ -152,15 +123,12 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
         rows_per_rank=tables["train"].num_rows // world,
         train_rows=ray.put(tables["train"]),
         eval_rows={name: ray.put(tables[name]) for name in ("val", "heldout")},
-        probes=probes,
-        max_new_tokens=max_new_tokens,
-        base_eval_path=str(base_eval.cache_path(cfg.paths.output_dir, key)) if cfg.eval.reuse_base_eval else None,
+        eval=plan,
         end_of_turn_id=tokenizer.convert_tokens_to_ids(markers["end_of_turn"]),
         user_opener=markers["user_opener"],
         stage=start.index,
         init_adapter=start.init_adapter,
         reference_pretrain_loss=start.reference_pretrain_loss,
-        earlier_probes=start.earlier_probes,
     )
     return job
 
@@ -184,7 +152,6 @@ def run_training(
     t = cfg.train
     check_resources(t, available=ray.cluster_resources())
     check_validation(prepared.report)
-    check_select_metric(cfg.eval.select_metric, probes=cfg.eval.num_probes > 0)
     job = build_job(cfg, prepared=prepared, base_model=base_model, start=start)
     if t.resume_from:
         check_resumable(Path(t.resume_from), cfg=cfg, steps_per_epoch=job.steps_per_epoch)
@@ -216,9 +183,15 @@ def run_training(
     )
     result = trainer.fit()
     check_setup(result.return_value)
+    return _outcome(result, cfg=cfg)
+
+
+def _outcome(result: Any, *, cfg: Config) -> TrainOutcome:
+    """The run's checkpoints (a resumed run's earlier ones too) and the one ``eval.select_metric`` chooses within
+    ``eval.forgetting_budget``."""
     checkpoints = sorted(((c.path, m) for c, m in (result.best_checkpoints or [])), key=lambda cm: cm[1]["epoch"])
-    if t.resume_from:  # the earlier run's epochs are candidates too: selection is over the whole training
-        checkpoints = prior_checkpoints(Path(t.resume_from)) + checkpoints
+    if cfg.train.resume_from:  # the earlier run's epochs are candidates too: selection is over the whole training
+        checkpoints = prior_checkpoints(Path(cfg.train.resume_from)) + checkpoints
     if not checkpoints:
         raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
     history = result.return_value or [m for _, m in checkpoints]
@@ -242,42 +215,15 @@ def run_training(
     )
 
 
-def check_resumable(checkpoint: Path, *, cfg: Config, steps_per_epoch: int) -> None:
-    """Fails before any worker starts when ``train.resume_from`` cannot continue this run's configuration."""
-    what = f"train.resume_from={checkpoint}"
-    if not (checkpoint / CHECKPOINT_STATE).is_file() or not (checkpoint / "model").is_dir():
-        raise ValueError(f"{what} is not a complete sftray checkpoint (it needs {CHECKPOINT_STATE} and model/)")
-    lora = (checkpoint / "model" / "adapter_config.json").is_file()
-    if lora != (cfg.train.method == "lora"):
-        raise ValueError(f"{what} holds a {'LoRA' if lora else 'full'} model but train.method={cfg.train.method}")
-    state = load_state(checkpoint)
-    if state["epoch"] >= cfg.train.epochs:
-        raise ValueError(
-            f"{what} ends epoch {state['epoch']} and train.epochs={cfg.train.epochs}: nothing left to train "
-            "(raise train.epochs)"
-        )
-    if state["step"] != state["epoch"] * steps_per_epoch:
-        raise ValueError(
-            f"{what} took {state['step']} steps in {state['epoch']} epoch(s), but this configuration takes "
-            f"{steps_per_epoch} per epoch: resume with the data and batch settings of the run that wrote it"
-        )
-
-
-def prior_checkpoints(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
-    """The epoch checkpoints up to and including ``checkpoint`` in its run folder, with their epoch-end metrics."""
-    history = load_state(checkpoint)["history"]
-    out = []
-    for metrics in history:
-        folder = checkpoint.parent / f"epoch_{metrics['epoch']:02d}"
-        if metrics["epoch"] > 0 and TRAIN_LOSS in metrics and (folder / CHECKPOINT_STATE).is_file():
-            out.append((str(folder), metrics))
-    return out
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete epoch checkpoint below ``run_dir`` (a run folder or a folder of runs), if any."""
-    done = [p.parent for p in Path(run_dir).glob("**/epoch_*/" + CHECKPOINT_STATE) if (p.parent / "model").is_dir()]
-    return max(done, key=lambda p: p.stat().st_mtime) if done else None
+def _padded_rows(folder: Path, *, limit: int | None, world: int, pad_id: int, train: bool) -> pa.Table:
+    """The first ``limit`` rows of ``folder``, padded to a multiple of ``world``: every rank must read the same
+    number of rows (an equal split would otherwise drop the remainder); the padding rows hold one pad token and no
+    target."""
+    table = read_rows(folder, limit=limit)
+    if table.num_rows == 0 and train:
+        raise ValueError(f"{folder} holds no training rows")
+    fill = (-table.num_rows) % world if table.num_rows else world
+    return pa.concat_tables([table, empty_rows(fill, pad_id=pad_id)])
 
 
 def summary(outcome: TrainOutcome) -> str:
@@ -310,12 +256,6 @@ def summary(outcome: TrainOutcome) -> str:
     return "\n".join(lines)
 
 
-def _read_rows(folder: Path, *, limit: int | None) -> pa.Table:
-    files = sorted(Path(folder).glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f).cast(ROW_SCHEMA) for f in files]) if files else ROW_SCHEMA.empty_table()
-    return table.slice(0, limit) if limit is not None else table
-
-
 def check_validation(report: dict[str, Any]) -> None:
     """Fails before any worker starts when the prepared data has no validation conversations.
 
@@ -329,55 +269,3 @@ def check_validation(report: dict[str, Any]) -> None:
             f"no validation conversations in {report.get('out_dir')} ({conversations.get('train', 0)} train, "
             f"data.val_fraction={fraction}): raise data.val_fraction or give data.val_sources"
         )
-
-
-def _generation_limit(cfg: Config, *, probes: list[dict], prepared: Prepared, tokenizer: Any) -> int:
-    """``max_new_tokens`` of the probes: configured, or sized to their reference answers (warns when out of reach)."""
-
-    e = cfg.eval
-    if not probes:
-        return e.max_new_tokens or 1
-    lengths = reference_lengths(probes, tokenizer=tokenizer)
-    if not lengths:  # probes without references: the validation answers' lengths stand in
-        rows = _read_rows(prepared.val_dir, limit=e.max_eval_rows).to_pylist()
-        lengths = reference_lengths(probes_from_rows(rows, tokenizer=tokenizer, limit=256), tokenizer=tokenizer)
-    limit, warning = generation_limit(lengths, configured=e.max_new_tokens, cap=e.max_new_tokens_cap)
-    if warning:
-        log.warning(warning)
-    log.info("%d generation probes, at most %d new tokens each", len(probes), limit)
-    return limit
-
-
-def _probes(cfg: Config, *, prepared: Prepared, tokenizer: Any) -> list[dict]:
-    """The run's generation probes: ``data.probes``, else the last trained turn of validation conversations."""
-    n = cfg.eval.num_probes
-    if n <= 0:
-        return []
-    if cfg.data.probes:
-        probes = probes_from_file(
-            probes_path(cfg.data.probes, cache_dir=cfg.paths.cache_dir),
-            tokenizer=tokenizer,
-            system_prompt=cfg.data.system_prompt,
-            limit=n,
-            columns=cfg.data.probe_columns,
-            answer_pattern=cfg.eval.answer_pattern,
-        )
-    else:
-        rows = _read_rows(prepared.val_dir, limit=None).to_pylist()
-        probes = with_answer_pattern(probes_from_rows(rows, tokenizer=tokenizer, limit=n), cfg.eval.answer_pattern)
-    if not probes:
-        raise ValueError(
-            f"eval.num_probes={n} but the validation split of {prepared.out_dir} has no trained assistant turn to "
-            "probe; give data.probes or more validation examples (data.val_fraction, data.val_sources)"
-        )
-    pattern, references = cfg.eval.answer_pattern, [p["reference"] for p in probes if p["reference"] is not None]
-    unanswered = sum(1 for r in references if extract_answer(r, pattern) is None) if pattern else 0
-    if unanswered:
-        log.warning(
-            "eval.answer_pattern=%r finds no answer in %d of %d probe references: those probes are left out of "
-            "eval/exact_match",
-            pattern,
-            unanswered,
-            len(references),
-        )
-    return probes

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from enum import IntEnum
 from typing import Any
 
 import torch
@@ -16,6 +17,26 @@ from sftray.config import TrainConfig
 from sftray.core.forward import forward_logits, to_device
 from sftray.core.loss import count_targets, kind_sums, scaled_loss, token_losses
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT
+
+
+class StepSum(IntEnum):
+    """The slots of the float64 sums ``optimizer_step`` returns. One tensor, so the loop adds steps with one ``+=``
+    and ranks with one all-reduce; losses are summed over target tokens (divide by the matching count)."""
+
+    LOSS = 0
+    TARGETS = 1
+    SFT_LOSS = 2
+    """Chat tokens' (``KIND_SFT``) loss."""
+    SFT_TARGETS = 3
+    PRETRAIN_LOSS = 4
+    """Pretraining tokens' (``KIND_PRETRAIN``, mixed in by ``data.pretrain_mix``) loss."""
+    PRETRAIN_TARGETS = 5
+
+
+def mean_loss(sums: torch.Tensor, loss: StepSum, targets: StepSum) -> float:
+    """The mean token loss of ``sums`` (``StepSum`` slots ``loss`` over ``targets``; 0 without a target)."""
+    return float(sums[loss] / sums[targets].clamp(min=1))
+
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 """``train.schedule`` -> the transformers scheduler name (every schedule warms up first)."""
@@ -51,13 +72,13 @@ def optimizer_step(
     """One optimizer step over the micro-batches of ``group``; the loss is normalised by the global batch's targets.
 
     Uses ``cfg.parallelism`` (which gradient sync to skip) and ``cfg.max_grad_norm`` (clipping; 0 disables).
-    Returns float64 sums on ``device``: loss, targets, chat loss, chat targets, pretraining loss, pretraining targets.
+    Returns this rank's float64 sums on ``device``, slots named by ``StepSum``.
     """
     targets = torch.tensor([sum(count_targets(b["labels"]) for b in group)], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(targets)  # all ranks, all accumulation steps
     global_targets = int(targets.item())
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(StepSum), dtype=torch.float64, device=device)
     for i, batch in enumerate(group):
         batch = to_device(batch, device)
         last = i == len(group) - 1
@@ -66,16 +87,15 @@ def optimizer_step(
                 losses = token_losses(forward_logits(model, batch), batch["labels"])
             scaled_loss(losses, global_targets=global_targets, world_size=world).backward()
         per_kind = kind_sums(losses, batch["labels"], batch["token_kind"])
-        sums += torch.tensor(
-            [
-                float(losses.detach().sum()),
-                count_targets(batch["labels"]),
-                *per_kind[KIND_SFT],
-                *per_kind[KIND_PRETRAIN],
-            ],
-            dtype=torch.float64,
-            device=device,
-        )
+        values = {
+            StepSum.LOSS: float(losses.detach().sum()),
+            StepSum.TARGETS: count_targets(batch["labels"]),
+            StepSum.SFT_LOSS: per_kind[KIND_SFT][0],
+            StepSum.SFT_TARGETS: per_kind[KIND_SFT][1],
+            StepSum.PRETRAIN_LOSS: per_kind[KIND_PRETRAIN][0],
+            StepSum.PRETRAIN_TARGETS: per_kind[KIND_PRETRAIN][1],
+        }
+        sums += torch.tensor([values[slot] for slot in StepSum], dtype=torch.float64, device=device)
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
     optimizer.step()

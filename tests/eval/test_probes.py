@@ -8,6 +8,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from sftray.config import DataConfig
 from sftray.eval.probes import extract_answer, generation_limit, judge, probes_from_file, reference_lengths
 from sftray.models.tiny import ensure_tiny_tokenizer
 
@@ -63,11 +64,11 @@ def test_a_probe_with_a_format_complies_only_in_that_format(cache_dir, tmp_path)
 
     probes = tmp_path / "probes.jsonl"
     probes.write_text(json.dumps({"prompt": "6 x 7?", "reference": '{"result": "42"}', "format": pattern}) + "\n")
-    (probe,) = probes_from_file(probes, tokenizer=tok, system_prompt=None, limit=8)
+    (probe,) = probes_from_file(_data(probes, {}), cache_dir=cache_dir, tokenizer=tok, limit=8)
     assert probe["format"] == pattern
     probes.write_text('{"prompt": "a"}\n{"prompt": "b", "format": "([a-z"}\n')
     with pytest.raises(ValueError, match=r"probes.jsonl:2: 'format' is not a regular expression"):
-        probes_from_file(probes, tokenizer=tok, system_prompt=None, limit=8)
+        probes_from_file(_data(probes, {}), cache_dir=cache_dir, tokenizer=tok, limit=8)
 
 
 GSM8K_REFERENCE = (
@@ -99,10 +100,14 @@ def test_probe_files_take_the_columns_mapping_of_data_sources(cache_dir, tmp_pat
     rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(3)]
     gsm8k.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for columns in ({"prompt": "question", "reference": "answer"}, {"prompt": "question", "completion": "answer"}):
-        probes = probes_from_file(gsm8k, tokenizer=tok, system_prompt=None, limit=8, columns=columns)
+        probes = probes_from_file(_data(gsm8k, columns), cache_dir=cache_dir, tokenizer=tok, limit=8)
         assert [p["prompt"] for p in probes] == [r["question"] for r in rows], columns
         assert [p["reference"] for p in probes] == [r["answer"] for r in rows], columns
     with pytest.raises(
         ValueError, match=r"gsm8k_test.jsonl:1: a probe needs 'prompt'.* has answer, question.*data.probe_columns"
     ):
-        probes_from_file(gsm8k, tokenizer=tok, system_prompt=None, limit=8)  # unmapped: names the fix
+        probes_from_file(_data(gsm8k, {}), cache_dir=cache_dir, tokenizer=tok, limit=8)  # unmapped: names the fix
+
+
+def _data(probes, columns: dict[str, str]) -> DataConfig:
+    return DataConfig(probes=str(probes), probe_columns=columns)

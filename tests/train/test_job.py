@@ -9,6 +9,7 @@ import sys
 import cloudpickle
 
 from sftray.config import Config
+from sftray.eval.plan import EvalPlan
 from sftray.train.job import WorkerJob, train_fn_per_worker
 from sftray.tune.reports import ReportsToQueue
 
@@ -29,7 +30,8 @@ def _modules_imported_by_unpickling(payload: object, tmp_path, check: str) -> li
 
 
 def test_the_controller_unpickles_the_entry_point_and_job_without_torch_or_transformers(tmp_path):
-    job = WorkerJob(cfg=Config(), base_model="m", tokenizer_dir="t", rows_per_rank=3, probes=[{"prompt": "p"}])
+    plan = EvalPlan(probes=[{"prompt": "p"}], max_new_tokens=8)
+    job = WorkerJob(cfg=Config(), base_model="m", tokenizer_dir="t", rows_per_rank=3, eval=plan)
     check = "payload[1]['job'].rows_per_rank == 3 and callable(payload[0])"
     assert _modules_imported_by_unpickling((train_fn_per_worker, {"job": job}), tmp_path, check) == []
 

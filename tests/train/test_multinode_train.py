@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from sftray.layout import epoch_dir_name
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 EPOCHS = 2
@@ -206,7 +208,7 @@ def test_two_node_training_finishes_and_the_driver_reads_the_selected_checkpoint
     assert Path(outcome["path"]) == run
     # Every epoch's checkpoint is in the shared storage_path, whichever attempt wrote it.
     paths = [Path(p) for p, _ in outcome["checkpoints"]]
-    assert paths == [run / f"epoch_{e:02d}" for e in range(1, EPOCHS + 1)]
+    assert paths == [run / epoch_dir_name(e) for e in range(1, EPOCHS + 1)]
     for path in paths:
         assert (path / "train_state.pt").is_file() and (path / "model" / "config.json").is_file()
     best = Path(outcome["best_checkpoint"])

@@ -10,7 +10,7 @@ import torch
 from sftray.config import TrainConfig
 from sftray.data.chat import IGNORE_INDEX
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT
-from sftray.train.step import build_optimizer, build_scheduler, optimizer_step
+from sftray.train.step import StepSum, build_optimizer, build_scheduler, optimizer_step
 
 VOCAB = 13
 
@@ -90,7 +90,7 @@ def test_accumulated_step_equals_one_step_over_the_whole_batch():
     )
     torch.testing.assert_close(split_model.table, whole_model.table)
     torch.testing.assert_close(split_sums, whole_sums)
-    loss, targets, sft_loss, sft_targets, pt_loss, pt_targets = split_sums.tolist()
+    loss, targets, sft_loss, sft_targets, pt_loss, pt_targets = (float(split_sums[slot]) for slot in StepSum)
     assert targets == int((whole["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert sft_targets + pt_targets == targets and pt_targets > 0
     assert sft_loss + pt_loss == pytest.approx(loss)
@@ -145,8 +145,9 @@ def test_precision_sets_the_compute_dtype_and_keeps_float32_weights(precision: s
     )
     assert model.seen == [compute]
     assert model.head.weight.dtype == torch.float32 and model.embed.grad is None  # zeroed after the step
-    assert float(sums[0]) == pytest.approx(float(ref[0]), rel=2e-2)
-    assert (float(sums[0]) == float(ref[0])) == (precision == "fp32")
+    loss, ref_loss = float(sums[StepSum.LOSS]), float(ref[StepSum.LOSS])
+    assert loss == pytest.approx(ref_loss, rel=2e-2)
+    assert (loss == ref_loss) == (precision == "fp32")
 
 
 def test_precision_auto_is_float32_on_cpu():
