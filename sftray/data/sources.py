@@ -2,7 +2,7 @@
 
 Every record keeps where it came from (``source``, 1-based ``row``: the line of a JSONL file, the item of a JSON
 array, the row of a Parquet file or hub split), so any later error can name it. Reading is pure given the file's
-bytes (``iter_file_records``); ``sftray.data.pipeline`` runs it inside Ray Data.
+bytes (``iter_file_records``); ``sftray.data.encoder`` runs it inside Ray Data tasks.
 """
 
 from __future__ import annotations
