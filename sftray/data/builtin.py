@@ -21,12 +21,15 @@ import hashlib
 import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sftray.atomic import write_text_atomic
 
 __all__ = [
-    "BUILTIN_NAMES",
+    "BUILTINS",
+    "Builtin",
+    "builtin_help",
     "generate_demo_conversations",
     "generate_demo_heldout",
     "pydoc_topics_split",
@@ -34,15 +37,6 @@ __all__ = [
     "resolve_builtin",
 ]
 
-# name after "builtin:" -> file written under cache_dir/"builtin"
-BUILTIN_NAMES: dict[str, str] = {
-    "demo": "demo-train.jsonl",
-    "demo-heldout": "demo-heldout.jsonl",
-    "demo-json": "demo-json-train.jsonl",
-    "demo-json-heldout": "demo-json-heldout.jsonl",
-    "pydoc_topics": "pydoc_topics_train.txt",
-    "pydoc_topics_heldout": "pydoc_topics_heldout.txt",
-}
 HELDOUT_TOPIC_SHARE = 0.05
 """Share of the pydoc prose (characters, whole topics, the last in key order) that the builtin base never trains on
 and the mix never mixes in: the forgetting measure's text (``builtin:pydoc_topics_heldout``)."""
@@ -368,47 +362,88 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def resolve_builtin(uri: str, cache_dir: Path) -> Path:
-    """Materialise a `builtin:<name>` dataset under `cache_dir/"builtin"` and return its path.
+@dataclass(frozen=True)
+class Builtin:
+    """One ``builtin:<name>`` dataset: the file it is written to under ``cache_dir/"builtin"``, how its text is made,
+    and one line saying what it holds."""
 
-    `builtin:demo` -> demo-train.jsonl (2000 conversations, seed 0),
-    `builtin:demo-heldout` -> demo-heldout.jsonl (200 probes, seed 0),
-    `builtin:demo-json` / `builtin:demo-json-heldout` -> the second demo stage's 1000 conversations and 200 probes
-    (subtract, double, multiply, join; answers as JSON; each probe carries the format a compliant answer matches),
-    `builtin:pydoc_topics` -> pydoc_topics_train.txt (the prose the builtin base trains on),
-    `builtin:pydoc_topics_heldout` -> pydoc_topics_heldout.txt (the prose it never sees; ``pydoc_topics_split``).
-    Existing files are reused;
-    writes are atomic, so concurrent callers are safe.
+    file: str
+    text: Callable[[], str]
+    about: str
+
+
+def _demo_json_train() -> str:
+    rows = generate_demo_conversations(
+        _DEMO_JSON_TRAIN_SIZE, seed=_DEMO_TRAIN_SEED, tasks=_JSON_TASKS, answer_format=JSON_FORMAT
+    )
+    return _jsonl(rows)
+
+
+def _demo_json_heldout() -> str:
+    rows = generate_demo_heldout(
+        _DEMO_HELDOUT_SIZE,
+        seed=_DEMO_HELDOUT_SEED,
+        tasks=_JSON_TASKS,
+        answer_format=JSON_FORMAT,
+        format_regex=JSON_FORMAT_REGEX,
+    )
+    return _jsonl(rows)
+
+
+BUILTINS: dict[str, Builtin] = {
+    "demo": Builtin(
+        "demo-train.jsonl",
+        lambda: _jsonl(generate_demo_conversations(_DEMO_TRAIN_SIZE, seed=_DEMO_TRAIN_SEED)),
+        f"{_DEMO_TRAIN_SIZE} demo conversations (seed {_DEMO_TRAIN_SEED})",
+    ),
+    "demo-heldout": Builtin(
+        "demo-heldout.jsonl",
+        lambda: _jsonl(generate_demo_heldout(_DEMO_HELDOUT_SIZE, seed=_DEMO_HELDOUT_SEED)),
+        f"{_DEMO_HELDOUT_SIZE} held-out demo probes (seed {_DEMO_HELDOUT_SEED})",
+    ),
+    "demo-json": Builtin(
+        "demo-json-train.jsonl",
+        _demo_json_train,
+        f"the second demo stage's {_DEMO_JSON_TRAIN_SIZE} conversations (subtract, double, multiply, join; answers "
+        "as JSON)",
+    ),
+    "demo-json-heldout": Builtin(
+        "demo-json-heldout.jsonl",
+        _demo_json_heldout,
+        f"the second demo stage's {_DEMO_HELDOUT_SIZE} probes, each with the format a compliant answer matches",
+    ),
+    "pydoc_topics": Builtin(
+        "pydoc_topics_train.txt",
+        lambda: pydoc_topics_split()[0],
+        "the pydoc prose the builtin base trains on",
+    ),
+    "pydoc_topics_heldout": Builtin(
+        "pydoc_topics_heldout.txt",
+        lambda: pydoc_topics_split()[1],
+        "the pydoc prose it never sees (the last topics; pydoc_topics_split)",
+    ),
+}
+"""Every ``builtin:<name>`` dataset by name: the one list to extend when adding one."""
+
+
+def builtin_help() -> str:
+    """One line per builtin dataset: ``builtin:<name>  what it holds``."""
+    width = max(len(name) for name in BUILTINS) + len("builtin:")
+    return "\n".join(f"{'builtin:' + name:<{width}}  {b.about}" for name, b in BUILTINS.items())
+
+
+def resolve_builtin(uri: str, cache_dir: Path) -> Path:
+    """Materialise a `builtin:<name>` dataset (``BUILTINS``) under `cache_dir/"builtin"` and return its path.
+
+    Existing files are reused; writes are atomic, so concurrent callers are safe.
     """
     prefix = "builtin:"
     name = uri[len(prefix) :] if uri.startswith(prefix) else None
-    if name not in BUILTIN_NAMES:
-        valid = ", ".join(prefix + key for key in BUILTIN_NAMES)
+    if name not in BUILTINS:
+        valid = ", ".join(prefix + key for key in BUILTINS)
         raise ValueError(f"unknown builtin dataset {uri!r}; valid names: {valid}")
-    path = Path(cache_dir) / "builtin" / BUILTIN_NAMES[name]
+    path = Path(cache_dir) / "builtin" / BUILTINS[name].file
     if path.exists():
         return path
-    if name == "demo":
-        text = _jsonl(generate_demo_conversations(_DEMO_TRAIN_SIZE, seed=_DEMO_TRAIN_SEED))
-    elif name == "demo-heldout":
-        text = _jsonl(generate_demo_heldout(_DEMO_HELDOUT_SIZE, seed=_DEMO_HELDOUT_SEED))
-    elif name == "demo-json":
-        rows = generate_demo_conversations(
-            _DEMO_JSON_TRAIN_SIZE, seed=_DEMO_TRAIN_SEED, tasks=_JSON_TASKS, answer_format=JSON_FORMAT
-        )
-        text = _jsonl(rows)
-    elif name == "demo-json-heldout":
-        rows = generate_demo_heldout(
-            _DEMO_HELDOUT_SIZE,
-            seed=_DEMO_HELDOUT_SEED,
-            tasks=_JSON_TASKS,
-            answer_format=JSON_FORMAT,
-            format_regex=JSON_FORMAT_REGEX,
-        )
-        text = _jsonl(rows)
-    elif name == "pydoc_topics":
-        text = pydoc_topics_split()[0]
-    else:
-        text = pydoc_topics_split()[1]
-    write_text_atomic(path, text)
+    write_text_atomic(path, BUILTINS[name].text())
     return path

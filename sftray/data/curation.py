@@ -24,6 +24,7 @@ __all__ = [
     "DEDUP",
     "DUPLICATE_REASONS",
     "FILTER_REASONS",
+    "dedup_keys",
     "exact_hash",
     "filter_reason",
     "find_duplicates",
@@ -72,8 +73,8 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     Two texts of Jaccard similarity ``s`` share a band with probability ``1 - (1 - s**rows) ** bands``."""
     # datasketch's own optimiser (MinHashLSH's default parameters) is private; this is its one caller, so a
     # datasketch release that moves it breaks here only. MinHashLSH(...).b/.r is public but refuses bands < 2.
-    # datasketch is imported here and in _minhash only: it pulls scipy in (0.35 s), which every Ray worker that
-    # imports the pipeline would pay even without data.dedup=near.
+    # datasketch is imported here and in _minhash only: it pulls scipy in, which every Ray worker that imports the
+    # pipeline would pay even without data.dedup=near.
     from datasketch.lsh import _optimal_param
 
     bands, rows = _optimal_param(threshold, num_perm, 0.5, 0.5)
@@ -82,7 +83,7 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=16)
 def _permutations(num_perm: int, seed: int) -> np.ndarray:
-    # Drawing the permutations is 15x the cost of a MinHash of a short text; they depend on (num_perm, seed) only.
+    # Drawing the permutations costs far more than a MinHash of a short text; they depend on (num_perm, seed) only.
     from datasketch import MinHash  # deferred: see lsh_params
 
     return MinHash(num_perm=num_perm, seed=seed, scheme=_MINHASH_SCHEME).permutations
@@ -232,3 +233,18 @@ def token_shares(tokens_by_source: dict[str, int]) -> dict[str, float]:
     """Each source's share of the tokens (all 0.0 when there are none)."""
     total = sum(tokens_by_source.values())
     return {name: (tokens / total if total else 0.0) for name, tokens in tokens_by_source.items()}
+
+
+def dedup_keys(messages: list[dict], *, data: DataConfig, seed: int) -> list[int]:
+    """The keys two duplicate conversations share (``data.dedup``): none, the exact hash, or the MinHash bands."""
+    if data.dedup == "exact":
+        return [exact_hash(messages)]
+    if data.dedup == "near":
+        return minhash_bands(
+            normalized_text(messages),
+            threshold=data.near_threshold,
+            num_perm=data.minhash_perm,
+            shingle_words=data.shingle_words,
+            seed=seed,
+        )
+    return []

@@ -9,7 +9,7 @@ from typing import Any
 
 from sftray.config import Config, PruneConfig
 from sftray.data.chat import template_hash
-from sftray.data.probe_file import probes_path
+from sftray.data.probe_file import probe_file
 from sftray.data.sources import ResolvedSource, fingerprint_files, load_hub_split
 
 DATA_VERSION = 5
@@ -40,8 +40,9 @@ def fingerprint(cfg: Config, tokenizer: Any, sources: list[ResolvedSource]) -> s
         "special": [tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token],
         "sources": [],
     }
-    if cfg.data.dedup != "none" and cfg.data.probes:  # training copies of the probes are dropped: they matter
-        parts["probes"] = _probes_hash(cfg)
+    probes = probe_file(cfg.data, cache_dir=cfg.paths.cache_dir) if cfg.data.dedup != "none" else None
+    if probes is not None:  # training copies of the probes are dropped: they matter
+        parts["probes"] = fingerprint_files((str(probes),))[0][2]
     for src in sources:
         if src.kind == "hub":
             parts["sources"].append([src.paths[0], src.subset, src.split, load_hub_split(src)._fingerprint])
@@ -60,7 +61,3 @@ def with_pruning(fingerprint: str, *, prune: PruneConfig, scores_key: str) -> st
         "scores": scores_key,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def _probes_hash(cfg: Config) -> str:
-    return fingerprint_files((str(probes_path(cfg.data.probes, cache_dir=cfg.paths.cache_dir)),))[0][2]

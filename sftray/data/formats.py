@@ -10,21 +10,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sftray.config import SourceConfig
 from sftray.data.errors import FormatError, MessageError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 """ShareGPT ``from`` values and the role each becomes."""
 
-FORMAT_KEYS = {
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
-"""Keys that identify each format; ``detect_format`` tries them in this order."""
-TURN_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value")}
+LIST_FORMATS = ("messages", "sharegpt")
+"""Formats whose record holds a list of turns under its first field; their other fields are a turn's keys."""
+OPTIONAL_KEYS = {"alpaca": ("input",)}
+"""Fields a record of the format may lack (alpaca's input)."""
+TURN_KEYS = {fmt: SourceConfig.FIELDS[fmt][1:] for fmt in LIST_FORMATS}
 """Keys of one turn of the formats whose records hold a list of turns (under their first ``FORMAT_KEYS`` key)."""
+ALL_TURN_KEYS = frozenset(k for keys in TURN_KEYS.values() for k in keys)
+"""Every format's turn keys: a ``columns`` entry for one of them renames inside the turns, not at the top level."""
+FORMAT_KEYS = {
+    fmt: tuple(f for f in fields if f not in TURN_KEYS.get(fmt, ()) and f not in OPTIONAL_KEYS.get(fmt, ()))
+    for fmt, fields in SourceConfig.FIELDS.items()
+}
+"""Keys that identify each format (its required top-level fields, from ``SourceConfig.FIELDS``, the one table of
+the formats' fields); ``detect_format`` tries them in this order."""
 
 
 def detect_format(record: dict[str, Any], *, where: str = "record") -> str:
@@ -74,8 +79,7 @@ def rename_fields(
 
 def renamed_for_detection(record: dict[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
     """``record`` with every mapped top-level key that it has renamed (``detect_format`` then sees a format's keys)."""
-    turn_keys = {k for keys in TURN_KEYS.values() for k in keys}
-    theirs = {v: k for k, v in columns.items() if v in record and k not in turn_keys}
+    theirs = {v: k for k, v in columns.items() if v in record and k not in ALL_TURN_KEYS}
     return {theirs.get(k, k): v for k, v in record.items()}
 
 

@@ -21,11 +21,19 @@ from typing import Any
 from sftray.config import DataConfig
 from sftray.data.builtin import resolve_builtin
 from sftray.data.errors import FormatError, MessageError
-from sftray.data.formats import FORMAT_KEYS, TURN_KEYS, detect_format, rename_fields, to_messages
+from sftray.data.formats import (
+    ALL_TURN_KEYS,
+    FORMAT_KEYS,
+    OPTIONAL_KEYS,
+    TURN_KEYS,
+    detect_format,
+    rename_fields,
+    to_messages,
+)
 
 PROBE_FORMAT = "probe"
 """The probe record's own shape (``sftray.config.PROBE_FIELDS``), next to the chat formats of ``FORMAT_KEYS``."""
-OPTIONAL_FIELDS = ("reference", "format", "input")
+OPTIONAL_FIELDS = ("reference", "format", *(k for keys in OPTIONAL_KEYS.values() for k in keys))
 """Fields a line may lack though ``data.probe_columns`` maps them (a probe without a reference checks the format)."""
 
 
@@ -140,8 +148,7 @@ def _probe(record: Any, *, columns: Mapping[str, str], system_prompt: str | None
 def _renamed(record: dict[str, Any], columns: Mapping[str, str], *, where: str) -> dict[str, Any]:
     """``record`` with its mapped top-level keys given the probe's or chat format's names (turn keys are renamed
     once the format is known); a mapped key the record lacks raises, unless its field is optional."""
-    turn_keys = {k for keys in TURN_KEYS.values() for k in keys}
-    top = {field: key for field, key in columns.items() if field not in turn_keys}
+    top = {field: key for field, key in columns.items() if field not in ALL_TURN_KEYS}
     for field, key in top.items():
         if key not in record and field not in OPTIONAL_FIELDS:
             raise ValueError(

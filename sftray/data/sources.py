@@ -2,7 +2,7 @@
 
 Every record keeps where it came from (``source``, 1-based ``row``: the line of a JSONL file, the item of a JSON
 array, the row of a Parquet file or hub split), so any later error can name it. Reading is pure given the file's
-bytes (``iter_file_records``); ``sftray.data.pipeline`` runs it inside Ray Data.
+bytes (``iter_file_records``); ``sftray.data.encoder`` runs it inside Ray Data tasks.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from sftray.config import SourceConfig
 from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import ROLES
 from sftray.data.errors import DataError
-from sftray.data.formats import detect_format, rename_fields, renamed_for_detection
+from sftray.data.formats import LIST_FORMATS, detect_format, rename_fields, renamed_for_detection
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +370,9 @@ def _check_mapping(src: SourceConfig, fmts: list[str], *, what: str) -> None:
         if key not in fields:
             valid = "; ".join(f"{fmt}: {', '.join(SourceConfig.FIELDS[fmt])}" for fmt in sorted(set(fmts)))
             raise ValueError(f"{what}.columns: {key!r} is not a field of the detected format(s) ({valid})")
-    if src.roles and not {"messages", "sharegpt"} & set(fmts):
-        raise ValueError(f"{what}.roles: only messages and sharegpt records have roles; detected {', '.join(fmts)}")
+    if src.roles and not set(LIST_FORMATS) & set(fmts):
+        with_roles = " and ".join(LIST_FORMATS)
+        raise ValueError(f"{what}.roles: only {with_roles} records have roles; detected {', '.join(fmts)}")
 
 
 def _peek(path: str) -> Iterator[tuple[int, Any]]:

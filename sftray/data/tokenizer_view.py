@@ -1,11 +1,11 @@
 """A transformers-free view of a fast tokenizer: exactly the calls chat encoding and windowing make, fast to load.
 
-Encoding runs in Ray worker processes. Loading a tokenizer through transformers there imports torch (about 3 s
-per process on a laptop core) and renders every chat through ``apply_chat_template``, whose message normalisation costs
-several times the Jinja render itself. The driver, which holds the real tokenizer, captures what encoding needs in
+Encoding runs in Ray worker processes. Loading a tokenizer through transformers there imports torch in every
+process and renders every chat through ``apply_chat_template``, whose message normalisation costs more than the Jinja
+render itself. The driver, which holds the real tokenizer, captures what encoding needs in
 a ``TokenizerSpec`` (the backend's JSON, the chat template, the special tokens); a worker builds a
 ``TokenizerView`` from it with the ``tokenizers`` library and transformers' own compiled Jinja environment (the
-same sandbox, filters and globals ``apply_chat_template`` uses), in milliseconds. ``tests/data/test_chat_families``
+same sandbox, filters and globals ``apply_chat_template`` uses), without importing torch. ``tests/data/test_chat_families``
 checks that ``encode_chat`` gives identical ids, labels and errors through a view and through the tokenizer.
 """
 

@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from sftray.data.builtin import (
+    BUILTINS,
+    builtin_help,
     generate_demo_conversations,
     generate_demo_heldout,
     pydoc_topics_split,
@@ -244,6 +246,18 @@ def test_resolve_builtin_concurrent_callers(tmp_path):
     assert len(set(results)) == 1
     assert len(results[0].read_text(encoding="utf-8").splitlines()) == 2000
     assert [p.name for p in (tmp_path / "builtin").iterdir()] == ["demo-train.jsonl"]
+
+
+def test_every_registered_builtin_is_written_named_and_described(tmp_path):
+    """The registry is the one list: every entry resolves to its own file, the help and the error name it."""
+    help_lines = builtin_help().splitlines()
+    assert len(help_lines) == len(BUILTINS)
+    for (name, entry), line in zip(BUILTINS.items(), help_lines):
+        assert resolve_builtin(f"builtin:{name}", tmp_path).name == entry.file
+        assert line.split()[0] == f"builtin:{name}" and entry.about in line
+    assert sorted(p.name for p in (tmp_path / "builtin").iterdir()) == sorted(e.file for e in BUILTINS.values())
+    with pytest.raises(ValueError, match="valid names: " + ", ".join(f"builtin:{n}" for n in BUILTINS)):
+        resolve_builtin("builtin:nope", tmp_path)
 
 
 @pytest.mark.parametrize("uri", ["builtin:nope", "demo", "file:demo", "builtin:"])

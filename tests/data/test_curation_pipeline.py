@@ -165,3 +165,34 @@ def test_near_dedup_also_finds_the_edited_copy(ray_local, cache_dir, curated, ca
     assert drops["duplicate"] == sorted(expect["duplicate"] + expect["near"])
     assert drops["duplicate_of_eval"] == expect["duplicate_of_eval"]
     assert report["conversations"]["train"] == N + 9 - 6  # only the duplicates went (no filters set)
+
+
+def test_every_probe_shape_drops_its_training_copy_as_duplicate_of_eval(ray_local, cache_dir, tmp_path, capsys):
+    """A training copy of a probe goes whatever the probe line's shape: a prompt, a messages-style probe with a
+    reference, or a plain chat record whose last assistant turn is the reference (the last two were once left out
+    of the check)."""
+    probes = [
+        {"prompt": "Probe prompt?", "reference": "prompt answer"},
+        {"messages": [{"role": "user", "content": "Probe messages?"}], "reference": "messages answer"},
+        _chat("Probe chat record?", "chat record answer"),
+    ]
+    rows = [_chat(f"Question {i}: describe item {i}.", _answer(i, 10)) for i in range(40)]
+    rows += [_chat("Probe prompt?", "prompt answer"), _chat("Probe messages?", "messages answer")]
+    rows += [_chat("Probe chat record?", "chat record answer")]
+    train, probe_file = _write(tmp_path / "train.jsonl", rows), _write(tmp_path / "probes.jsonl", probes)
+    val = _write(tmp_path / "val.jsonl", [_chat(f"Validation question {v}?", _answer(100 + v, 10)) for v in range(5)])
+    args = [
+        "prep",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        "data=files",
+        f"data.sources=[{{path:'{train}'}}]",
+        f"data.probes={probe_file}",
+        "data.dedup=exact",
+        f"data.val_sources=[{{path:'{val}'}}]",  # every training row stays in train
+        "mix=none",
+    ]
+    assert main(args) == 0
+    capsys.readouterr()
+    (folder,) = (tmp_path / "out" / "data").iterdir()
+    assert _drops(folder).get("duplicate_of_eval") == [41, 42, 43]

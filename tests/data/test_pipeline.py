@@ -20,7 +20,7 @@ from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
 from sftray.data.mixing import chunk_windows
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT
-from sftray.data.pipeline import load_prepared
+from sftray.data.prepared import load_prepared
 from sftray.recipes.prep import prep
 
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it

@@ -14,6 +14,7 @@ from sftray.config import compose_config
 from sftray.data.builtin import resolve_builtin
 from sftray.data.mixing import stable_key
 from sftray.data.noise import corrupt_answers
+from sftray.data.prune_step import PRUNE_SCORES_DIR
 from sftray.data.pruning import HIGH_LOSS, LOW_LOSS
 from sftray.models.pretrain import ensure_tiny_model
 from sftray.recipes.prep import prep
@@ -86,7 +87,7 @@ def test_pruning_removes_most_corrupted_rows(pruned):
     training rows are pruned (validation rows are never scored, so the corrupted ones there do not count)."""
     cfg, corrupted, prepared = pruned
     prune = prepared.report["prune"]
-    scores = pq.read_table(Path(cfg.paths.cache_dir) / "prune_scores" / f"{prune['scores_key']}.parquet")
+    scores = pq.read_table(Path(cfg.paths.cache_dir) / PRUNE_SCORES_DIR / f"{prune['scores_key']}.parquet")
     scored_keys = set(scores["key"].to_pylist())
     in_train = {w for w in corrupted if stable_key(w, seed=cfg.seed) in scored_keys}
     dropped = {d["where"] for d in _drops(prepared) if d["reason"] == HIGH_LOSS}
@@ -111,7 +112,7 @@ def test_pruned_rows_are_counted_listed_and_left_out_of_train(pruned):
     assert all(d["error"].startswith(f"{d['where']}: mean target loss ") for d in listed)
     assert all("(data.prune.drop_highest)" in d["error"] for d in listed)
     # The dropped rows are exactly the highest scores in the cache, ties broken by key.
-    scores = pq.read_table(Path(cfg.paths.cache_dir) / "prune_scores" / f"{prune['scores_key']}.parquet")
+    scores = pq.read_table(Path(cfg.paths.cache_dir) / PRUNE_SCORES_DIR / f"{prune['scores_key']}.parquet")
     assert scores.num_rows == prune["scored"] and scores.column_names == ["key", "loss", "n_targets"]
     losses = sorted(scores["loss"].to_pylist())
     stats = prune["scores"]

@@ -305,7 +305,7 @@ def test_prep_with_a_template_file_and_a_supplied_bos(ray_local, cache_dir: Path
     import pyarrow.parquet as pq
 
     from sftray.data.packing import KIND_SFT
-    from sftray.data.pipeline import load_prepared
+    from sftray.data.prepared import load_prepared
 
     folder = tmp_path / "chats"
     folder.mkdir()

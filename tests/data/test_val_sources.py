@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from sftray.data.pipeline import load_prepared
+from sftray.data.prepared import load_prepared
 
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
