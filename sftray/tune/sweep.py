@@ -27,6 +27,9 @@ log = logging.getLogger("sftray.sweep")
 
 TRIAL_DRIVER_CPUS = 0.01
 """The trial function only waits on its TorchTrainer; Tune refuses 0, a sliver leaves room for the workers."""
+TrialBody = Callable[..., None]
+"""What one trial runs: ``body(config, *, base_cfg, prepared_dir, base_model)``, ``config`` the trial's sampled
+keys; it reports to Tune and leaves its outcome (``sftray.eval.outcome``) in its trial folder."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,11 +107,6 @@ def _drop_tune_resume_hint() -> None:
 
         keep.sftray_resume_hint = True  # type: ignore[attr-defined]
         tune_log.addFilter(keep)
-
-
-TrialBody = Callable[..., None]
-"""What one trial runs: ``body(config, *, base_cfg, prepared_dir, base_model)``, ``config`` the trial's sampled
-keys; it reports to Tune and leaves its outcome (``sftray.eval.outcome``) in its trial folder."""
 
 
 def run_sweep(
