@@ -187,8 +187,9 @@ def _train(cfg: Config, *, force: bool, overrides: list[str]) -> int:
     """The train recipe, its summary, and on Ctrl-C or failure the command that resumes it."""
     from ray.exceptions import RayActorError
 
+    from sftray.layout import runs_dir
     from sftray.recipes.preflight import check_inputs
-    from sftray.recipes.train import run_name, runs_dir, train
+    from sftray.recipes.train import run_name, train
     from sftray.train.run import summary
 
     check_inputs(cfg, train=True)
@@ -204,7 +205,10 @@ def _train(cfg: Config, *, force: bool, overrides: list[str]) -> int:
         interrupted = isinstance(exc, KeyboardInterrupt | SystemExit | RayActorError)
         if not interrupted:
             log.error("training failed: %s", exc)
-        print(_train_resume_hint(runs_dir(cfg) / name, overrides, interrupted=interrupted), file=sys.stderr)
+        print(
+            _train_resume_hint(runs_dir(cfg.paths.output_dir) / name, overrides, interrupted=interrupted),
+            file=sys.stderr,
+        )
         return 130 if interrupted else 1
     print(summary(outcome))
     return 0
@@ -213,17 +217,15 @@ def _train(cfg: Config, *, force: bool, overrides: list[str]) -> int:
 def _train_stages(cfg: Config, *, overrides: list[str]) -> int:
     """The multi-stage recipe and its per-stage summary; on Ctrl-C or failure the command that resumes the chain
     (``train.resume_from=<chain folder>``: finished stages are kept, the unfinished one goes on)."""
-    import shlex
-
     from ray.exceptions import RayActorError
 
+    from sftray.layout import runs_dir
     from sftray.recipes.stages import chain_name, check_chain, is_chain, summary, train_stages
-    from sftray.recipes.train import runs_dir
 
     resume = cfg.train.resume_from
     if resume and not is_chain(Path(resume)):
         raise ConfigError(f"train.resume_from={resume} is not a multi-stage run's folder (no chain.json in it)")
-    chain_dir = Path(resume) if resume else runs_dir(cfg) / chain_name(cfg)
+    chain_dir = Path(resume) if resume else runs_dir(cfg.paths.output_dir) / chain_name(cfg)
     check_chain(cfg, chain_dir=chain_dir)  # a chain that cannot resume fails before Ray starts
     init_ray()
     try:
@@ -234,34 +236,11 @@ def _train_stages(cfg: Config, *, overrides: list[str]) -> int:
         interrupted = isinstance(exc, KeyboardInterrupt | SystemExit | RayActorError)
         if not interrupted:
             log.error("training failed: %s", exc)
-        kept = [o for o in overrides if not o.lstrip("+").startswith("train.resume_from=")]
-        print(
-            f"multi-stage training {'interrupted' if interrupted else 'failed'} ({chain_dir})\n"
-            f"resume with:  sftray train {shlex.join([*kept, f'train.resume_from={chain_dir}'])}\n"
-            f"         or:  make train ARGS={shlex.quote(shlex.join(kept))} resume_from={shlex.quote(str(chain_dir))}",
-            file=sys.stderr,
-        )
+        status = f"multi-stage training {'interrupted' if interrupted else 'failed'} ({chain_dir})"
+        print(_resume_hint(status, "train", overrides, resume_from=str(chain_dir)), file=sys.stderr)
         return 130 if interrupted else 1
     print(summary(stages))
     return 0
-
-
-def _train_resume_hint(run_dir: Path, overrides: list[str], *, interrupted: bool) -> str:
-    """Where an unfinished run got to, and the exact command that continues it."""
-    import shlex
-
-    from sftray.train.resume import last_checkpoint
-
-    what = "interrupted" if interrupted else "failed"
-    last = last_checkpoint(run_dir) if run_dir.is_dir() else None
-    if last is None:
-        return f"training {what} before its first checkpoint was complete ({run_dir}): nothing to resume"
-    kept = [o for o in overrides if not o.lstrip("+").startswith("train.resume_from=")]
-    return (
-        f"training {what}; last complete checkpoint: {last}\n"
-        f"resume with:  sftray train {shlex.join([*kept, f'train.resume_from={last}'])}\n"
-        f"         or:  make train ARGS={shlex.quote(shlex.join(kept))} resume_from={shlex.quote(str(last))}"
-    )
 
 
 def _sweep(cfg: Config, *, overrides: list[str]) -> int:
@@ -291,23 +270,51 @@ def _sweep(cfg: Config, *, overrides: list[str]) -> int:
     return 0 if outcome.best else 1
 
 
+def _train_resume_hint(run_dir: Path, overrides: list[str], *, interrupted: bool) -> str:
+    """Where an unfinished run got to, and the exact command that continues it."""
+    from sftray.train.resume import last_checkpoint
+
+    what = "interrupted" if interrupted else "failed"
+    last = last_checkpoint(run_dir) if run_dir.is_dir() else None
+    if last is None:
+        return f"training {what} before its first checkpoint was complete ({run_dir}): nothing to resume"
+    return _resume_hint(f"training {what}; last complete checkpoint: {last}", "train", overrides, resume_from=str(last))
+
+
 def _sweep_resume_hint(cfg: Config, overrides: list[str], *, unfinished: int | None) -> str:
     """Where an interrupted sweep got to, and the exact command that continues it."""
-    import shlex
-
+    from sftray.layout import trial_runs_dir
     from sftray.train.resume import last_checkpoint
-    from sftray.tune.sweep import trial_runs_dir
 
-    last = last_checkpoint(trial_runs_dir(cfg))
-    kept = [o for o in overrides if not o.lstrip("+").startswith("sweep.resume=")]
+    last = last_checkpoint(trial_runs_dir(cfg.paths.output_dir, cfg.sweep.name))
     count = f" with {unfinished} unfinished trial(s)" if unfinished else ""
     where = f"last complete trial checkpoint: {last}" if last else "no trial checkpoint was complete yet"
-    return (
-        f"sweep '{cfg.sweep.name}' interrupted{count}; {where}\n"
-        f"resume with:  sftray sweep {shlex.join([*kept, 'sweep.resume=true'])}\n"
-        f"         or:  make sweep ARGS={shlex.quote(shlex.join([*kept, 'sweep.resume=true']))}\n"
-        "(finished trials are kept; unfinished ones continue from their last checkpoint)"
+    return _resume_hint(
+        f"sweep '{cfg.sweep.name}' interrupted{count}; {where}",
+        "sweep",
+        overrides,
+        note="(finished trials are kept; unfinished ones continue from their last checkpoint)",
     )
+
+
+def _resume_hint(status: str, command: str, overrides: list[str], *, resume_from: str = "", note: str = "") -> str:
+    """``status``, then the exact command that continues an unfinished ``sftray train`` (from ``resume_from``: a
+    checkpoint or a chain folder) or ``sftray sweep`` (``sweep.resume=true``), as ``sftray`` and as ``make``; the
+    user's own overrides kept, an earlier resume key replaced."""
+    import shlex
+
+    key, value = ("train.resume_from", resume_from) if command == "train" else ("sweep.resume", "true")
+    kept = [o for o in overrides if not o.lstrip("+").startswith(f"{key}=")]
+    argv = [*kept, f"{key}={value}"]
+    make_args = shlex.quote(shlex.join(argv))
+    if command == "train":  # the Makefile's train target takes the checkpoint as its own resume_from variable
+        make_args = f"{shlex.quote(shlex.join(kept))} resume_from={shlex.quote(value)}"
+    lines = [
+        status,
+        f"resume with:  sftray {command} {shlex.join(argv)}",
+        f"         or:  make {command} ARGS={make_args}",
+    ]
+    return "\n".join(lines + ([note] if note else []))
 
 
 def _pretrain(cfg: Config, *, force: bool, steps: int | None) -> int:

@@ -39,6 +39,7 @@ from typing import Any
 
 from sftray.bench.workload import NO_MIX, SEED, demo_conversations
 from sftray.eval.metrics import BASE_EVAL_REUSED, TRAIN_TARGET_TOKENS_PER_S
+from sftray.layout import EPOCH_GLOB, runs_dir, sweeps_dir
 
 SECTION = "overhead"
 TRAIN_ROW = "sftray train: process start -> first optimizer step"
@@ -104,8 +105,9 @@ def measure_overhead(
     from sftray.recipes.prep import prep
 
     work_dir = Path(work_dir)
-    for previous in ("runs", "sweeps"):  # earlier bench runs' checkpoints: every run read below must be this one's
-        shutil.rmtree(work_dir / "out" / previous, ignore_errors=True)
+    # Earlier bench runs' checkpoints go: every run read below must be this one's.
+    for previous in (runs_dir(work_dir / "out"), sweeps_dir(work_dir / "out")):
+        shutil.rmtree(previous, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     chats = work_dir / "chats.jsonl"
     chats.write_text("".join(json.dumps(c) + "\n" for c in demo_conversations(n=conversations)))
@@ -177,7 +179,7 @@ def _sftray_train(args: list[str], *, work_dir: Path, label: str) -> dict[str, A
     sftray = Path(sys.executable).with_name("sftray")
     command = [str(sftray)] if sftray.is_file() else [sys.executable, "-m", "sftray.cli"]
     log = work_dir / f"train-{label}.log"
-    runs = work_dir / "out" / "runs"
+    runs = runs_dir(work_dir / "out")
     shutil.rmtree(runs, ignore_errors=True)
     started = time.time()
     with log.open("w") as fh:
@@ -185,7 +187,7 @@ def _sftray_train(args: list[str], *, work_dir: Path, label: str) -> dict[str, A
     ended = time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"sftray train failed (exit {proc.returncode}); see {log}")
-    epochs = _epoch_states(sorted(runs.glob("train-*/epoch_*")))
+    epochs = _epoch_states(sorted(runs.glob(f"train-*/{EPOCH_GLOB}")))
     return {
         "started": started,
         "ended": ended,
@@ -202,21 +204,23 @@ def _sftray_train(args: list[str], *, work_dir: Path, label: str) -> dict[str, A
 def _sweep(args: list[str], *, prepared: Any, model_dir: Path, work_dir: Path) -> tuple[list[float], float]:
     """Seconds from each trial's start to its first optimizer step (in start order), and the sweep's wall time."""
     from sftray.config import compose_config
-    from sftray.tune.sweep import read_outcome, run_sweep
+    from sftray.eval.outcome import read_outcome
+    from sftray.recipes.trial import run_trial
+    from sftray.tune.sweep import run_sweep
 
     lrs = ", ".join(f"{1e-4 * (i + 1):g}" for i in range(SWEEP_TRIALS))
     cfg = compose_config(
         [*args, "train.epochs=1", "sweep.name=bench", f"sweep.lr.values=[{lrs}]", "sweep.epochs=[1]"], base=work_dir
     )
     started = time.time()
-    outcome = run_sweep(cfg, prepared=prepared, base_model=str(model_dir))
+    outcome = run_sweep(cfg, trial=run_trial, prepared=prepared, base_model=str(model_dir))
     wall = time.time() - started
     trials = []
     for trial in outcome.trials:
         record = read_outcome(trial["path"]) if trial.get("path") else None
         if record is None:
             raise RuntimeError(f"a bench sweep trial did not finish: {trial}")
-        first = _epoch_states(sorted(Path(record["run_path"]).glob("epoch_*")))[1]["timing"]["first_step_at"]
+        first = _epoch_states(sorted(Path(record["run_path"]).glob(EPOCH_GLOB)))[1]["timing"]["first_step_at"]
         trials.append((record["started_at"], first - record["started_at"]))
     return [seconds for _, seconds in sorted(trials)], wall
 
@@ -250,7 +254,7 @@ def _in_process(prepared: Any, *, cfg: Any, model_dir: Path, threads: int, grad_
 
     from sftray.data.collate import collate_rows, micro_batches
     from sftray.models.loading import load_model
-    from sftray.train.step import build_optimizer, optimizer_step
+    from sftray.train.step import StepSum, build_optimizer, optimizer_step
 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -271,7 +275,7 @@ def _in_process(prepared: Any, *, cfg: Any, model_dir: Path, threads: int, grad_
             while group and group[0] is not None:
                 group = [b for b in group if b is not None]
                 sums = optimizer_step(model, optimizer, group, cfg=cfg.train, device=device, world=1, bf16=False)
-                targets += int(sums[1])
+                targets += int(sums[StepSum.TARGETS])
                 group = [next(batches, None) for _ in range(grad_accum)]
             if epoch > 1:
                 rates.append(targets / (time.perf_counter() - started))

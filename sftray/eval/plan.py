@@ -24,7 +24,7 @@ from sftray.eval.probes import (
 )
 
 if TYPE_CHECKING:
-    from sftray.data.pipeline import Prepared
+    from sftray.data.prepared import Prepared
 
 log = logging.getLogger("sftray.train")
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from sftray.atomic import write_text_atomic
 from sftray.config import Config, ConfigError, stage_config
-from sftray.data.pipeline import Prepared
+from sftray.data.prepared import Prepared
 from sftray.eval.metrics import EXACT_MATCH, FORGETTING, FORMAT_COMPLIANCE, PRETRAIN_LOSS, stage_metric
 from sftray.eval.plan import eval_probes
 from sftray.models.loading import resolve_base_model_path

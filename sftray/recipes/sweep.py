@@ -1,12 +1,15 @@
-"""The sweep recipe: prep (cached) -> base model -> Tune trials, each a Ray Train run, tracked in MLflow."""
+"""The sweep recipe: prep (cached) -> base model -> Tune trials, each running the trial body of
+``sftray.recipes.trial`` (a Ray Train run or a stage chain), tracked in MLflow."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from sftray.config import Config
+from sftray.layout import sweep_dir
 from sftray.models.loading import resolve_base_model_path
 from sftray.recipes.prep import prep
+from sftray.recipes.trial import run_trial
 from sftray.tracking import mlflow_logger, trial_callbacks
 from sftray.tune.sweep import SweepOutcome, run_sweep, search_space, table
 
@@ -16,10 +19,10 @@ def sweep(cfg: Config) -> SweepOutcome:
     has ended; an interrupted sweep leaves it open for the resume to finish."""
     prepared = prep(cfg)
     base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
-    sweep_dir = Path(cfg.paths.output_dir) / "sweeps" / cfg.sweep.name
-    parent = mlflow_logger.start_parent(cfg, space=search_space(cfg), data_report=prepared.report, sweep_dir=sweep_dir)
+    folder = sweep_dir(cfg.paths.output_dir, cfg.sweep.name)
+    parent = mlflow_logger.start_parent(cfg, space=search_space(cfg), data_report=prepared.report, sweep_dir=folder)
     callbacks = trial_callbacks(cfg, parent_id=parent, data_report=prepared.report)
-    outcome = run_sweep(cfg, prepared=prepared, base_model=base, callbacks=callbacks)
+    outcome = run_sweep(cfg, trial=run_trial, prepared=prepared, base_model=base, callbacks=callbacks)
     if not unfinished(outcome):
         mlflow_logger.finish_parent(cfg, parent_id=parent, best=outcome.best, table_text=table(outcome))
     return outcome

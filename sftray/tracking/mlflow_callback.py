@@ -14,10 +14,10 @@ from typing import Any
 from ray.tune import Callback
 
 from sftray.config import Config, override
-from sftray.tracking import stage_runs
+from sftray.eval.outcome import OUTCOME_FILE, read_outcome
 from sftray.tracking.mlflow_logger import log_params, tracking_uri, trial_params
 from sftray.tracking.runs import log_selected, report_metrics
-from sftray.tune.sweep import OUTCOME_FILE, read_outcome
+from sftray.tracking.stage_runs import stage_run
 
 
 class MlflowTrialLogger(Callback):
@@ -69,7 +69,7 @@ class MlflowTrialLogger(Callback):
             cfg = self.cfg
             for name, value in self.cfg.sweep.trial_overrides(dict(trial.config or {})).items():
                 cfg = override(cfg, name, value)
-            self.runs[key] = stage_runs.stage_run(cfg, parent_id=trial_run_id, index=index)
+            self.runs[key] = stage_run(cfg, parent_id=trial_run_id, index=index)
         return self.runs[key]
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

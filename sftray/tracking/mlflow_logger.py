@@ -19,6 +19,8 @@ from typing import Any
 
 from sftray.config import SWEEP_POINT, Config
 from sftray.eval.metrics import EXACT_MATCH, FORGETTING, FORMAT_COMPLIANCE, PRETRAIN_LOSS, SCORE, VAL_LOSS
+from sftray.eval.outcome import OBJECTIVE, ROW_METRICS
+from sftray.layout import mlflow_db
 
 log = logging.getLogger("sftray.tracking")
 SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
@@ -30,7 +32,7 @@ ARTIFACTS_DIRNAME = "mlartifacts"
 
 def tracking_uri(cfg: Config) -> str:
     """The configured URI, or the offline SQLite store in the output folder (absolute: Tune trials chdir)."""
-    return cfg.tracking.uri or f"sqlite:///{Path(cfg.paths.output_dir).resolve() / 'mlflow.db'}"
+    return cfg.tracking.uri or f"sqlite:///{mlflow_db(cfg.paths.output_dir)}"
 
 
 def artifact_location(uri: str) -> str | None:
@@ -192,8 +194,6 @@ eval.select_metric (``sftray.eval.metrics.select_best``), else "false"."""
 def finish_parent(cfg: Config, *, parent_id: str, best: dict[str, Any] | None, table_text: str) -> None:
     """Ends the parent run with the trial table and the best trial (a ``SweepOutcome.trials`` row, or None)."""
     from mlflow import MlflowClient
-
-    from sftray.tune.sweep import OBJECTIVE, ROW_METRICS  # deferred: tune imports Ray; this module stays Ray-free
 
     client = MlflowClient(tracking_uri(cfg))
     client.log_text(parent_id, table_text, "trials.txt")

@@ -17,6 +17,7 @@ from typing import Any
 
 from sftray.config import Config
 from sftray.eval.metrics import TRAIN_LOSS, TRAIN_LOSS_POINTS
+from sftray.layout import EPOCH_GLOB
 from sftray.tracking.mlflow_logger import (
     BEST_NAMES,
     WORSE_THAN_BASE,
@@ -108,7 +109,7 @@ def log_models(client: Any, run_id: str, cfg: Config, *, best_checkpoint: Path, 
         return
     _log_model_folders(client, run_id, best_checkpoint, prefix="")
     if mode == "all" and run_path:
-        for checkpoint in sorted(Path(run_path).glob("epoch_*")):
+        for checkpoint in sorted(Path(run_path).glob(EPOCH_GLOB)):
             _log_model_folders(client, run_id, checkpoint, prefix=f"checkpoints/{checkpoint.name}/")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sftray.config import Config, stage_config
+from sftray.data.prepared import REPORT_FILE
 from sftray.tracking.mlflow_logger import (
     BEST_NAMES,
     base_tags,
@@ -89,7 +90,7 @@ def log_stage(cfg: Config, *, parent_id: str, record: dict[str, Any]) -> None:
         best_metrics=record["best_metrics"],
         reason=record["reason"],
         worse_than_base=bool(record.get("worse_than_base", False)),
-        data_report=Path(record["data"]) / "report.json",
+        data_report=Path(record["data"]) / REPORT_FILE,
         run_path=record["run_path"],
     )
     for k, name in BEST_NAMES.items():

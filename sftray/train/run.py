@@ -16,7 +16,7 @@ import pyarrow as pa
 from sftray.config import Config, TrainConfig
 from sftray.core.rows import read_rows
 from sftray.data.chat import turn_markers
-from sftray.data.pipeline import Prepared
+from sftray.data.prepared import Prepared
 from sftray.data.schema import empty_rows
 from sftray.eval.metrics import (
     EXACT_MATCH,

@@ -1,8 +1,9 @@
 """The Train callback that carries a trial's reports to its Tune trial, kept free of heavy imports.
 
-Ray Train pickles its RunConfig's callbacks to the controller and to every worker. Defined in ``sftray.tune.sweep``,
-the callback made the controller import the sweep's modules on unpickling (torch, transformers, the data pipeline:
-3.1 s in a fresh interpreter), on every trial's path to its first step. Here it costs ``ray.train`` alone.
+Ray Train pickles its RunConfig's callbacks to the controller and to every worker, and unpickling a callback imports
+the module that defines it. This module imports ``ray.train`` alone: defined beside the sweep's code, the callback
+made the controller import the sweep's modules (torch, transformers, the data pipeline) on every trial's path to its
+first step.
 """
 
 from __future__ import annotations

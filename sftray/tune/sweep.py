@@ -1,54 +1,35 @@
-"""Sweeps on Ray Tune: a search space from ``cfg.sweep``, one TorchTrainer run per trial, and the ranked result.
+"""The Ray Tune adapter: a search space from ``cfg.sweep``, trials that each run the trial body they are given, and
+the ranked result.
 
 Ray Train V2 combines with Tune through a function trainable that launches a ``TorchTrainer`` and forwards its
-reports to Tune (``Tuner(TorchTrainer)`` is V1 only). The objective is ``eval/score``: the
-configured generation metric when the run stays within the forgetting budget, below every such run otherwise.
+reports to Tune (``Tuner(TorchTrainer)`` is V1 only); that trainable is the recipes' trial body
+(``sftray.recipes.trial``). The objective is ``eval/score`` (``sftray.eval.outcome``): the configured generation
+metric when the run stays within the forgetting budget, below every such run otherwise.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sftray.config import SWEEP_POINT, Config, override
-from sftray.data.fingerprint import CONFIG_INPUTS
-from sftray.data.pipeline import Prepared, load_prepared
-from sftray.eval.metrics import (
-    EXACT_MATCH,
-    FORGETTING,
-    FORMAT_COMPLIANCE,
-    OBJECTIVE_MODE,
-    SCORE,
-    VAL_LOSS,
-    check_select_metric,
-    select_best,
-)
-from sftray.recipes.prep import prep
-from sftray.recipes.stages import run_stages
-from sftray.train.run import check_validation, run_training
-from sftray.tune.reports import ReportsToQueue
+from sftray.data.prepared import Prepared
+from sftray.eval.metrics import OBJECTIVE_MODE, select_best
+from sftray.eval.outcome import OBJECTIVE, ROW_METRICS, read_outcome
+from sftray.layout import sweep_dir, sweeps_dir
+from sftray.train.run import check_validation
 
 log = logging.getLogger("sftray.sweep")
 
-OBJECTIVE = SCORE
-OUTCOME_FILE = "outcome.json"
-"""Written by each trial into its Tune trial folder: best checkpoint, why, and the metric history."""
-ROW_METRICS = {
-    "val_loss": VAL_LOSS,
-    "format_compliance": FORMAT_COMPLIANCE,
-    "exact_match": EXACT_MATCH,
-    "forgetting": FORGETTING,
-}
-"""Metric columns of a trial row (``SweepOutcome.trials``) -> the metric each holds: the selected epoch's value
-(the last report's for a trial that did not finish)."""
 TRIAL_DRIVER_CPUS = 0.01
 """The trial function only waits on its TorchTrainer; Tune refuses 0, a sliver leaves room for the workers."""
+TrialBody = Callable[..., None]
+"""What one trial runs: ``body(config, *, base_cfg, prepared_dir, base_model)``, ``config`` the trial's sampled
+keys; it reports to Tune and leaves its outcome (``sftray.eval.outcome``) in its trial folder."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,17 +42,6 @@ class SweepOutcome:
     """The winning trial's row (None if every trial failed)."""
     best_reason: str = ""
     """Why that trial ranks first among the finished ones (which rule decided)."""
-
-
-def trial_runs_dir(cfg: Config) -> Path:
-    """Where the trials' Train runs (and their checkpoints) of this sweep live: one folder per trial below it."""
-    return Path(cfg.paths.output_dir) / "sweeps" / "runs" / cfg.sweep.name
-
-
-def read_outcome(trial_dir: str | Path) -> dict[str, Any] | None:
-    """The outcome a trial left in its Tune trial folder (``OUTCOME_FILE``), or None if it did not finish."""
-    path = Path(trial_dir) / OUTCOME_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -109,11 +79,6 @@ def search_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
-def trial_prepares_own_data(overrides: dict[str, Any]) -> bool:
-    """Whether a trial's overrides change its prepared data, so it prepares (or finds cached) its own."""
-    return any(key.split(".", 1)[0] in CONFIG_INPUTS for key in overrides)
-
-
 def trial_resources(cfg: Config, *, cluster: dict[str, float]) -> tuple[dict[str, float], int]:
     """Resources of one trial's driver and how many trials fit at once without oversubscription."""
     t = cfg.train
@@ -144,20 +109,24 @@ def _drop_tune_resume_hint() -> None:
         tune_log.addFilter(keep)
 
 
-def run_sweep(cfg: Config, *, prepared: Prepared, base_model: str, callbacks: list | None = None) -> SweepOutcome:
-    """Runs (or resumes) the sweep; a trial that crashes is marked failed and the others go on."""
+def run_sweep(
+    cfg: Config, *, trial: TrialBody, prepared: Prepared, base_model: str, callbacks: list | None = None
+) -> SweepOutcome:
+    """Runs (or resumes) the sweep, each trial running ``trial``; a trial that crashes is marked failed and the
+    others go on."""
     import ray
     from ray import tune
 
     check_validation(prepared.report)  # once here, not once per failing trial
-    check_select_metric(cfg.eval.select_metric, probes=cfg.eval.num_probes > 0)
-    storage = str(Path(cfg.paths.output_dir) / "sweeps")
+    storage = str(sweeps_dir(cfg.paths.output_dir))
     resources, concurrent = trial_resources(cfg, cluster=ray.cluster_resources())
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base_cfg=cfg, prepared_dir=str(prepared.out_dir), base_model=base_model),
+        tune.with_parameters(
+            _trial, body=trial, base_cfg=cfg, prepared_dir=str(prepared.out_dir), base_model=base_model
+        ),
         resources,
     )
-    path = Path(storage) / cfg.sweep.name
+    path = sweep_dir(cfg.paths.output_dir, cfg.sweep.name)
     _drop_tune_resume_hint()
     if cfg.sweep.resume:
         if not tune.Tuner.can_restore(str(path)):
@@ -229,90 +198,10 @@ def table(outcome: SweepOutcome) -> str:
     return "\n".join(lines)
 
 
-# --- inside a trial ---------------------------------------------------------------------------------------------
-
-
-def _trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_model: str) -> None:
-    """One Tune trial: apply the sampled keys, launch a TorchTrainer, leave the outcome in the trial folder."""
-    import ray.tune
-
-    started_at = time.time()  # wall clock: the bench's per-trial start-up figure starts here
-    cfg = base_cfg
-    overrides = base_cfg.sweep.trial_overrides(config)
-    for key, value in overrides.items():
-        cfg = override(cfg, key, value)
-    ctx = ray.tune.get_context()
-    name = f"{base_cfg.sweep.name}-{ctx.get_trial_id()}"
-    if cfg.stages:  # each stage prepares (or finds) its own data  # a chain per trial, in a folder named by the trial: a resumed trial goes on from its last stage
-        stages = _reporting_to_tune(
-            lambda callbacks: run_stages(
-                cfg, chain_dir=trial_runs_dir(cfg) / name, base_model=base_model, callbacks=callbacks
-            )
-        )
-        last = stages[-1]
-        result = {k: last[k] for k in ("best_checkpoint", "best_metrics", "reason", "history", "run_path")}
-        result["worse_than_base"] = last.get("worse_than_base", False)  # a chain recorded before it was kept
-        result.update(stages=stages, data_report=str(Path(last["data"]) / "report.json"))
-    else:
-        prepared = prep(cfg) if trial_prepares_own_data(overrides) else load_prepared(Path(prepared_dir))
-        outcome = _reporting_to_tune(
-            lambda callbacks: run_training(
-                cfg,
-                prepared=prepared,
-                base_model=base_model,
-                name=name,
-                storage_path=str(trial_runs_dir(cfg)),
-                callbacks=callbacks,
-            )
-        )
-        result = {
-            "best_checkpoint": outcome.best_checkpoint,
-            "best_metrics": outcome.best_metrics,
-            "reason": outcome.best_reason,
-            "worse_than_base": outcome.worse_than_base,
-            "history": outcome.history,
-            "run_path": outcome.path,
-            "data_report": str(prepared.out_dir / "report.json"),
-        }
-    record = {"overrides": overrides, **result, "started_at": started_at, "finished_at": time.time()}
-    (Path(ctx.get_trial_dir()) / OUTCOME_FILE).write_text(json.dumps(record, indent=1, default=str))
-
-
-def _reporting_to_tune(run: Callable[[list], Any]) -> Any:
-    """``run(callbacks)`` (a training run or a chain of them) with every Train report passed on to Tune, in
-    order, from this trial's own thread.
-
-    Ray's ``TuneReportCallback`` forwards reports from the Tune trial's main thread. When a report is still in
-    flight as the trial function returns, Tune's final "done" marker fills the one-slot result queue first and the
-    forwarding blocks forever (seen on a loaded 2-CPU machine). Here the Train controller only enqueues, and the
-    trial function itself calls ``ray.tune.report`` for each item until training has ended and the queue is empty.
-    """
-    import queue as stdlib_queue
-    import threading
-
-    import ray.tune
-    from ray.util.queue import Empty, Queue
-
-    reports = Queue(actor_options={"num_cpus": 0})
-    done: stdlib_queue.Queue = stdlib_queue.Queue()
-
-    def train() -> None:
-        try:
-            done.put((run([ReportsToQueue(reports)]), None))
-        except BaseException as exc:  # handed to the trial thread, which raises it
-            done.put((None, exc))
-
-    worker = threading.Thread(target=train, name="sftray-train", daemon=True)
-    worker.start()
-    while worker.is_alive() or not reports.empty():
-        try:
-            ray.tune.report(reports.get(timeout=1.0))
-        except Empty:
-            continue
-    outcome, error = done.get()
-    if error is not None:
-        raise error
-    return outcome
+def _trial(config: dict[str, Any], *, body: TrialBody, **params: Any) -> None:
+    """Every sweep's Tune trainable: the trial body it is given. Tune names trials and their folders after this
+    function (``_trial_<id>``) and checks that name when a sweep resumes, so it stays the same whatever the body."""
+    body(config, **params)
 
 
 def _trial_row(result: Any, cfg: Config) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from sftray.config import compose_config
-from sftray.data.pipeline import Prepared
+from sftray.data.prepared import Prepared
 from sftray.eval.plan import plan_eval
 from sftray.layout import base_eval_dir
 from sftray.models.tiny import ensure_tiny_tokenizer

@@ -19,9 +19,10 @@ from nbclient import NotebookClient
 
 from sftray.config import compose_config
 from sftray.eval.metrics import score
+from sftray.eval.outcome import OUTCOME_FILE
 from sftray.tracking.mlflow_callback import MlflowTrialLogger
 from sftray.tracking.mlflow_logger import base_tags, finish_parent, start_parent, tracking_uri
-from sftray.tune.sweep import OUTCOME_FILE, search_space
+from sftray.tune.sweep import search_space
 
 ROOT = Path(__file__).resolve().parents[2]
 BUDGET = 0.025

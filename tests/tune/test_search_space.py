@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sftray.config import SWEEP_POINT, compose_config
-from sftray.tune.sweep import search_space, trial_prepares_own_data
+from sftray.tune.sweep import search_space
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -61,18 +61,3 @@ def test_no_lr_values_and_half_a_range_is_an_error_but_neither_keeps_train_lr():
     assert "train.lr" not in search_space(_cfg("sweep.lr.values=[]"))
     with pytest.raises(Exception, match="both low and high, or neither"):
         _cfg("sweep.lr.values=[]", "sweep.lr.low=1e-4")
-
-
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [("seed", 1), ("window_len", 64), ("data.max_seq_len", 256), ("mix.ratio", 0.2), ("model.name_or_path", "m")],
-)
-def test_a_trial_whose_keys_change_the_data_fingerprint_prepares_its_own_data(key, value):
-    # Every key the prepared data's fingerprint reads (sftray.data.fingerprint): a trial that reused the sweep's
-    # data would train on data its config does not describe (a seed sweep kept seed 0's split).
-    assert trial_prepares_own_data({key: value, "train.lr": 1e-3})
-
-
-@pytest.mark.parametrize("key", ["train.lr", "train.epochs", "eval.num_probes", "train.lora.r"])
-def test_a_trial_that_changes_only_training_keys_reuses_the_sweeps_data(key):
-    assert not trial_prepares_own_data({key: 1})

@@ -1,0 +1,62 @@
+"""The sweep's trial body: what one Tune trial runs (its data, a training run or a stage chain) and the outcome it
+leaves in its trial folder for the sweep's table and tracking (``sftray.eval.outcome``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sftray.config import Config, override
+from sftray.data.fingerprint import CONFIG_INPUTS
+from sftray.data.prepared import REPORT_FILE, load_prepared
+from sftray.eval.outcome import write_outcome
+from sftray.layout import trial_runs_dir
+from sftray.recipes.prep import prep
+from sftray.recipes.stages import run_stages
+from sftray.train.run import run_training
+from sftray.tune.trial import current_trial, reporting_to_tune
+
+
+def trial_prepares_own_data(overrides: dict[str, Any]) -> bool:
+    """Whether a trial's overrides change its prepared data, so it prepares (or finds cached) its own."""
+    return any(key.split(".", 1)[0] in CONFIG_INPUTS for key in overrides)
+
+
+def run_trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_model: str) -> None:
+    """One Tune trial (``config``: its sampled keys): apply them, train (one run or a chain, each a TorchTrainer),
+    leave the outcome in the trial folder."""
+    started_at = time.time()  # wall clock: the bench's per-trial start-up figure starts here
+    cfg = base_cfg
+    overrides = base_cfg.sweep.trial_overrides(config)
+    for key, value in overrides.items():
+        cfg = override(cfg, key, value)
+    trial_id, trial_dir = current_trial()
+    name = f"{base_cfg.sweep.name}-{trial_id}"
+    runs = trial_runs_dir(cfg.paths.output_dir, cfg.sweep.name)
+    if cfg.stages:  # each stage prepares (or finds) its own data
+        # A chain per trial, in a folder named by the trial: a resumed trial goes on from its last stage.
+        stages = reporting_to_tune(
+            lambda callbacks: run_stages(cfg, chain_dir=runs / name, base_model=base_model, callbacks=callbacks)
+        )
+        last = stages[-1]
+        result = {k: last[k] for k in ("best_checkpoint", "best_metrics", "reason", "history", "run_path")}
+        result["worse_than_base"] = last.get("worse_than_base", False)  # a chain recorded before it was kept
+        result.update(stages=stages, data_report=str(Path(last["data"]) / REPORT_FILE))
+    else:
+        prepared = prep(cfg) if trial_prepares_own_data(overrides) else load_prepared(Path(prepared_dir))
+        outcome = reporting_to_tune(
+            lambda callbacks: run_training(
+                cfg, prepared=prepared, base_model=base_model, name=name, storage_path=str(runs), callbacks=callbacks
+            )
+        )
+        result = {
+            "best_checkpoint": outcome.best_checkpoint,
+            "best_metrics": outcome.best_metrics,
+            "reason": outcome.best_reason,
+            "worse_than_base": outcome.worse_than_base,
+            "history": outcome.history,
+            "run_path": outcome.path,
+            "data_report": str(prepared.report_path),
+        }
+    write_outcome(trial_dir, {"overrides": overrides, **result, "started_at": started_at, "finished_at": time.time()})
