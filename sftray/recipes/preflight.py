@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sftray.config import Config, LoraConfig, ModelConfig, override, stage_config
+from sftray.data.probe_file import probe_file
 from sftray.data.sources import resolve_source
 from sftray.eval.probes import check_probe_file
 
@@ -82,16 +83,7 @@ def check_data(cfg: Config) -> None:
     ):
         for i, src in enumerate(sources):
             resolve_source(src, cache_dir=cache_dir, what=f"{key}[{i}]", text=text)
-    probes = cfg.data.probes
-    if probes and not probes.startswith("builtin:"):
-        path = Path(probes).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"data.probes={probes}: no such file (a JSONL of probes, or null)")
-        try:
-            with path.open("rb") as f:
-                f.read(1)
-        except OSError as exc:
-            raise ValueError(f"data.probes={probes}: cannot read it ({exc.strerror})") from None
+    probe_file(cfg.data, cache_dir=cache_dir)  # exists and is readable, whether eval or only dedup reads it
     check_probe_file(cfg)  # every line parses (columns mapped), and eval.answer_pattern finds reference answers
 
 
