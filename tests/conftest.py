@@ -22,6 +22,27 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sftray-cache")
 
 
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache holding the tiny tokenizer, one per test module (a module's tests may write builtin files)."""
+    from sftray.models.tiny import ensure_tiny_tokenizer
+
+    cache = tmp_path_factory.mktemp("sftray-cli-cache")
+    ensure_tiny_tokenizer(cache)
+    return cache
+
+
+@pytest.fixture
+def cli_env(cli_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The environment a user's shell gives ``sftray``: ``cli_cache`` as SFTRAY_CACHE, no other SFTRAY_* variable,
+    the test's tmp_path as the working folder. Returns the cache."""
+    monkeypatch.setenv("SFTRAY_CACHE", str(cli_cache))
+    for var in ("SFTRAY_DATA", "SFTRAY_CONF", "SFTRAY_OUTPUT", "NO_COLOR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return cli_cache
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One Ray instance shared by every test that needs it (start-up costs seconds; keep launches few)."""

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import yaml
+from testkit import write_jsonl
 from transformers import AutoTokenizer
 
 from sftray.config import SourceConfig, schema_keys
 from sftray.data.chat import encode_chat
-from sftray.models.tiny import ensure_tiny_tokenizer
 from sftray.preview import MASKED_TTY, RESET, TRAINED_TTY, render_example
 
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
@@ -26,24 +26,12 @@ main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` co
 TRAINED = re.compile(r"\{\+(.*?)\+\}", re.S)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("sftray-cache")
-    ensure_tiny_tokenizer(cache)  # build once for the module
-    return cache
-
-
-@pytest.fixture(autouse=True)
-def env(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SFTRAY_CACHE", str(cache_dir))
-    for var in ("SFTRAY_DATA", "SFTRAY_CONF", "SFTRAY_OUTPUT", "NO_COLOR"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.fixture(scope="module")
-def tok(cache_dir: Path) -> Any:
-    return AutoTokenizer.from_pretrained(cache_dir / "tiny-llama")
+def tok(cli_cache: Path) -> Any:
+    return AutoTokenizer.from_pretrained(cli_cache / "tiny-llama")
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -126,10 +114,10 @@ def test_help_of_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.slow  # two builds of a few pretraining steps each (seconds per step on 2 busy CPUs)
-def test_pretrain_steps_for_a_quick_look(capsys: pytest.CaptureFixture[str], tmp_path: Path, cache_dir: Path) -> None:
+def test_pretrain_steps_for_a_quick_look(capsys: pytest.CaptureFixture[str], tmp_path: Path, cli_cache: Path) -> None:
     """``sftray pretrain steps=N`` builds a quick base; a cached base of another size is rebuilt only with --force."""
     cache = tmp_path / "cache"
-    shutil.copytree(cache_dir / "tiny-llama", cache / "tiny-llama")  # the tokenizer: no BPE training here
+    shutil.copytree(cli_cache / "tiny-llama", cache / "tiny-llama")  # the tokenizer: no BPE training here
     code, out, err = run(capsys, "pretrain", "steps=1", f"paths.cache_dir={cache}")
     assert code == 0, err
     assert "  1 steps, " in out
@@ -157,14 +145,14 @@ def test_make_clean_removes_the_configured_output_dir(tmp_path: Path) -> None:
 # --- config ------------------------------------------------------------------------------------------------------
 
 
-def test_config_prints_composed_yaml(capsys: pytest.CaptureFixture[str], tmp_path: Path, cache_dir: Path) -> None:
+def test_config_prints_composed_yaml(capsys: pytest.CaptureFixture[str], tmp_path: Path, cli_cache: Path) -> None:
     code, out, err = run(capsys, "config", "data.max_seq_len=128")
     assert code == 0
     assert "\n  max_seq_len: 128\n" in out
     doc = yaml.safe_load(out)
     assert doc["data"]["max_seq_len"] == 128
     assert doc["data"]["sources"] == [dataclasses.asdict(SourceConfig(path="builtin:demo"))]  # every field shown
-    assert doc["paths"] == {"output_dir": str(tmp_path / "outputs"), "cache_dir": str(cache_dir)}
+    assert doc["paths"] == {"output_dir": str(tmp_path / "outputs"), "cache_dir": str(cli_cache)}
     assert {"seed", "model", "data", "mix", "paths"} <= set(doc)
 
 
@@ -217,7 +205,7 @@ def test_config_sweep_params_is_an_open_mapping(capsys: pytest.CaptureFixture[st
 @pytest.mark.parametrize("key", ["data.sources", "data.val_sources", "mix.sources", "mix.heldout_sources"])
 def test_config_source_list_takes_a_single_path(capsys: pytest.CaptureFixture[str], tmp_path: Path, key: str) -> None:
     """``data.sources=/x.jsonl`` means one source with that path (as ``[{path: /x.jsonl}]`` does)."""
-    f = _write_jsonl(tmp_path / "one.jsonl", _chat_rows("messages"))
+    f = write_jsonl(tmp_path / "one.jsonl", _chat_rows("messages"))
     group, name = key.split(".")
     code, out, err = run(capsys, "config", f"{key}={f}")
     assert (code, err) == (0, "")
@@ -245,13 +233,13 @@ def test_config_out_of_range_value(capsys: pytest.CaptureFixture[str], override:
 # --- preview ------------------------------------------------------------------------------------------------------
 
 
-def test_preview_demo_plain(capsys: pytest.CaptureFixture[str], cache_dir: Path) -> None:
+def test_preview_demo_plain(capsys: pytest.CaptureFixture[str], cli_cache: Path) -> None:
     code, out, err = run(capsys, "preview", "n=2")
     assert code == 0
     assert out.startswith("preview of builtin:demo (messages); trained tokens inside {+ +}\n")
     assert "\x1b[" not in out  # capsys is not a TTY: plain markers
     heads = examples(out)
-    demo = cache_dir / "builtin" / "demo-train.jsonl"
+    demo = cli_cache / "builtin" / "demo-train.jsonl"
     assert [h.split(": ")[0] for h in heads] == [f"--- {demo}:1", f"--- {demo}:2"]
     for h in heads:
         assert re.fullmatch(r"--- .*:\d: \d+ tokens, \d+ trained", h), h
@@ -283,14 +271,9 @@ def _chat_rows(fmt: str) -> list[dict]:
     return [{"prompt": f"q{i}", "completion": f"a{i}"} for i in (1, 2)]
 
 
-def _write_jsonl(path: Path, lines: list[Any]) -> Path:
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
-    return path
-
-
 @pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca", "prompt_completion"])
 def test_preview_user_file_each_format(capsys: pytest.CaptureFixture[str], tmp_path: Path, fmt: str) -> None:
-    f = _write_jsonl(tmp_path / f"{fmt}.jsonl", _chat_rows(fmt))
+    f = write_jsonl(tmp_path / f"{fmt}.jsonl", _chat_rows(fmt))
     code, out, err = run(capsys, "preview", "data=files", f"data.sources=[{{path:{f}}}]", "n=5")
     assert (code, err) == (0, "")
     assert out.startswith(f"preview of {f} ({fmt}); trained tokens inside {{+ +}}\n")
@@ -302,7 +285,7 @@ def test_preview_user_file_each_format(capsys: pytest.CaptureFixture[str], tmp_p
 def test_preview_source_from_env(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    f = _write_jsonl(tmp_path / "chats.jsonl", _chat_rows("sharegpt"))
+    f = write_jsonl(tmp_path / "chats.jsonl", _chat_rows("sharegpt"))
     monkeypatch.setenv("SFTRAY_DATA", str(f))
     code, out, _ = run(capsys, "preview", "data=files", "data.system_prompt=Be brief.", "n=1")
     assert code == 0
@@ -314,7 +297,7 @@ def test_preview_source_from_env(
 def test_preview_bad_lines_show_error_and_continue(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rows = _chat_rows("messages")
     bad_role = {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}
-    f = _write_jsonl(tmp_path / "mixed.jsonl", [rows[0], "{not json", bad_role, "", rows[1]])
+    f = write_jsonl(tmp_path / "mixed.jsonl", [rows[0], "{not json", bad_role, "", rows[1]])
     code, out, err = run(capsys, "preview", "data=files", f"data.sources=[{{path:{f}}}]", "n=10")
     assert (code, err) == (0, "")
     heads = examples(out)

@@ -6,8 +6,11 @@ Imported as ``from testkit import ...`` (``tests/`` is on pytest's ``pythonpath`
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import pyarrow.parquet as pq
 
 from sftray.config import Config, compose_config
 
@@ -22,12 +25,16 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
-def user(content: str) -> dict:
+def user(content: Any) -> dict:
     return {"role": "user", "content": content}
 
 
-def assistant(content: str) -> dict:
+def assistant(content: Any) -> dict:
     return {"role": "assistant", "content": content}
+
+
+U, A = user, assistant
+"""Short names for tests that spell many conversations turn by turn."""
 
 
 def chat(prompt: str, answer: str) -> list[dict]:
@@ -45,3 +52,20 @@ def prep_config(tmp: Path, cache_dir: Path, *overrides: str) -> Config:
     return compose_config(
         [f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp / 'out'}", *overrides], conf=CONF, base=tmp
     )
+
+
+def sft_sequences(prepared: Any) -> Counter:
+    """Every packed SFT example of a prepared dataset (train and val), as token tuples, with their counts."""
+    from sftray.data.packing import KIND_SFT
+
+    got: Counter = Counter()
+    for split in (prepared.train_dir, prepared.val_dir):
+        if not any(split.glob("*.parquet")):
+            continue
+        for row in pq.read_table(split).to_pylist():
+            start = 0
+            for n, kind in zip(row["seq_lens"], row["seq_kinds"]):
+                if kind == KIND_SFT:
+                    got[tuple(row["input_ids"][start : start + n])] += 1
+                start += n
+    return got

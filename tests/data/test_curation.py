@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from testkit import chat
 
 from sftray.config import DataConfig
 from sftray.data.curation import (
@@ -21,10 +22,6 @@ from sftray.data.curation import (
 )
 
 NEAR = {"threshold": 0.8, "num_perm": 128, "shingle_words": 3, "seed": 0}  # data.dedup=near at the defaults
-
-
-def chat(user: str, assistant: str) -> list[dict]:
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
 
 def jaccard(a: str, b: str, k: int = 3) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from testkit import messages_record, write_jsonl
 
 from sftray.data.packing import KIND_SFT
 
@@ -27,24 +28,15 @@ def _answer(i: int, n: int = 40) -> str:
     return " ".join(f"w{i}x{k}" for k in range(n))
 
 
-def _chat(prompt: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory):
     """The constructed files and the lines each kind of drop must hit (1-based lines of train.jsonl)."""
     root = tmp_path_factory.mktemp("curation")
-    val = [_chat(f"Validation question {v}?", _answer(100_000 + v)) for v in range(50)]
+    val = [messages_record(f"Validation question {v}?", _answer(100_000 + v)) for v in range(50)]
     probes = [{"prompt": f"Probe question {p}?", "reference": f"probe answer {p}"} for p in range(5)]
     # A messages-style probe: its conversation and reference are one exchange to dedup against, like a prompt's.
     probes.append({"messages": [{"role": "user", "content": "Probe chat turn?"}], "reference": "probe chat answer"})
-    rows = [_chat(f"Question {i}: describe item {i} in detail.", _answer(i)) for i in range(N)]
+    rows = [messages_record(f"Question {i}: describe item {i} in detail.", _answer(i)) for i in range(N)]
     expect: dict[str, list[int]] = {"duplicate": [], "near": [], "duplicate_of_eval": []}
 
     def add(row: dict, kind: str | None = None) -> None:
@@ -53,26 +45,26 @@ def curated(tmp_path_factory):
             expect[kind].append(len(rows))
 
     # Exact duplicates: case and whitespace differ, content does not (the first occurrences stay).
-    add(_chat("QUESTION 10:  describe item 10 in detail.", _answer(10).upper()), "duplicate")
-    add(_chat("Question 20: describe item 20\tin detail. ", "  " + _answer(20)), "duplicate")
+    add(messages_record("QUESTION 10:  describe item 10 in detail.", _answer(10).upper()), "duplicate")
+    add(messages_record("Question 20: describe item 20\tin detail. ", "  " + _answer(20)), "duplicate")
     # A near duplicate: the last of 40 words changed (Jaccard of 3-word shingles 44/46 = 0.957 with its prompt).
-    add(_chat("Question 30: describe item 30 in detail.", _answer(30).rsplit(" ", 1)[0] + " changed"), "near")
+    add(messages_record("Question 30: describe item 30 in detail.", _answer(30).rsplit(" ", 1)[0] + " changed"), "near")
     # Training copies of a validation row and of a probe (prompt + reference as one exchange).
-    add(_chat("validation question 3?", _answer(100_003)), "duplicate_of_eval")
-    add(_chat(probes[2]["prompt"], probes[2]["reference"]), "duplicate_of_eval")
-    add(_chat("Probe chat turn?", "probe chat answer"), "duplicate_of_eval")
+    add(messages_record("validation question 3?", _answer(100_003)), "duplicate_of_eval")
+    add(messages_record(probes[2]["prompt"], probes[2]["reference"]), "duplicate_of_eval")
+    add(messages_record("Probe chat turn?", "probe chat answer"), "duplicate_of_eval")
     # Filters: 3 assistant turns; an answer of ~700 tokens; a 200-word prompt answered with one word.
     turns = [{"role": r, "content": f"turn {k} of row filters"} for k in range(3) for r in ("user", "assistant")]
     add({"messages": turns})
-    add(_chat("Long answer please.", _answer(9_000, 120)))
-    add(_chat(" ".join(f"p{k}" for k in range(200)), "yes"))
+    add(messages_record("Long answer please.", _answer(9_000, 120)))
+    add(messages_record(" ".join(f"p{k}" for k in range(200)), "yes"))
     expect["filters"] = [len(rows) - 2, len(rows) - 1, len(rows)]
-    other = [_chat(f"Other source question {j}?", _answer(50_000 + j, 10)) for j in range(600)]
+    other = [messages_record(f"Other source question {j}?", _answer(50_000 + j, 10)) for j in range(600)]
     return {
-        "train": _write(root / "train.jsonl", rows),
-        "val": _write(root / "val.jsonl", val),
-        "probes": _write(root / "probes.jsonl", probes),
-        "other": _write(root / "other.jsonl", other),
+        "train": write_jsonl(root / "train.jsonl", rows),
+        "val": write_jsonl(root / "val.jsonl", val),
+        "probes": write_jsonl(root / "probes.jsonl", probes),
+        "other": write_jsonl(root / "other.jsonl", other),
         "expect": expect,
         "root": root,
     }
@@ -174,13 +166,15 @@ def test_every_probe_shape_drops_its_training_copy_as_duplicate_of_eval(ray_loca
     probes = [
         {"prompt": "Probe prompt?", "reference": "prompt answer"},
         {"messages": [{"role": "user", "content": "Probe messages?"}], "reference": "messages answer"},
-        _chat("Probe chat record?", "chat record answer"),
+        messages_record("Probe chat record?", "chat record answer"),
     ]
-    rows = [_chat(f"Question {i}: describe item {i}.", _answer(i, 10)) for i in range(40)]
-    rows += [_chat("Probe prompt?", "prompt answer"), _chat("Probe messages?", "messages answer")]
-    rows += [_chat("Probe chat record?", "chat record answer")]
-    train, probe_file = _write(tmp_path / "train.jsonl", rows), _write(tmp_path / "probes.jsonl", probes)
-    val = _write(tmp_path / "val.jsonl", [_chat(f"Validation question {v}?", _answer(100 + v, 10)) for v in range(5)])
+    rows = [messages_record(f"Question {i}: describe item {i}.", _answer(i, 10)) for i in range(40)]
+    rows += [messages_record("Probe prompt?", "prompt answer"), messages_record("Probe messages?", "messages answer")]
+    rows += [messages_record("Probe chat record?", "chat record answer")]
+    train, probe_file = write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "probes.jsonl", probes)
+    val = write_jsonl(
+        tmp_path / "val.jsonl", [messages_record(f"Validation question {v}?", _answer(100 + v, 10)) for v in range(5)]
+    )
     args = [
         "prep",
         f"paths.cache_dir={cache_dir}",

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import pytest
+from testkit import A, U
 from transformers import AutoTokenizer
 
 from sftray.config import DataConfig
@@ -25,14 +26,6 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="module")
 def im_end(tok: Any) -> int:
     return tok.convert_tokens_to_ids("<|im_end|>")
-
-
-def U(c: Any) -> dict:
-    return {"role": "user", "content": c}
-
-
-def A(c: Any) -> dict:
-    return {"role": "assistant", "content": c}
 
 
 def encode(tok: Any, record: Any, fmt: str = "messages", **data: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from testkit import A, U
 
 from sftray.data.errors import DataError, FormatError, MessageError
 from sftray.data.formats import FORMAT_KEYS, detect_format, to_messages
@@ -12,14 +13,6 @@ EXPECTED_KEYS = (
     "expected one of (messages: messages; sharegpt: conversations; alpaca: instruction, output; "
     "prompt_completion: prompt, completion; text: text)"
 )
-
-
-def U(c: str) -> dict:
-    return {"role": "user", "content": c}
-
-
-def A(c: str) -> dict:
-    return {"role": "assistant", "content": c}
 
 
 def S(c: str) -> dict:

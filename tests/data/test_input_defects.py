@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from testkit import A, U, write_jsonl
 from transformers import AutoTokenizer
 
 from sftray.config import DataConfig, MixConfig, SourceConfig, compose_config
@@ -25,26 +26,12 @@ main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` co
 WHAT = "data.sources[0]"
 
 
-def U(c: str) -> dict:
-    return {"role": "user", "content": c}
-
-
-def A(c: str) -> dict:
-    return {"role": "assistant", "content": c}
-
-
 def S(c: str) -> dict:
     return {"role": "system", "content": c}
 
 
 def _resolve(path: str | Path, **kw: Any):
     return resolve_source(SourceConfig(path=str(path), **kw), cache_dir=Path("/nonexistent-cache"), what=WHAT)
-
-
-def _jsonl(path: Path, rows: list[Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _read(src: Any) -> list[tuple[str, str, Any]]:
@@ -124,7 +111,7 @@ def test_hydra_accepts_columns_syntax(tmp_path: Path) -> None:
 
 
 def test_prompt_completion_columns(tmp_path: Path) -> None:
-    f = _jsonl(tmp_path / "gsm8k.jsonl", [{"question": "1+1?", "answer": "2", "id": 7}])
+    f = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "1+1?", "answer": "2", "id": 7}])
     src = _resolve(f, format="prompt_completion", columns={"prompt": "question", "completion": "answer"})
     ((where, fmt, record),) = _read(src)
     assert fmt == "prompt_completion"
@@ -132,7 +119,7 @@ def test_prompt_completion_columns(tmp_path: Path) -> None:
 
 
 def test_auto_detects_with_mapped_names(tmp_path: Path) -> None:
-    f = _jsonl(tmp_path / "gsm8k.jsonl", [{"question": "1+1?", "answer": "2"}])
+    f = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "1+1?", "answer": "2"}])
     src = _resolve(f, columns={"prompt": "question", "completion": "answer"})
     assert src.fmt == "prompt_completion"
     ((where, fmt, record),) = _read(src)
@@ -142,7 +129,7 @@ def test_auto_detects_with_mapped_names(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["alpaca", "auto"])
 def test_alpaca_columns(tmp_path: Path, fmt: str) -> None:
     rows = [{"q": "Uppercase", "ctx": "abc", "a": "ABC"}, {"q": "Say hi", "a": "hi"}]
-    f = _jsonl(tmp_path / "a.jsonl", rows)
+    f = write_jsonl(tmp_path / "a.jsonl", rows)
     src = _resolve(f, format=fmt, columns={"instruction": "q", "input": "ctx", "output": "a"})
     assert src.fmt == "alpaca"
     got = [to_messages(r, fmt, where=w) for w, fmt, r in _read(src)]
@@ -151,7 +138,7 @@ def test_alpaca_columns(tmp_path: Path, fmt: str) -> None:
 
 def test_messages_columns_with_role_and_content_keys(tmp_path: Path) -> None:
     rows = [{"dialog": [{"speaker": "human", "text": "q"}, {"speaker": "bot", "text": "a"}]}]
-    f = _jsonl(tmp_path / "a.jsonl", rows)
+    f = write_jsonl(tmp_path / "a.jsonl", rows)
     src = _resolve(
         f,
         columns={"messages": "dialog", "role": "speaker", "content": "text"},
@@ -172,7 +159,7 @@ def test_sharegpt_columns_and_roles(tmp_path: Path) -> None:
             ]
         }
     ]
-    f = _jsonl(tmp_path / "a.jsonl", rows)
+    f = write_jsonl(tmp_path / "a.jsonl", rows)
     columns = {"conversations": "messages", "from": "role", "value": "content"}
     src = _resolve(f, columns=columns, roles={"bot": "assistant", "sys": "system"})
     assert src.fmt == "sharegpt"  # the list key is mapped: detection sees 'conversations', not 'messages'
@@ -181,7 +168,7 @@ def test_sharegpt_columns_and_roles(tmp_path: Path) -> None:
 
 
 def test_wrong_column_name_lists_the_records_keys(tmp_path: Path) -> None:
-    f = _jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}])
+    f = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}])
     src = _resolve(f, format="prompt_completion", columns={"prompt": "question", "completion": "answr"})
     ((where, _, err),) = _read(src)
     assert isinstance(err, DataError) and err.reason == "missing_column"
@@ -189,7 +176,7 @@ def test_wrong_column_name_lists_the_records_keys(tmp_path: Path) -> None:
 
 
 def test_wrong_turn_column_name_lists_the_turns_keys(tmp_path: Path) -> None:
-    f = _jsonl(
+    f = write_jsonl(
         tmp_path / "a.jsonl", [{"messages": [{"role": "user", "text": "q"}, {"role": "assistant", "text": "a"}]}]
     )
     src = _resolve(f, format="messages", columns={"content": "txt"})
@@ -227,7 +214,7 @@ def test_unknown_mapping_key_with_auto_lists_every_formats_fields() -> None:
 
 def test_roles_must_name_a_role(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
-        _resolve(_jsonl(tmp_path / "a.jsonl", [{"messages": [U("q"), A("a")]}]), roles={"gpt": "bot"})
+        _resolve(write_jsonl(tmp_path / "a.jsonl", [{"messages": [U("q"), A("a")]}]), roles={"gpt": "bot"})
     assert str(info.value) == f"{WHAT}.roles: 'gpt' -> 'bot'; a role is one of system, user, assistant"
     with pytest.raises(ValueError, match=r"^data.sources\[0\].roles: only messages and sharegpt records have roles"):
         DataConfig(sources=[SourceConfig(path="x.jsonl", format="alpaca", roles={"gpt": "assistant"})])
@@ -237,7 +224,7 @@ def test_text_source_column(tmp_path: Path) -> None:
     MixConfig(sources=[SourceConfig(path="x.jsonl", columns={"text": "body"})])
     with pytest.raises(ValueError, match=r"^mix.sources\[0\].columns: 'prompt' is not a field of text; valid: text$"):
         MixConfig(sources=[SourceConfig(path="x.jsonl", columns={"prompt": "body"})])
-    f = _jsonl(tmp_path / "c.jsonl", [{"body": "prose"}])
+    f = write_jsonl(tmp_path / "c.jsonl", [{"body": "prose"}])
     src = resolve_source(
         SourceConfig(path=str(f), columns={"text": "body"}), cache_dir=tmp_path, what="mix.sources[0]", text=True
     )
@@ -287,9 +274,9 @@ def test_assistant_first_is_fine_when_training_on_everything(tok: Any) -> None:
 
 def test_folder_detects_each_files_format(tmp_path: Path) -> None:
     d = tmp_path / "chats"
-    _jsonl(d / "a.jsonl", [{"messages": [U("q1"), A("a1")]}])
-    _jsonl(d / "b.jsonl", [{"instruction": "q2", "output": "a2"}])
-    _jsonl(d / "c.jsonl", [{"conversations": [{"from": "human", "value": "q3"}, {"from": "gpt", "value": "a3"}]}])
+    write_jsonl(d / "a.jsonl", [{"messages": [U("q1"), A("a1")]}])
+    write_jsonl(d / "b.jsonl", [{"instruction": "q2", "output": "a2"}])
+    write_jsonl(d / "c.jsonl", [{"conversations": [{"from": "human", "value": "q3"}, {"from": "gpt", "value": "a3"}]}])
     (d / "d.jsonl").write_text("")
     src = _resolve(d)
     assert src.fmts == ("messages", "alpaca", "sharegpt", "messages")  # an empty file takes the first format
@@ -303,8 +290,8 @@ def test_folder_detects_each_files_format(tmp_path: Path) -> None:
 
 
 def test_explicit_format_applies_to_every_file(tmp_path: Path) -> None:
-    _jsonl(tmp_path / "a.jsonl", [{"messages": [U("q1"), A("a1")]}])
-    _jsonl(tmp_path / "b.jsonl", [{"instruction": "q2", "output": "a2"}])
+    write_jsonl(tmp_path / "a.jsonl", [{"messages": [U("q1"), A("a1")]}])
+    write_jsonl(tmp_path / "b.jsonl", [{"instruction": "q2", "output": "a2"}])
     src = _resolve(tmp_path, format="messages")
     assert src.fmts == ("messages", "messages")
     assert [fmt for _, fmt, _ in _read(src)] == ["messages", "messages"]
@@ -312,7 +299,7 @@ def test_explicit_format_applies_to_every_file(tmp_path: Path) -> None:
 
 def test_folder_reports_ignored_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     d = tmp_path / "chats"
-    _jsonl(d / "a.jsonl", [{"messages": [U("q"), A("a")]}])
+    write_jsonl(d / "a.jsonl", [{"messages": [U("q"), A("a")]}])
     (d / "notes.txt").write_text("prose")
     (d / "sub").mkdir()
     (d / "sub" / "table.csv").write_text("a,b")
@@ -340,7 +327,7 @@ def test_text_folder_reads_txt_and_ignores_the_rest(tmp_path: Path) -> None:
 def test_folder_file_with_unreadable_first_record_takes_the_first_format(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _jsonl(tmp_path / "a.jsonl", [{"messages": [U("q"), A("a")]}])
+    write_jsonl(tmp_path / "a.jsonl", [{"messages": [U("q"), A("a")]}])
     (tmp_path / "b.jsonl").write_text("{oops\n" + json.dumps({"messages": [U("q2"), A("a2")]}) + "\n")
     with caplog.at_level(logging.WARNING, logger="sftray.data.sources"):
         src = _resolve(tmp_path)

@@ -10,55 +10,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from testkit import A, U, prep_config, sft_sequences
 from transformers import AutoTokenizer
 
-from sftray.config import compose_config
 from sftray.data.chat import encode_chat
 from sftray.data.errors import DataError
 from sftray.data.formats import to_messages
-from sftray.data.packing import KIND_SFT
 from sftray.recipes.prep import prep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def U(c: str) -> dict:
-    return {"role": "user", "content": c}
-
-
-def A(c: str) -> dict:
-    return {"role": "assistant", "content": c}
 
 
 def _cfg(tmp: Path, cache_dir: Path, sources: str, *extra: str):
-    return compose_config(
-        [
-            f"paths.cache_dir={cache_dir}",
-            f"paths.output_dir={tmp / 'out'}",
-            "data=files",
-            f"data.sources={sources}",
-            "data.max_seq_len=128",
-            "mix=none",
-            *extra,
-        ],
-        conf=CONF,
-        base=tmp,
+    return prep_config(
+        tmp, cache_dir, "data=files", f"data.sources={sources}", "data.max_seq_len=128", "mix=none", *extra
     )
-
-
-def _sft_sequences(prepared) -> Counter:
-    got: Counter = Counter()
-    for split in (prepared.train_dir, prepared.val_dir):
-        if not any(split.glob("*.parquet")):
-            continue
-        for row in pq.read_table(split).to_pylist():
-            start = 0
-            for n, kind in zip(row["seq_lens"], row["seq_kinds"]):
-                if kind == KIND_SFT:
-                    got[tuple(row["input_ids"][start : start + n])] += 1
-                start += n
-    return got
 
 
 def test_mixed_folder_mapped_columns_and_bad_rows(ray_local, cache_dir, tmp_path):
@@ -110,7 +76,7 @@ def test_mixed_folder_mapped_columns_and_bad_rows(ray_local, cache_dir, tmp_path
     assert all("no prompt for it to answer" in d["error"] for d in drops if d["reason"] == "assistant_first")
     tok = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
     want = Counter(tuple(encode_chat(to_messages(r, fmt), tok)["input_ids"]) for fmt, r in expected)
-    assert _sft_sequences(prepared) == want  # every file read in its own format, every mapped record intact
+    assert sft_sequences(prepared) == want  # every file read in its own format, every mapped record intact
     assert "\ufffd" not in json.dumps(drops)
 
 

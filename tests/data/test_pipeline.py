@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from testkit import prep_config
 from transformers import AutoTokenizer
 
-from sftray.config import compose_config
 from sftray.data.builtin import resolve_builtin
 from sftray.data.chat import IGNORE_INDEX, encode_chat
 from sftray.data.errors import DataError
@@ -26,7 +26,6 @@ from sftray.recipes.prep import prep
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _messages(i: int) -> list[dict]:
@@ -76,17 +75,7 @@ def _write_sources(root: Path) -> dict[str, list]:
 
 def _cfg(tmp: Path, cache_dir: Path, sources: list[str], *extra: str):
     listed = ",".join("{path:'" + s + "'}" for s in sources)
-    return compose_config(
-        [
-            f"paths.cache_dir={cache_dir}",
-            f"paths.output_dir={tmp / 'out'}",
-            "data=files",
-            f"data.sources=[{listed}]",
-            *extra,
-        ],
-        conf=CONF,
-        base=tmp,
-    )
+    return prep_config(tmp, cache_dir, "data=files", f"data.sources=[{listed}]", *extra)
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -324,9 +313,7 @@ def test_cli_prep_with_defaults(ray_local, cache_dir, tmp_path, capsys, monkeypa
 def test_demo_without_mix(ray_local, cache_dir, tmp_path):
     """mix=none on the builtin demo: no pretraining window is taken, so no empty window dataset joins the training
     split (Ray's hash shuffle then failed with "Schema at index 1 was different")."""
-    cfg = compose_config(
-        [f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path / 'out'}", "mix=none"], conf=CONF, base=tmp_path
-    )
+    cfg = prep_config(tmp_path, cache_dir, "mix=none")
     prepared = prep(cfg)
     train = prepared.report["splits"]["train"]
     assert train["pretrain_tokens"] == 0 and train["rows"] > 0

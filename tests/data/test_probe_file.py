@@ -3,21 +3,14 @@ duplicate_of_eval check: every record kind, the ``columns`` mapping, and errors 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
+from testkit import write_jsonl
 
 from sftray.data.probe_file import read_probes
 
 
-def _write(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
 def test_every_record_kind_gives_the_conversation_and_its_reference(tmp_path):
-    path = _write(
+    path = write_jsonl(
         tmp_path / "probes.jsonl",
         [
             {"prompt": "2+2?", "reference": "4"},
@@ -47,11 +40,11 @@ def test_every_record_kind_gives_the_conversation_and_its_reference(tmp_path):
 
 
 def test_columns_map_a_probe_files_own_names(tmp_path):
-    path = _write(tmp_path / "test.jsonl", [{"question": "7+7?", "answer": "14\n#### 14"}] * 2)
+    path = write_jsonl(tmp_path / "test.jsonl", [{"question": "7+7?", "answer": "14\n#### 14"}] * 2)
     for columns in ({"prompt": "question", "reference": "answer"}, {"prompt": "question", "completion": "answer"}):
         (probe, _) = read_probes(path, columns=columns, system_prompt=None)
         assert probe.messages == [{"role": "user", "content": "7+7?"}] and probe.reference == "14\n#### 14"
-    chat = _write(tmp_path / "chat.jsonl", [{"dialog": [{"speaker": "user", "text": "8+8?"}], "gold": "16"}])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"dialog": [{"speaker": "user", "text": "8+8?"}], "gold": "16"}])
     (probe,) = read_probes(
         chat,
         columns={"messages": "dialog", "role": "speaker", "content": "text", "reference": "gold"},
@@ -79,6 +72,6 @@ def test_columns_map_a_probe_files_own_names(tmp_path):
     ],
 )
 def test_a_bad_probe_file_fails_naming_file_and_line(tmp_path, rows, columns, message):
-    path = _write(tmp_path / "probes.jsonl", rows)
+    path = write_jsonl(tmp_path / "probes.jsonl", rows)
     with pytest.raises(ValueError, match=message):
         read_probes(path, columns=columns, system_prompt=None)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from testkit import prep_config
 
-from sftray.config import compose_config
 from sftray.data.builtin import resolve_builtin
 from sftray.data.mixing import stable_key
 from sftray.data.noise import corrupt_answers
@@ -22,7 +22,6 @@ from sftray.recipes.prep import prep
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-CONF = Path(__file__).resolve().parents[2] / "conf"
 CORRUPTED_SHARE = 0.1
 FILES = 4
 """The noisy demo is written as this many files: as many read pieces, so the encoded set spans several blocks."""
@@ -51,17 +50,8 @@ def base(cache_dir: Path) -> Path:
 
 
 def _cfg(tmp: Path, cache_dir: Path, folder: Path, *extra: str):
-    return compose_config(
-        [
-            f"paths.cache_dir={cache_dir}",
-            f"paths.output_dir={tmp / 'out'}",
-            f"data.sources=[{{path:'{folder}'}}]",
-            "data.on_error=raise",  # pruning is policy: it never raises
-            *extra,
-        ],
-        conf=CONF,
-        base=tmp,
-    )
+    # data.on_error=raise: pruning is policy, it never raises
+    return prep_config(tmp, cache_dir, f"data.sources=[{{path:'{folder}'}}]", "data.on_error=raise", *extra)
 
 
 def _drops(prepared) -> list[dict]:

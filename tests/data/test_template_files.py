@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testkit import sft_sequences
 from transformers import AutoTokenizer
 
 from sftray.data.chat import MaskError, encode_chat
-from sftray.models.tiny import ensure_tiny_tokenizer
 
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
 
@@ -58,19 +58,7 @@ NEEDS_BOS = {
 }
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("sftray-cache")
-    ensure_tiny_tokenizer(cache)
-    return cache
-
-
-@pytest.fixture(autouse=True)
-def env(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SFTRAY_CACHE", str(cache_dir))
-    for var in ("SFTRAY_DATA", "SFTRAY_CONF", "SFTRAY_OUTPUT", "NO_COLOR"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -182,13 +170,13 @@ def test_special_token_typo_lists_the_names(capsys: pytest.CaptureFixture[str]) 
 # --- span derivation on template strings (no CLI) ------------------------------------------------------------------
 
 
-def tokenizer(cache_dir: Path, template: str, **special: str) -> Any:
+def tokenizer(cli_cache: Path, template: str, **special: str) -> Any:
     """The builtin tokenizer as ``load_tokenizer`` gives it, with ``template`` (a string or a file)."""
     from sftray.config import ModelConfig
     from sftray.models.loading import load_tokenizer
 
     cfg = ModelConfig(name_or_path="builtin:tiny-llama", chat_template=template, special_tokens=special)
-    return load_tokenizer(cfg, cache_dir=cache_dir)
+    return load_tokenizer(cfg, cache_dir=cli_cache)
 
 
 def trained_runs(tok: Any, enc: dict[str, list[int]]) -> list[str]:
@@ -209,21 +197,21 @@ BLANK_LINE_PROMPT = (
 )
 
 
-def test_whitespace_only_drift_trains_exactly_the_turns(cache_dir: Path) -> None:
-    tok = tokenizer(cache_dir, BLANK_LINE_PROMPT)
+def test_whitespace_only_drift_trains_exactly_the_turns(cli_cache: Path) -> None:
+    tok = tokenizer(cli_cache, BLANK_LINE_PROMPT)
     assert tok.apply_chat_template(CHATS[0][:1], tokenize=False, add_generation_prompt=True).endswith("\n\n")
     enc = encode_chat(CHATS[0], tok)
     assert trained_runs(tok, enc) == ["Paris.<|im_end|>", "Rome, since 1871.<|im_end|>"]
     # The same ids as the template without the drift: only where the turn is found changed.
-    exact = tokenizer(cache_dir, BLANK_LINE_PROMPT.replace("assistant\\n\\n", "assistant\\n"))
+    exact = tokenizer(cli_cache, BLANK_LINE_PROMPT.replace("assistant\\n\\n", "assistant\\n"))
     assert encode_chat(CHATS[0], exact) == enc
 
 
-def test_drift_beyond_whitespace_shows_both_renders_and_the_fix(cache_dir: Path) -> None:
+def test_drift_beyond_whitespace_shows_both_renders_and_the_fix(cli_cache: Path) -> None:
     """A generation prompt that names the assistant differently from the full render: which text is the turn's
     is not knowable, so the error shows where the two renders part and how to fix the template."""
     renamed = BLANK_LINE_PROMPT.replace("'<|im_start|>assistant\\n\\n'", "'<|im_start|>bot\\n'")
-    tok = tokenizer(cache_dir, renamed)
+    tok = tokenizer(cli_cache, renamed)
     with pytest.raises(MaskError) as err:
         encode_chat(CHATS[1], tok, example_id="row-3")
     msg = str(err.value)
@@ -235,61 +223,61 @@ def test_drift_beyond_whitespace_shows_both_renders_and_the_fix(cache_dir: Path)
     assert "Fix the template (model.chat_template)" in msg
 
 
-def test_whitespace_where_the_full_render_has_none_is_not_guessed(cache_dir: Path) -> None:
+def test_whitespace_where_the_full_render_has_none_is_not_guessed(cli_cache: Path) -> None:
     """Whitespace inside the prompt facing none in the full render (not at the boundary) is a real difference."""
     spaced = BLANK_LINE_PROMPT.replace("'<|im_start|>assistant\\n\\n'", "'<|im_start|> assistant\\n'")
     with pytest.raises(MaskError, match="beyond whitespace"):
-        encode_chat(CHATS[1], tokenizer(cache_dir, spaced))
+        encode_chat(CHATS[1], tokenizer(cli_cache, spaced))
 
 
-def test_content_is_still_checked_after_whitespace_drift(cache_dir: Path) -> None:
+def test_content_is_still_checked_after_whitespace_drift(cli_cache: Path) -> None:
     """The whitespace-tolerant location still requires the turn's own content right after the prompt."""
     shouting = BLANK_LINE_PROMPT.replace("+ m['content'] +", "+ (m['content'] | upper) +")
     with pytest.raises(MaskError, match="not the turn's content"):
-        encode_chat(CHATS[0], tokenizer(cache_dir, shouting))
+        encode_chat(CHATS[0], tokenizer(cli_cache, shouting))
 
 
-def test_missing_special_token_found_by_rendering(cache_dir: Path) -> None:
+def test_missing_special_token_found_by_rendering(cli_cache: Path) -> None:
     from sftray.data.chat import undefined_template_tokens
 
     printed = "{{ bos_token }}" + BLANK_LINE_PROMPT
     concatenated = "{{ bos_token + '' }}" + BLANK_LINE_PROMPT
-    assert undefined_template_tokens(tokenizer(cache_dir, BLANK_LINE_PROMPT)) == {}
-    assert undefined_template_tokens(tokenizer(cache_dir, printed)) == {"bos_token": False}
+    assert undefined_template_tokens(tokenizer(cli_cache, BLANK_LINE_PROMPT)) == {}
+    assert undefined_template_tokens(tokenizer(cli_cache, printed)) == {"bos_token": False}
     with pytest.raises(ValueError, match=r"^model.chat_template: the template uses bos_token, which the tokenizer"):
-        tokenizer(cache_dir, concatenated)
-    tok = tokenizer(cache_dir, concatenated, bos_token="<s>")
+        tokenizer(cli_cache, concatenated)
+    tok = tokenizer(cli_cache, concatenated, bos_token="<s>")
     assert undefined_template_tokens(tok) == {}
     assert tok.bos_token == "<s>" and tok.convert_tokens_to_ids("<s>") == len(tok) - 1  # added: one new token
     assert tok.apply_chat_template(CHATS[1], tokenize=False).startswith("<s><|im_start|>user")
 
 
-def test_missing_special_token_per_row_names_the_knob(cache_dir: Path) -> None:
+def test_missing_special_token_per_row_names_the_knob(cli_cache: Path) -> None:
     """A branch the load-time probes do not reach still fails with the token and the knob, as a row error."""
     from sftray.data.errors import MessageError
 
     only_long = "{% if messages | length > 2 %}{{ bos_token + '' }}{% endif %}" + BLANK_LINE_PROMPT
-    tok = tokenizer(cache_dir, only_long.replace("> 2", "> 5"))  # the probes have at most 5 messages
+    tok = tokenizer(cli_cache, only_long.replace("> 2", "> 5"))  # the probes have at most 5 messages
     with pytest.raises(MessageError, match=r"uses bos_token.*\+model\.special_tokens\.bos_token='<s>'") as err:
         encode_chat(CHATS[0] + CHATS[1], tok, example_id="row-9")
     assert err.value.reason == "template_rejected" and str(err.value).startswith("row-9: the template uses")
 
 
-def test_generation_prompt_drift_is_reported(cache_dir: Path) -> None:
+def test_generation_prompt_drift_is_reported(cli_cache: Path) -> None:
     from sftray.data.chat import generation_prompt_drift
 
-    assert generation_prompt_drift(tokenizer(cache_dir, BLANK_LINE_PROMPT.replace("\\n\\n'", "\\n'"))) is None
-    prompt, full = generation_prompt_drift(tokenizer(cache_dir, BLANK_LINE_PROMPT))
+    assert generation_prompt_drift(tokenizer(cli_cache, BLANK_LINE_PROMPT.replace("\\n\\n'", "\\n'"))) is None
+    prompt, full = generation_prompt_drift(tokenizer(cli_cache, BLANK_LINE_PROMPT))
     assert prompt.endswith("<|im_start|>assistant\n\n") and full.endswith("<|im_start|>assistant\nHello")
 
 
 @pytest.mark.parametrize("template", sorted(AS_IS) + sorted(NEEDS_BOS))
-def test_template_file_same_through_the_worker_view(cache_dir: Path, template: str) -> None:
+def test_template_file_same_through_the_worker_view(cli_cache: Path, template: str) -> None:
     """Ray workers encode through a TokenizerView: it must agree with the tokenizer on every template file."""
     from sftray.data.tokenizer_view import TokenizerView, spec_of
 
     special = {"bos_token": NEEDS_BOS[template][0]} if template in NEEDS_BOS else {}
-    tok = tokenizer(cache_dir, str(TEMPLATES / template), **special)
+    tok = tokenizer(cli_cache, str(TEMPLATES / template), **special)
     view = TokenizerView(spec_of(tok))
     for chat in CHATS:
         assert encode_chat(chat, view) == encode_chat(chat, tok)
@@ -297,14 +285,11 @@ def test_template_file_same_through_the_worker_view(cache_dir: Path, template: s
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_prep_with_a_template_file_and_a_supplied_bos(ray_local, cache_dir: Path, tmp_path: Path, capsys) -> None:
+def test_prep_with_a_template_file_and_a_supplied_bos(ray_local, cli_cache: Path, tmp_path: Path, capsys) -> None:
     """``sftray prep`` with the llama-3 file on the bos-less builtin tokenizer: every conversation of several blocks
     is kept, encoded by the workers as the saved tokenizer encodes it, opened by the supplied bos."""
     from collections import Counter
 
-    import pyarrow.parquet as pq
-
-    from sftray.data.packing import KIND_SFT
     from sftray.data.prepared import load_prepared
 
     folder = tmp_path / "chats"
@@ -319,7 +304,7 @@ def test_prep_with_a_template_file_and_a_supplied_bos(ray_local, cache_dir: Path
     code = main(
         [
             "prep",
-            f"paths.cache_dir={cache_dir}",
+            f"paths.cache_dir={cli_cache}",
             f"paths.output_dir={out}",
             "data=files",
             f"data.sources=[{{path:'{folder}'}}]",
@@ -336,14 +321,7 @@ def test_prep_with_a_template_file_and_a_supplied_bos(ray_local, cache_dir: Path
     assert prepared.report["conversations"]["train"] + prepared.report["conversations"]["val"] == len(chats)
     tok = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
     assert tok.bos_token == "<|begin_of_text|>"
-    got: Counter = Counter()
-    for split in (prepared.train_dir, prepared.val_dir):
-        for row in pq.read_table(split).to_pylist():
-            start = 0
-            for n, kind in zip(row["seq_lens"], row["seq_kinds"]):
-                if kind == KIND_SFT:
-                    got[tuple(row["input_ids"][start : start + n])] += 1
-                start += n
+    got = sft_sequences(prepared)
     assert got == Counter(tuple(encode_chat(c, tok)["input_ids"]) for c in chats)
     for ids in got:  # the bos opens each conversation, after the indentation of the file's {{ content }} line
         assert ids.count(tok.bos_token_id) == 1 and not tok.decode(ids[: ids.index(tok.bos_token_id)]).strip()
