@@ -27,6 +27,7 @@ from sftray.eval.metrics import (
     select_best,
 )
 from sftray.eval.plan import plan_eval
+from sftray.train.controller import apply_train_settings
 from sftray.train.job import WorkerJob, check_setup, train_fn_per_worker
 from sftray.train.resume import check_resumable, prior_checkpoints
 
@@ -167,6 +168,7 @@ def run_training(
         t.epochs,
     )
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    apply_train_settings()  # before the TorchTrainer: fit() reads them here and hands them to its controller
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"job": job},
