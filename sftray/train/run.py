@@ -29,6 +29,7 @@ from sftray.eval.metrics import (
 from sftray.eval.plan import plan_eval
 from sftray.train.controller import apply_train_settings
 from sftray.train.job import WorkerJob, check_setup, train_fn_per_worker
+from sftray.train.parallelism import resolve_parallelism
 from sftray.train.resume import check_resumable, prior_checkpoints
 
 log = logging.getLogger("sftray.train")
@@ -91,10 +92,12 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
     torch's DistributedSampler, rather than on a Ray Data shard: the rows are in memory already, a shard costs a
     split-coordinator actor at start-up and a new streaming execution per epoch (each delays the epoch's first
     step), and a local shuffle buffer reorders only within a window while this reshuffles the whole set.
+    ``train.parallelism=auto`` is decided here, so the job's config names what every rank runs.
     """
     import ray
     from transformers import AutoTokenizer
 
+    cfg = resolve_parallelism(cfg, base_model=base_model)
     world = cfg.train.num_workers
     tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
     markers = turn_markers(tokenizer)
@@ -161,7 +164,7 @@ def run_training(
         # what it trains from (a later stage: the earlier stage's weights), not cfg.model.name_or_path
         base_model + (f" + adapter {start.init_adapter}" if start and start.init_adapter else ""),
         t.method,
-        t.parallelism,
+        job.cfg.train.parallelism,  # auto resolved
         t.num_workers,
         job.rows_per_rank,
         job.steps_per_epoch,

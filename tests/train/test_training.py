@@ -288,6 +288,8 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_command_that_resumes_it(setup
     argv = shlex.split(command.removeprefix("resume with:"))
     assert argv[-1] == f"train.resume_from={last}" and set(probe_args) <= set(argv)
     assert f"resume_from={last}" in next(line for line in err.splitlines() if "make train" in line)
+    # train.parallelism is left at its default, auto: the tiny model's replica fits a worker many times over.
+    assert "train.parallelism=auto: ddp (a replica with gradients and AdamW state" in err
 
     # The probes are the file's questions; exact match compares the final answers, not the worked solutions.
     questions = [json.loads(line) for line in gsm8k.read_text().splitlines()][:4]  # eval.num_probes=4
