@@ -130,7 +130,8 @@ def worker_memory(t: TrainConfig) -> tuple[int, str]:
         fits = int(resources.get("CPU", 0.0) / t.cpus_per_worker + 1e-9)
         if node.get("Alive") and fits >= 1 and resources.get("memory"):
             shares.append(int(resources["memory"] / min(fits, t.num_workers)))
-    assert shares, "check_resources guarantees a node with room for a worker"
+    if not shares:  # no single node has room for a worker yet (an autoscaling cluster): assume the worst
+        return 0, "no node has room for a worker now"
     return min(shares), "a node's Ray memory divided by the workers on it"
 
 
