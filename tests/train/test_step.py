@@ -253,3 +253,42 @@ def test_head_sees_only_the_target_positions(lora: bool):
     seen.clear()
     _step_deltas(model, group, full_head=True)
     assert seen == [(2, 12, LLAMA_VOCAB)] * 2
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank in this process: enough for DDP and FSDP2 to wrap and run their hooks."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 parameters are DTensors
+
+
+@pytest.mark.parametrize(("parallelism", "lora"), [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_target_head_under_ddp_and_fsdp2(one_rank_group, parallelism: str, lora: bool):
+    """Through the DDP and FSDP2 wrappers (sftray.core.parallel.wrap), the head at targets gives the full head's
+    loss and gradients, and the head still sees only the target positions."""
+    from sftray.core.parallel import unwrap, wrap
+
+    group = [_llama_batch(1, packed=True), _llama_batch(2, packed=True, targets=False)]
+    results = []
+    for full_head in (True, False):
+        model = wrap(
+            _tiny_llama(lora=lora), parallelism=parallelism, device=torch.device("cpu"), world_size=1, bf16=False
+        )
+        seen: list[int] = []
+        unwrap(model).get_output_embeddings().register_forward_hook(
+            lambda m, a, out, seen=seen: seen.append(out.shape[-2])
+        )
+        sums, deltas = _step_deltas(model, group, full_head=full_head)
+        results.append((sums, {n: _local(d) for n, d in deltas.items()}, seen))
+    (full_sums, full, full_seen), (sums, deltas, seen) = results
+    assert full_seen == [12, 12] and seen == [int((group[0]["labels"][:, 1:] != IGNORE_INDEX).sum()), 0]
+    torch.testing.assert_close(sums, full_sums, rtol=1e-6, atol=1e-6)
+    for name, delta in deltas.items():
+        torch.testing.assert_close(delta, full[name], rtol=1e-5, atol=1e-6, msg=name)
