@@ -36,6 +36,9 @@ def forward_kept_logits(model: Any, batch: dict[str, torch.Tensor], keep: torch.
     ``logits_to_keep`` index tensor gives the head, so what a model applies after its head (Gemma's
     ``final_logit_softcapping``, a logit scale) runs on the kept positions unchanged. A model whose head is not
     such a module, or that calls it on another shape, gets its full logits computed and then selected.
+
+    Why not the model's ``logits_to_keep=<bool [batch, seq]>``: transformers accepts a boolean mask there only in
+    recent 5.x releases (sftray supports 5.0 on) and only in models that slice through ``slice_logits_to_keep``.
     """
     head = getattr(unwrap(model), "get_output_embeddings", lambda: None)()
     selected: list[bool] = []
