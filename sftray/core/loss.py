@@ -44,7 +44,9 @@ def target_token_losses(target_logits: torch.Tensor, labels: torch.Tensor) -> to
     """``token_losses`` from the logits at ``target_positions`` only ([targets, vocab], row-major): the same
     [batch, seq-1] float32 tensor, zero where the shifted label is ignored."""
     targets = labels[:, 1:] != IGNORE_INDEX
-    losses = F.cross_entropy(target_logits.float(), labels[:, 1:][targets], reduction="none")
+    target_labels = labels[:, 1:][targets]
+    assert target_logits.shape[0] == target_labels.numel(), "logits must be those of target_positions(labels)"
+    losses = F.cross_entropy(target_logits.float(), target_labels, reduction="none")
     return losses.new_zeros(targets.shape).masked_scatter(targets, losses)
 
 

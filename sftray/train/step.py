@@ -81,8 +81,9 @@ def optimizer_step(
 
     Uses ``cfg.parallelism`` (which gradient sync to skip) and ``cfg.max_grad_norm`` (clipping; 0 disables).
     The LM head runs only at target positions (as TRL's SFT loss does): an SFT row's prompt and padding positions
-    never need the [positions, vocab] logits. ``full_head`` runs it at every position instead, as evaluation does;
-    the loss and gradients are the same to float rounding (the bench compares the two).
+    never need the [positions, vocab] logits (pretraining windows, every token a target, gain nothing from it).
+    ``full_head`` runs it at every position instead, as evaluation does; the loss and gradients are the same to
+    float rounding (the bench compares the two).
     Returns this rank's float64 sums on ``device``, slots named by ``StepSum``.
     """
     targets = torch.tensor([sum(count_targets(b["labels"]) for b in group)], dtype=torch.float64, device=device)
