@@ -47,6 +47,16 @@ class SweepOutcome:
     """Why that trial ranks first among the finished ones (which rule decided)."""
 
 
+def with_every_trial(cfg: Config) -> Config:
+    """``cfg`` with the keys ``sweep.every_trial`` sets: the configuration every trial of the sweep starts from."""
+    for key, value in cfg.sweep.every_trial.items():
+        try:
+            cfg = override(cfg, key, value)
+        except ValueError as exc:  # an unknown key or a bad value, with the valid keys listed
+            raise ValueError(f"sweep.every_trial.{key}: {exc}") from None
+    return cfg
+
+
 def search_space(cfg: Config) -> dict[str, Any]:
     """The Tune param space: dotted config keys -> Tune domains (``sweep.point``: an index into ``sweep.points``)."""
     from ray import tune

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from sftray.config import SWEEP_POINT, compose_config
-from sftray.tune.sweep import TRIAL_DRIVER_CPUS, search_space, trial_resources
+from sftray.tune.session import runs_in_trial
+from sftray.tune.sweep import TRIAL_DRIVER_CPUS, search_space, trial_resources, with_every_trial
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -94,3 +95,19 @@ def test_a_stage_chain_trial_keeps_its_driver_on_top_of_its_workers():
     cfg = _cfg("train.num_workers=1", "train.cpus_per_worker=1", "stages=demo_two_stage")
     with pytest.raises(ValueError, match=r"one trial needs 1.01 CPUs.*lower train.num_workers"):
         trial_resources(cfg, cluster={"CPU": 1})
+
+
+def test_the_default_sweeps_trials_train_in_their_own_process_two_at_once_on_two_cpus():
+    cfg = _cfg()
+    trials = with_every_trial(cfg)
+    assert runs_in_trial(trials) and not runs_in_trial(cfg)  # sftray train keeps its own layout
+    t, base = trials.train, cfg.train
+    assert (
+        t.num_workers * t.micro_batch_size * t.grad_accum == base.num_workers * base.micro_batch_size * base.grad_accum
+    )
+    assert trial_resources(trials, cluster={"CPU": 2}) == ({"CPU": 1.0}, 2)
+
+
+def test_a_typo_in_every_trial_lists_the_valid_keys():
+    with pytest.raises(ValueError, match=r"sweep.every_trial.train.num_worker: .*valid keys"):
+        with_every_trial(_cfg("+sweep.every_trial={train.num_worker: 1}"))
