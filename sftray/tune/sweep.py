@@ -49,7 +49,7 @@ class SweepOutcome:
 
 def with_every_trial(cfg: Config) -> Config:
     """``cfg`` with the keys ``sweep.every_trial`` sets: the configuration every trial of the sweep starts from."""
-    for key, value in cfg.sweep.every_trial.items():
+    for key, value in (cfg.sweep.every_trial or {}).items():
         try:
             cfg = override(cfg, key, value)
         except ValueError as exc:  # an unknown key or a bad value, with the valid keys listed

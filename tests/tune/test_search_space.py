@@ -106,6 +106,7 @@ def test_the_default_sweeps_trials_train_in_their_own_process_two_at_once_on_two
         t.num_workers * t.micro_batch_size * t.grad_accum == base.num_workers * base.micro_batch_size * base.grad_accum
     )
     assert trial_resources(trials, cluster={"CPU": 2}) == ({"CPU": 1.0}, 2)
+    assert with_every_trial(_cfg("sweep.every_trial=null", "train.num_workers=2")).train.num_workers == 2
 
 
 def test_a_typo_in_every_trial_lists_the_valid_keys():

@@ -41,7 +41,7 @@ def test_ctrl_c_on_a_sweep_prints_the_resume_command_that_continues_it(
         "mix.ratio=0",
         "eval.num_probes=2",
         "eval.max_new_tokens=2",
-        "sweep.every_trial={}",  # the trials train with the train.* keys here
+        "sweep.every_trial=null",  # the trials train with the train.* keys here
         f"train.num_workers={workers}",
         "train.cpus_per_worker=0.5",
         f"train.micro_batch_size={4 // workers}",  # 6 steps per epoch either way
