@@ -4,8 +4,9 @@ the ranked result.
 Ray Train V2 combines with Tune through a function trainable that launches a ``TorchTrainer`` and forwards its
 reports to Tune (``Tuner(TorchTrainer)`` is V1 only); that trainable is the recipes' trial body
 (``sftray.recipes.trial``). A one-worker trial runs its training loop in the trial process instead
-(``sftray.tune.session``), and Tune keeps that process for the next trial (``reuse_actors``). The objective is ``eval/score`` (``sftray.eval.outcome``): the configured generation
-metric when the run stays within the forgetting budget, below every such run otherwise.
+(``sftray.tune.session``), and Tune keeps that process for the next trial (``reuse_actors``). The objective is
+``eval/score`` (``sftray.eval.outcome``): the configured generation metric when the run stays within the forgetting
+budget, below every such run otherwise.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def trial_resources(cfg: Config, *, cluster: dict[str, float]) -> tuple[dict[str
         fits = min(fits, math.floor(cluster.get("GPU", 0.0) / t.num_workers))
     if fits < 1:
         raise ValueError(
-            f"one trial needs {per_trial:g} CPUs ({t.num_workers} workers x {t.cpus_per_worker:g}) but the cluster has {cluster.get('CPU', 0.0):g}: lower train.num_workers or "
-            "train.cpus_per_worker"
+            f"one trial needs {per_trial:g} CPUs ({t.num_workers} workers x {t.cpus_per_worker:g}) but the cluster "
+            f"has {cluster.get('CPU', 0.0):g}: lower train.num_workers or train.cpus_per_worker"
         )
     wanted = cfg.sweep.max_concurrent_trials or fits
     return resources, min(wanted, fits)
