@@ -3,8 +3,10 @@ the ranked result.
 
 Ray Train V2 combines with Tune through a function trainable that launches a ``TorchTrainer`` and forwards its
 reports to Tune (``Tuner(TorchTrainer)`` is V1 only); that trainable is the recipes' trial body
-(``sftray.recipes.trial``). The objective is ``eval/score`` (``sftray.eval.outcome``): the configured generation
-metric when the run stays within the forgetting budget, below every such run otherwise.
+(``sftray.recipes.trial``). A one-worker trial runs its training loop in the trial process instead
+(``sftray.tune.session``), and Tune keeps that process for the next trial (``reuse_actors``). The objective is
+``eval/score`` (``sftray.eval.outcome``): the configured generation metric when the run stays within the forgetting
+budget, below every such run otherwise.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from sftray.eval.metrics import OBJECTIVE_MODE, select_best
 from sftray.eval.outcome import OBJECTIVE, ROW_METRICS, read_outcome
 from sftray.layout import sweep_dir, sweeps_dir
 from sftray.train.run import check_validation
+from sftray.tune.session import runs_in_trial
 
 log = logging.getLogger("sftray.sweep")
 
 TRIAL_DRIVER_CPUS = 0.01
-"""The trial function only waits on its TorchTrainer; Tune refuses 0, a sliver leaves room for the workers."""
+"""A trial that launches a TorchTrainer only waits on it; Tune refuses 0, so it holds this sliver, taken out of its
+workers' share (``run_training(driver_cpus=...)``) so that the trial needs no more than its workers' CPUs."""
 TrialBody = Callable[..., None]
 """What one trial runs: ``body(config, *, base_cfg, prepared_dir, base_model)``, ``config`` the trial's sampled
 keys; it reports to Tune and leaves its outcome (``sftray.eval.outcome``) in its trial folder."""
@@ -42,6 +46,16 @@ class SweepOutcome:
     """The winning trial's row (None if every trial failed)."""
     best_reason: str = ""
     """Why that trial ranks first among the finished ones (which rule decided)."""
+
+
+def with_every_trial(cfg: Config) -> Config:
+    """``cfg`` with the keys ``sweep.every_trial`` sets: the configuration every trial of the sweep starts from."""
+    for key, value in (cfg.sweep.every_trial or {}).items():
+        try:
+            cfg = override(cfg, key, value)
+        except ValueError as exc:  # an unknown key or a bad value, with the valid keys listed
+            raise ValueError(f"sweep.every_trial.{key}: {exc}") from None
+    return cfg
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -80,20 +94,29 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
 
 def trial_resources(cfg: Config, *, cluster: dict[str, float]) -> tuple[dict[str, float], int]:
-    """Resources of one trial's driver and how many trials fit at once without oversubscription."""
+    """Resources of one trial's own process and how many trials fit at once without oversubscription.
+
+    A trial that trains in its own process (``runs_in_trial``) holds exactly its one worker's CPUs (and GPU); one
+    that launches a TorchTrainer holds ``TRIAL_DRIVER_CPUS``, which its workers give up (a stage chain's do not),
+    so two 1-CPU trials fit on 2 CPUs either way.
+    """
     t = cfg.train
-    per_trial = t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPUS
-    fits = math.floor(cluster.get("CPU", 0.0) / per_trial)
+    if runs_in_trial(cfg):
+        resources = {"CPU": float(t.cpus_per_worker), **({"GPU": 1.0} if t.use_gpu else {})}
+        per_trial = t.cpus_per_worker
+    else:
+        resources = {"CPU": TRIAL_DRIVER_CPUS}
+        per_trial = t.num_workers * t.cpus_per_worker + (TRIAL_DRIVER_CPUS if cfg.stages else 0.0)
+    fits = math.floor(cluster.get("CPU", 0.0) / per_trial + 1e-9)
     if t.use_gpu:
         fits = min(fits, math.floor(cluster.get("GPU", 0.0) / t.num_workers))
     if fits < 1:
         raise ValueError(
-            f"one trial needs {per_trial:g} CPUs ({t.num_workers} workers x {t.cpus_per_worker:g}"
-            f" + driver) but the cluster has {cluster.get('CPU', 0.0):g}: lower train.num_workers or "
-            "train.cpus_per_worker"
+            f"one trial needs {per_trial:g} CPUs ({t.num_workers} workers x {t.cpus_per_worker:g}) but the cluster "
+            f"has {cluster.get('CPU', 0.0):g}: lower train.num_workers or train.cpus_per_worker"
         )
     wanted = cfg.sweep.max_concurrent_trials or fits
-    return {"CPU": TRIAL_DRIVER_CPUS}, min(wanted, fits)
+    return resources, min(wanted, fits)
 
 
 def _drop_tune_resume_hint() -> None:
@@ -144,12 +167,13 @@ def run_sweep(
                 max_concurrent_trials=concurrent,
                 scheduler=_scheduler(cfg),
                 search_alg=_search_alg(cfg),
+                reuse_actors=True,  # the next trial starts in a finished one's process, its imports paid
             ),
             run_config=tune.RunConfig(
                 name=cfg.sweep.name,
                 storage_path=storage,
                 callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=0),
+                failure_config=tune.FailureConfig(max_failures=_trial_restarts(cfg)),
             ),
         )
     grid = tuner.fit()
@@ -196,6 +220,12 @@ def table(outcome: SweepOutcome) -> str:
     else:
         lines.append("no trial finished")
     return "\n".join(lines)
+
+
+def _trial_restarts(cfg: Config) -> int:
+    """Tune's restarts of a failed trial: ``train.max_failures`` where the trial trains in its own process (Tune
+    restarts it from its last checkpoint); none where a TorchTrainer's own FailureConfig restarts the workers."""
+    return cfg.train.max_failures if runs_in_trial(cfg) else 0
 
 
 def _trial(config: dict[str, Any], *, body: TrialBody, **params: Any) -> None:
