@@ -42,8 +42,8 @@ class SweepConfig:
     every_trial: dict[str, Any] | None = field(
         default_factory=lambda: {"train.num_workers": 1, "train.cpus_per_worker": 1.0, "train.micro_batch_size": 8}
     )
-    """Dotted config keys every trial sets (not searched); they win over the same keys given as ``train.*``
-    (``sweep.every_trial=null``: the trials train as ``sftray train`` does). The default is a trial layout for a small
+    """Dotted config keys every trial sets (not searched); a key set to other than its schema default
+    (``train.num_workers=4``) wins over them (``sweep.every_trial=null``: the trials train as ``sftray train`` does). The default is a trial layout for a small
     host: one worker, so the trial trains in its own (reused) process without Ray Train; one CPU, so 2 CPUs hold two
     trials at once; 8-row micro-batches, the same optimizer step as train's default 2 workers x 4 rows."""
     num_samples: int = 1

@@ -11,6 +11,7 @@ budget, below every such run otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -49,13 +50,38 @@ class SweepOutcome:
 
 
 def with_every_trial(cfg: Config) -> Config:
-    """``cfg`` with the keys ``sweep.every_trial`` sets: the configuration every trial of the sweep starts from."""
+    """``cfg`` with the keys ``sweep.every_trial`` sets: the configuration every trial of the sweep starts from. A
+    key whose value differs from the schema's default was set by the user (command line or a group file) and wins."""
     for key, value in (cfg.sweep.every_trial or {}).items():
         try:
+            default = _schema_default(Config, key)
+            current = _value(cfg, key)
+            if current != default and current != value:
+                log.info("sweep.every_trial.%s=%s is not applied: %s=%s is set", key, value, key, current)
+                continue
             cfg = override(cfg, key, value)
         except ValueError as exc:  # an unknown key or a bad value, with the valid keys listed
             raise ValueError(f"sweep.every_trial.{key}: {exc}") from None
     return cfg
+
+
+def _value(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part, None)
+    return cfg
+
+
+def _schema_default(cls: Any, dotted: str) -> Any:
+    """The schema's default of a dotted key (None where the path is not a chain of dataclass fields)."""
+    head, _, rest = dotted.partition(".")
+    found = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    if head not in found:
+        return None
+    f = found[head]
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if not rest:
+        return value
+    return _schema_default(type(value), rest) if dataclasses.is_dataclass(value) else None
 
 
 def search_space(cfg: Config) -> dict[str, Any]:

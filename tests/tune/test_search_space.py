@@ -112,3 +112,12 @@ def test_the_default_sweeps_trials_train_in_their_own_process_two_at_once_on_two
 def test_a_typo_in_every_trial_lists_the_valid_keys():
     with pytest.raises(ValueError, match=r"sweep.every_trial.train.num_worker: .*valid keys"):
         with_every_trial(_cfg("+sweep.every_trial={train.num_worker: 1}"))
+
+
+def test_a_train_key_the_user_sets_wins_over_every_trial(caplog):
+    caplog.set_level("INFO", logger="sftray.sweep")
+    """make sweep ARGS=train.num_workers=4 must not be silently replaced by the default trial layout."""
+    trials = with_every_trial(_cfg("train.num_workers=4"))
+    assert trials.train.num_workers == 4
+    assert trials.train.micro_batch_size == 8  # the layout's other keys still apply
+    assert "sweep.every_trial.train.num_workers=1 is not applied: train.num_workers=4 is set" in caplog.text
