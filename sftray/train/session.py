@@ -58,6 +58,6 @@ class TrainSession:
             checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         if checkpoint_dir is not None:
-            # The controller collects reports by polling (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, see train/controller.py): a worker lost before then would take the
-            # checkpoint with it. Waiting until it is registered makes it durable before training goes on.
+            # The controller collects reports by polling (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, train/controller.py): a
+            # worker lost before then would take the checkpoint with it. Waiting until it is registered makes it durable before training goes on.
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
