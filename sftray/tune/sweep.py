@@ -4,7 +4,7 @@ the ranked result.
 Ray Train V2 combines with Tune through a function trainable that launches a ``TorchTrainer`` and forwards its
 reports to Tune (``Tuner(TorchTrainer)`` is V1 only); that trainable is the recipes' trial body
 (``sftray.recipes.trial``). A one-worker trial runs its training loop in the trial process instead
-(``sftray.tune.session``), and Tune keeps that process for the next trial (``reuse_actors``). The objective is
+(``sftray.tune.session``), without Ray Train's controller and workers. The objective is
 ``eval/score`` (``sftray.eval.outcome``): the configured generation metric when the run stays within the forgetting
 budget, below every such run otherwise.
 """
@@ -193,7 +193,9 @@ def run_sweep(
                 max_concurrent_trials=concurrent,
                 scheduler=_scheduler(cfg),
                 search_alg=_search_alg(cfg),
-                reuse_actors=True,  # the next trial starts in a finished one's process, its imports paid
+                # Off: in a reused process a function trainable's trial ended after its last report, before its
+                # body wrote the outcome (the bench's third one-worker trial, Ray 2.60); each trial gets a new one.
+                reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name=cfg.sweep.name,
