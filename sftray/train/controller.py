@@ -30,8 +30,10 @@ TRAIN_SETTINGS: dict[str, str] = {
 """Environment variable -> sftray's value; a value the user set in the environment wins."""
 
 
-def apply_train_settings(environ: os._Environ | dict[str, str] = os.environ) -> dict[str, str]:
-    """Sets every ``TRAIN_SETTINGS`` variable the environment does not set yet; returns those now in effect."""
+def apply_train_settings(environ: os._Environ | dict[str, str] | None = None) -> dict[str, str]:
+    """Sets every ``TRAIN_SETTINGS`` variable the environment (None: this process's, looked up at the call) does
+    not set yet; returns those now in effect."""
+    environ = os.environ if environ is None else environ
     for name, value in TRAIN_SETTINGS.items():
         environ.setdefault(name, value)
     return {name: environ[name] for name in TRAIN_SETTINGS}

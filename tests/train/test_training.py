@@ -122,6 +122,9 @@ def test_the_controller_runs_with_sftrays_train_settings(setup, fsdp2):
     whole-suite run, cause not found: this checks what sftray controls, the values handed to fit().)"""
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
+    from sftray.train.controller import apply_train_settings
+
+    apply_train_settings()  # what run_training does before every TorchTrainer
     handed = get_env_vars_to_propagate()
     assert handed["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == TRAIN_SETTINGS["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     assert handed["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
