@@ -19,7 +19,7 @@ from sftray.bench import report
 from sftray.bench.sizes import BenchSize
 
 PARTS = report.SECTIONS
-"""Measured parts, in run order: packing, throughput, preprocess, overhead, memory."""
+"""Measured parts, in run order: packing, throughput, lm_head, preprocess, overhead, memory."""
 RAY_PARTS = ("preprocess", "overhead")
 """Parts that need Ray initialised (the others run in this process or in plain subprocesses)."""
 
@@ -96,6 +96,18 @@ def run_bench(
                     model_dir=model_dir,
                     max_seq_len=size.train_seq_len,
                     rows_per_step=size.rows_per_step,
+                    steps=size.train_steps,
+                    threads=threads,
+                    repeats=repeats,
+                )
+                results.setdefault("summary", {}).update(summary)
+            case "lm_head":
+                from sftray.bench.lm_head import measure_lm_head
+
+                rows, summary = measure_lm_head(
+                    chosen,
+                    model_dir=model_dir,
+                    max_seq_len=size.train_seq_len,
                     steps=size.train_steps,
                     threads=threads,
                     repeats=repeats,

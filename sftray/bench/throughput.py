@@ -6,10 +6,11 @@ rate, gradient clipping at 1.0 and no gradient checkpointing. Weights and optimi
 
 - sftray packed / padded: sftray's own per-step code, in this process: micro-batches exactly as
   ``sftray.train.loop`` builds them (length-grouped, padded to the longest row), the optimizer of
-  ``sftray.train.step.build_optimizer`` and the loop's ``optimizer_step`` (``forward_logits``, ``token_losses``,
-  ``scaled_loss``, clipping, AdamW). In-process rather than through ``run_training`` because a Ray Train run adds
-  worker start-up, evals and checkpoints that TRL's loop does not have; those costs are measured apart
-  (``sftray.bench.overhead``), and the step math is the same function;
+  ``sftray.train.step.build_optimizer`` and the loop's ``optimizer_step`` (``forward_kept_logits``: the LM head
+  at target positions only, ``target_token_losses``, ``scaled_loss``, clipping, AdamW). In-process rather than
+  through ``run_training`` because a Ray Train run adds worker start-up, evals and checkpoints that TRL's loop
+  does not have; those costs are measured apart (``sftray.bench.overhead``), and the step math is the same
+  function;
 - sftray packed, bf16 autocast: the same path with ``optimizer_step(..., bf16=True)``, which runs the forward
   under ``torch.autocast(device.type, torch.bfloat16)`` (on CPU here); the loss is still float32. Reported like the
   others, never a TRL-best candidate;

@@ -39,6 +39,13 @@ class SweepConfig:
     """One more grid axis whose points each set several keys together, e.g. each method at its own LR:
     [{train.method: lora, train.lr: 5e-3}, {train.method: full, train.lr: 1e-3}]; a trial's config names its
     point as sweep.point (index) beside the keys it set."""
+    every_trial: dict[str, Any] | None = field(
+        default_factory=lambda: {"train.num_workers": 1, "train.cpus_per_worker": 1.0, "train.micro_batch_size": 8}
+    )
+    """Dotted config keys every trial sets (not searched); a key set to other than its schema default
+    (``train.num_workers=4``) wins over them (``sweep.every_trial=null``: the trials train as ``sftray train`` does). The default is a trial layout for a small
+    host: one worker, so the trial trains in its own (reused) process without Ray Train; one CPU, so 2 CPUs hold two
+    trials at once; 8-row micro-batches, the same optimizer step as train's default 2 workers x 4 rows."""
     num_samples: int = 1
     """Repeats of the grid (with a range or random search: draws per grid point)."""
     max_concurrent_trials: int | None = None

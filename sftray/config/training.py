@@ -70,8 +70,10 @@ class TrainConfig:
 
     method: str = "lora"
     """full | lora."""
-    parallelism: str = "fsdp"
-    """fsdp (FSDP2 fully_shard per decoder layer) | ddp."""
+    parallelism: str = "auto"
+    """auto | ddp | fsdp (FSDP2 fully_shard per decoder layer). auto: ddp when a full replica of the model with its
+    gradients and AdamW state fits a worker's memory with room to spare, fsdp otherwise; decided on the driver and
+    logged (``sftray.train.parallelism``)."""
     num_workers: int = 2
     """Ray Train workers (processes); one GPU each when use_gpu."""
     use_gpu: bool = False
@@ -119,7 +121,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         one_of("train.method", self.method, ("full", "lora"))
-        one_of("train.parallelism", self.parallelism, ("fsdp", "ddp"))
+        one_of("train.parallelism", self.parallelism, ("auto", "ddp", "fsdp"))
         one_of("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         for name in ("num_workers", "epochs", "micro_batch_size", "grad_accum", "log_every_steps", "fail_at_step"):

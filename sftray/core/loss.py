@@ -33,6 +33,23 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.view(shift_labels.shape)
 
 
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool: True at the positions whose logits the loss reads (the next label is a target)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def target_token_losses(target_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``token_losses`` from the logits at ``target_positions`` only ([targets, vocab], row-major): the same
+    [batch, seq-1] float32 tensor, zero where the shifted label is ignored."""
+    targets = labels[:, 1:] != IGNORE_INDEX
+    target_labels = labels[:, 1:][targets]
+    assert target_logits.shape[0] == target_labels.numel(), "logits must be those of target_positions(labels)"
+    losses = F.cross_entropy(target_logits.float(), target_labels, reduction="none")
+    return losses.new_zeros(targets.shape).masked_scatter(targets, losses)
+
+
 def scaled_loss(token_loss: torch.Tensor, *, global_targets: int, world_size: int) -> torch.Tensor:
     """The value to backpropagate on one rank for one micro-batch: sum / global targets x world size."""
     return token_loss.sum() * (world_size / max(global_targets, 1))

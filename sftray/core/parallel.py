@@ -1,4 +1,5 @@
-"""Data parallelism: FSDP2 (``fully_shard`` per decoder layer, then the root, on an explicit mesh) or DDP.
+"""Data parallelism: FSDP2 (``fully_shard`` per decoder layer, then the root, on an explicit mesh) or DDP, and the
+rule that picks one for ``train.parallelism=auto``.
 
 ``ray.train.torch.prepare_model(parallel_strategy="fsdp")`` is FSDP1 and refuses to run without CUDA, so FSDP2 is
 applied here directly; it works with gloo on CPU and NCCL on GPU alike. Parameters stay float32 (uniform dtype,
@@ -11,6 +12,26 @@ from typing import Any
 
 import torch
 from torch import nn
+
+PARAM_BYTES = 4
+"""Bytes per parameter as trained: weights (and so gradients) stay float32 whatever the checkpoint's dtype."""
+ADAMW_STATE_BYTES = 2 * 4
+"""AdamW's two float32 moments per trainable parameter."""
+REPLICA_SHARE = 0.5
+"""DDP only when a full replica takes at most this share of a worker's memory: the rest holds DDP's gradient buckets
+(a second copy of the gradients), activations, the eval's generation and the allocator's slack."""
+
+
+def replica_bytes(*, params: int, trainable: int) -> int:
+    """Memory of one full replica being trained: every parameter, the gradients of the trainable ones and their
+    AdamW state (activations are left to ``REPLICA_SHARE``'s room)."""
+    return params * PARAM_BYTES + trainable * (PARAM_BYTES + ADAMW_STATE_BYTES)
+
+
+def choose_parallelism(*, replica: int, worker_memory: int) -> str:
+    """ddp when a replica (``replica_bytes``) fits a worker's memory with room to spare (``REPLICA_SHARE``), else
+    fsdp: FSDP2 shards the replica across the workers, at a CPU cost per step that DDP does not pay."""
+    return "ddp" if replica <= REPLICA_SHARE * worker_memory else "fsdp"
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

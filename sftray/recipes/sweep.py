@@ -11,12 +11,13 @@ from sftray.models.loading import resolve_base_model_path
 from sftray.recipes.prep import prep
 from sftray.recipes.trial import run_trial
 from sftray.tracking import mlflow_logger, trial_callbacks
-from sftray.tune.sweep import SweepOutcome, run_sweep, search_space, table
+from sftray.tune.sweep import SweepOutcome, run_sweep, search_space, table, with_every_trial
 
 
 def sweep(cfg: Config) -> SweepOutcome:
     """Runs (or, with ``sweep.resume``, continues) the sweep. The MLflow parent run is closed when every trial
     has ended; an interrupted sweep leaves it open for the resume to finish."""
+    cfg = with_every_trial(cfg)  # what the trials train with: tracking, resources and trials all see it
     prepared = prep(cfg)
     base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
     folder = sweep_dir(cfg.paths.output_dir, cfg.sweep.name)

@@ -15,6 +15,8 @@ from sftray.layout import trial_runs_dir
 from sftray.recipes.prep import prep
 from sftray.recipes.stages import run_stages
 from sftray.train.run import run_training
+from sftray.tune.session import TuneSession, runs_in_trial
+from sftray.tune.sweep import TRIAL_DRIVER_CPUS
 from sftray.tune.trial import current_trial, reporting_to_tune
 
 
@@ -24,8 +26,8 @@ def trial_prepares_own_data(overrides: dict[str, Any]) -> bool:
 
 
 def run_trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_model: str) -> None:
-    """One Tune trial (``config``: its sampled keys): apply them, train (one run or a chain, each a TorchTrainer),
-    leave the outcome in the trial folder."""
+    """One Tune trial (``config``: its sampled keys): apply them, train (one run or a chain, each a TorchTrainer;
+    a one-worker run in this process), leave the outcome in the trial folder."""
     started_at = time.time()  # wall clock: the bench's per-trial start-up figure starts here
     cfg = base_cfg
     overrides = base_cfg.sweep.trial_overrides(config)
@@ -45,11 +47,15 @@ def run_trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, ba
         result.update(stages=stages, data_report=str(Path(last["data"]) / REPORT_FILE))
     else:
         prepared = prep(cfg) if trial_prepares_own_data(overrides) else load_prepared(Path(prepared_dir))
-        outcome = reporting_to_tune(
-            lambda callbacks: run_training(
-                cfg, prepared=prepared, base_model=base_model, name=name, storage_path=str(runs), callbacks=callbacks
+        train = {"prepared": prepared, "base_model": base_model, "name": name, "storage_path": str(runs)}
+        # The sweep sized this trial's resources for its base layout (sftray.tune.sweep.trial_resources).
+        if runs_in_trial(base_cfg) and runs_in_trial(cfg):
+            session = TuneSession(run_dir=runs / name, use_gpu=cfg.train.use_gpu)
+            outcome = run_training(cfg, session=session, **train)
+        else:
+            outcome = reporting_to_tune(
+                lambda callbacks: run_training(cfg, callbacks=callbacks, driver_cpus=TRIAL_DRIVER_CPUS, **train)
             )
-        )
         result = {
             "best_checkpoint": outcome.best_checkpoint,
             "best_metrics": outcome.best_metrics,

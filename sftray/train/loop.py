@@ -1,10 +1,11 @@
 """The per-worker training loop: this rank's rows -> micro-batches -> globally normalised loss -> step -> eval -> report.
 
-Runs inside each Ray Train worker. Every rank executes the same number of optimizer steps, evals and
-``ray.train.report`` calls (report is a barrier); metrics are all-reduced before rank 0's dict travels on.
-A run resumes at an epoch boundary from ``ray.train.get_checkpoint()`` (after a worker failure) or from the folder
-``train.resume_from`` names (a checkpoint of an earlier run); per-epoch seeding makes the resumed epochs draw the
-same randomness as uninterrupted ones.
+Runs inside each Ray Train worker, or (a one-worker sweep trial) in the Tune trial's own process: it talks only to
+the ``Session`` it is given (``sftray.train.session``). Every rank executes the same number of optimizer steps, evals
+and reports (report is a barrier); metrics are all-reduced before rank 0's dict travels on. A run resumes at an
+epoch boundary from the session's checkpoint (after a failure) or from the folder ``train.resume_from`` names (a
+checkpoint of an earlier run); per-epoch seeding makes the resumed epochs draw the same randomness as uninterrupted
+ones.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from sftray.models.loading import load_model
 from sftray.models.lora import apply_lora
 from sftray.train import checkpoint as ckpt_mod
 from sftray.train.job import SETUP_ERRORS, WorkerJob
+from sftray.train.session import Session, TrainSession
 from sftray.train.step import StepSum, build_optimizer, build_scheduler, mean_loss, optimizer_step
 
 log = logging.getLogger("sftray.train")
@@ -57,6 +59,7 @@ class _Worker:
     """One rank's built run: what every epoch uses."""
 
     job: WorkerJob
+    session: Session
     rank: int
     world: int
     device: torch.device
@@ -134,31 +137,30 @@ class _EpochTally:
         return self.sums, points, tokens
 
 
-def run_worker(job: WorkerJob) -> list[dict[str, Any]] | dict[str, list[str]]:
-    """One worker's whole run (entered through ``sftray.train.job.train_fn_per_worker``); returns (on rank 0) the
-    metric history of the run, or every rank's setup errors (``sftray.train.job.SETUP_ERRORS``)."""
+def run_worker(job: WorkerJob, session: Session | None = None) -> list[dict[str, Any]] | dict[str, list[str]]:
+    """One worker's whole run (entered through ``sftray.train.job.train_fn_per_worker``, or in a Tune trial's
+    process with Tune's session); returns (on rank 0) the metric history of the run, or every rank's setup errors
+    (``sftray.train.job.SETUP_ERRORS``). ``session``: None is Ray Train's of this worker."""
     import ray
     import ray.train
-    import ray.train.torch
     from transformers import AutoTokenizer
 
     t = job.cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    session = session or TrainSession()
+    rank, world, device = session.rank, session.world_size, session.device()
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
 
-    # This run's own latest checkpoint (after a worker-group restart) wins over train.resume_from, which seeds
-    # only the first attempt: Train V2 has no resume_from_checkpoint, so the worker loads the folder itself.
-    checkpoint = ray.train.get_checkpoint()
+    # This run's own latest checkpoint (after a restart) wins over train.resume_from, which seeds only the first
+    # attempt: Train V2 has no resume_from_checkpoint, so the worker loads the folder itself.
+    checkpoint = session.checkpoint()
     fresh_start = checkpoint is None and not t.resume_from
     if checkpoint is None and t.resume_from:
         checkpoint = ray.train.Checkpoint.from_directory(t.resume_from)
     model, state, error = _load(job, checkpoint, tokenizer=tokenizer, rank=rank)
     if errors := _setup_errors(error, world=world):
         return {"setup_errors": errors}
-    w = _worker(job, model, tokenizer=tokenizer, rank=rank, world=world, device=device, fresh_start=fresh_start)
+    w = _worker(job, model, session=session, tokenizer=tokenizer, device=device, fresh_start=fresh_start)
     progress = _resumed(w, state) if state is not None else _started(w)
     train_rows = ray.get(job.train_rows)  # zero-copy from the node's object store
     for epoch in range(progress.next_epoch, t.epochs + 1):
@@ -182,16 +184,17 @@ def _worker(
     job: WorkerJob,
     model: Any,
     *,
+    session: Session,
     tokenizer: Any,
-    rank: int,
-    world: int,
     device: torch.device,
     fresh_start: bool,
 ) -> _Worker:
-    """The model on ``device``, wrapped for data parallelism, with its optimizer, schedule and evaluator."""
+    """The model on ``device``, wrapped for data parallelism when there is a process group (one process alone has
+    nothing to shard or synchronise), with its optimizer, schedule and evaluator."""
     import ray
 
     cfg, t = job.cfg, job.cfg.train
+    rank, world = session.rank, session.world_size
     bf16 = use_bf16(t.precision, device)
     model.to(device)
     if t.gradient_checkpointing:
@@ -202,7 +205,8 @@ def _worker(
         embeddings = model.get_input_embeddings()
         embeddings.neftune_noise_alpha = t.neftune_alpha
         embeddings.register_forward_hook(neftune_post_forward_hook)
-    model = wrap(model, parallelism=t.parallelism, device=device, world_size=world, bf16=bf16)
+    if dist.is_initialized():
+        model = wrap(model, parallelism=t.parallelism, device=device, world_size=world, bf16=bf16)
     model.train()
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg=t)
     scheduler = build_scheduler(optimizer, cfg=t, total_steps=job.steps_per_epoch * t.epochs)
@@ -224,6 +228,7 @@ def _worker(
     )
     return _Worker(
         job=job,
+        session=session,
         rank=rank,
         world=world,
         device=device,
@@ -264,7 +269,7 @@ def _started(w: _Worker) -> _Progress:
     }
     progress = _Progress(next_epoch=1, step=0, base=base, history=[], restarts=0, probes_base=base_table)
     row = {"epoch": 0, "step": 0, BASE_EVAL_REUSED: float(reused), **_with_forgetting(base_metrics, base, job.cfg)}
-    progress.history.append(_report(row, rank=w.rank, stage=job.stage))
+    progress.history.append(_report(w, row))
     return progress
 
 
@@ -351,7 +356,7 @@ def _after_step(w: _Worker, progress: _Progress, *, epoch: int, step_sums: torch
     if t.eval_every_steps and step % t.eval_every_steps == 0 and step % job.steps_per_epoch:
         metrics, _ = w.evaluator.run()
         row = {"epoch": epoch, "step": step, **_with_forgetting(metrics, progress.base, job.cfg)}
-        progress.history.append(_report(row, rank=w.rank, stage=job.stage))
+        progress.history.append(_report(w, row))
 
 
 def _checkpoint(
@@ -380,7 +385,7 @@ def _checkpoint(
             tables={"probes_base": progress.probes_base, "probes": table},
             merged_from=w.job.base_model if t.method == "lora" and t.export_merged else None,
         )
-        _report(metrics, rank=w.rank, stage=w.job.stage, checkpoint_dir=Path(tmp), name=epoch_dir_name(epoch))
+        _report(w, metrics, checkpoint_dir=Path(tmp), name=epoch_dir_name(epoch))
 
 
 # --- pieces -----------------------------------------------------------------------------------------------------
@@ -444,23 +449,11 @@ def _build_model(job: WorkerJob, *, tokenizer: Any, checkpoint_dir: Path | None)
 
 
 def _report(
-    metrics: dict[str, Any],
-    *,
-    rank: int,
-    stage: int | None = None,
-    checkpoint_dir: Path | None = None,
-    name: str | None = None,
+    w: _Worker, metrics: dict[str, Any], *, checkpoint_dir: Path | None = None, name: str | None = None
 ) -> dict[str, Any]:
-    """``ray.train.report`` on every rank (a barrier); only rank 0 attaches the checkpoint. A stage of a multi-stage
-    run reports its index as ``stage``."""
-    import ray.train
-
-    if stage is not None:
-        metrics = {**metrics, "stage": stage}
-    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir and rank == 0 else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-    if checkpoint_dir is not None:
-        # The controller collects reports by polling (every ~2 s): a worker lost before then would take the
-        # checkpoint with it. Waiting until it is registered makes it durable before training goes on.
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    """Reports through the session on every rank (a barrier); a stage of a multi-stage run reports its index as
+    ``stage``."""
+    if w.job.stage is not None:
+        metrics = {**metrics, "stage": w.job.stage}
+    w.session.report(metrics, checkpoint_dir=checkpoint_dir, name=name)
     return metrics

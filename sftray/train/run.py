@@ -1,6 +1,7 @@
 """One training run from the driver: checks, the rows and eval plan for the workers, a TorchTrainer, the best checkpoint.
 
-Used by ``sftray train`` and by each Tune trial of a sweep. Never imports tune/ or tracking/.
+Used by ``sftray train`` and by each Tune trial of a sweep; a one-worker trial hands in its Tune session and the
+loop runs in the trial's own process instead. Never imports tune/ or tracking/.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ from sftray.eval.metrics import (
     select_best,
 )
 from sftray.eval.plan import plan_eval
+from sftray.layout import epoch_dir_name
+from sftray.train.checkpoint import STATE_FILE
+from sftray.train.controller import apply_train_settings
 from sftray.train.job import WorkerJob, check_setup, train_fn_per_worker
+from sftray.train.parallelism import resolve_parallelism
 from sftray.train.resume import check_resumable, prior_checkpoints
+from sftray.train.session import Session
 
 log = logging.getLogger("sftray.train")
 
@@ -90,10 +96,12 @@ def build_job(cfg: Config, *, prepared: Prepared, base_model: str, start: StageS
     torch's DistributedSampler, rather than on a Ray Data shard: the rows are in memory already, a shard costs a
     split-coordinator actor at start-up and a new streaming execution per epoch (each delays the epoch's first
     step), and a local shuffle buffer reorders only within a window while this reshuffles the whole set.
+    ``train.parallelism=auto`` is decided here, so the job's config names what every rank runs.
     """
     import ray
     from transformers import AutoTokenizer
 
+    cfg = resolve_parallelism(cfg, base_model=base_model)
     world = cfg.train.num_workers
     tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_dir)
     markers = turn_markers(tokenizer)
@@ -142,9 +150,14 @@ def run_training(
     storage_path: str,
     callbacks: list | None = None,
     start: StageStart | None = None,
+    session: Session | None = None,
+    driver_cpus: float = 0.0,
 ) -> TrainOutcome:
     """Trains with a TorchTrainer and picks the best epoch by the configured metric and forgetting budget
-    (``start``: where a later stage of a multi-stage run starts)."""
+    (``start``: where a later stage of a multi-stage run starts). ``session``: one worker's loop runs in this
+    process and talks to it (a Tune trial's) instead; its checkpoints land in the same run folder. ``driver_cpus``:
+    CPUs the calling Ray task holds (a Tune trial's), given up by the workers so the run needs no more CPUs in all
+    than ``train.num_workers x train.cpus_per_worker``."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -160,13 +173,20 @@ def run_training(
         # what it trains from (a later stage: the earlier stage's weights), not cfg.model.name_or_path
         base_model + (f" + adapter {start.init_adapter}" if start and start.init_adapter else ""),
         t.method,
-        t.parallelism,
+        job.cfg.train.parallelism,  # auto resolved
         t.num_workers,
         job.rows_per_rank,
         job.steps_per_epoch,
         t.epochs,
     )
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    if session is not None:
+        from sftray.train.loop import run_worker
+
+        history = run_worker(job, session)
+        check_setup(history)
+        return _outcome_in_process(history, cfg=cfg, run_dir=Path(storage_path) / name)
+    resources = {"CPU": t.cpus_per_worker - driver_cpus / t.num_workers, **({"GPU": 1} if t.use_gpu else {})}
+    apply_train_settings()  # before the TorchTrainer: fit() reads them here and hands them to its controller
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"job": job},
@@ -190,11 +210,34 @@ def _outcome(result: Any, *, cfg: Config) -> TrainOutcome:
     """The run's checkpoints (a resumed run's earlier ones too) and the one ``eval.select_metric`` chooses within
     ``eval.forgetting_budget``."""
     checkpoints = sorted(((c.path, m) for c, m in (result.best_checkpoints or [])), key=lambda cm: cm[1]["epoch"])
+    return _selected(checkpoints, history=result.return_value, cfg=cfg, path=str(result.path), error=result.error)
+
+
+def _outcome_in_process(history: list[dict[str, Any]], *, cfg: Config, run_dir: Path) -> TrainOutcome:
+    """``_outcome`` of a loop that ran in this process: its epoch checkpoints are the run folder's, with the metrics
+    its history holds (a restarted run's history includes the epochs before the restart)."""
+    checkpoints = [
+        (str(run_dir / epoch_dir_name(m["epoch"])), m)
+        for m in history
+        if m["epoch"] > 0 and TRAIN_LOSS in m and (run_dir / epoch_dir_name(m["epoch"]) / STATE_FILE).is_file()
+    ]
+    return _selected(checkpoints, history=history, cfg=cfg, path=str(run_dir), error=None)
+
+
+def _selected(
+    checkpoints: list[tuple[str, dict[str, Any]]],
+    *,
+    history: list[dict[str, Any]] | None,
+    cfg: Config,
+    path: str,
+    error: Any,
+) -> TrainOutcome:
+    """The outcome of a run with these epoch ``checkpoints``: the one the selection rule chooses."""
     if cfg.train.resume_from:  # the earlier run's epochs are candidates too: selection is over the whole training
         checkpoints = prior_checkpoints(Path(cfg.train.resume_from)) + checkpoints
     if not checkpoints:
-        raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
-    history = result.return_value or [m for _, m in checkpoints]
+        raise RuntimeError(f"training finished without a checkpoint (error: {error})")
+    history = history or [m for _, m in checkpoints]
     choice = select_best(
         [m for _, m in checkpoints],
         metric=cfg.eval.select_metric,
@@ -205,7 +248,7 @@ def _outcome(result: Any, *, cfg: Config) -> TrainOutcome:
         log.warning("the selected checkpoint is worse than the base model: %s", choice.reason)
     best_path, best_metrics = checkpoints[choice.index]
     return TrainOutcome(
-        path=str(result.path),
+        path=path,
         history=history,
         checkpoints=checkpoints,
         best_checkpoint=best_path,

@@ -14,8 +14,15 @@ import torch
 import torch.distributed as dist
 
 from sftray.config import TrainConfig
-from sftray.core.forward import forward_logits, to_device
-from sftray.core.loss import count_targets, kind_sums, scaled_loss, token_losses
+from sftray.core.forward import forward_kept_logits, forward_logits, to_device
+from sftray.core.loss import (
+    count_targets,
+    kind_sums,
+    scaled_loss,
+    target_positions,
+    target_token_losses,
+    token_losses,
+)
 from sftray.data.packing import KIND_PRETRAIN, KIND_SFT
 
 
@@ -68,10 +75,15 @@ def optimizer_step(
     device: torch.device,
     world: int,
     bf16: bool,
+    full_head: bool = False,
 ) -> torch.Tensor:
     """One optimizer step over the micro-batches of ``group``; the loss is normalised by the global batch's targets.
 
     Uses ``cfg.parallelism`` (which gradient sync to skip) and ``cfg.max_grad_norm`` (clipping; 0 disables).
+    The LM head runs only at target positions (as TRL's SFT loss does): an SFT row's prompt and padding positions
+    never need the [positions, vocab] logits (pretraining windows, every token a target, gain nothing from it).
+    ``full_head`` runs it at every position instead, as evaluation does; the loss and gradients are the same to
+    float rounding (the bench compares the two).
     Returns this rank's float64 sums on ``device``, slots named by ``StepSum``.
     """
     targets = torch.tensor([sum(count_targets(b["labels"]) for b in group)], dtype=torch.float64, device=device)
@@ -84,7 +96,7 @@ def optimizer_step(
         last = i == len(group) - 1
         with _grad_sync(model, parallelism=cfg.parallelism, enabled=last):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                losses = token_losses(forward_logits(model, batch), batch["labels"])
+                losses = _token_losses(model, batch, full_head=full_head)
             scaled_loss(losses, global_targets=global_targets, world_size=world).backward()
         per_kind = kind_sums(losses, batch["labels"], batch["token_kind"])
         values = {
@@ -101,6 +113,14 @@ def optimizer_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums
+
+
+def _token_losses(model: Any, batch: dict[str, torch.Tensor], *, full_head: bool) -> torch.Tensor:
+    """[batch, seq-1] per-target losses of one micro-batch, from the full head or the head at targets only."""
+    if full_head:
+        return token_losses(forward_logits(model, batch), batch["labels"])
+    keep = target_positions(batch["labels"])
+    return target_token_losses(forward_kept_logits(model, batch, keep), batch["labels"])
 
 
 @contextlib.contextmanager

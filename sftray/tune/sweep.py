@@ -3,12 +3,15 @@ the ranked result.
 
 Ray Train V2 combines with Tune through a function trainable that launches a ``TorchTrainer`` and forwards its
 reports to Tune (``Tuner(TorchTrainer)`` is V1 only); that trainable is the recipes' trial body
-(``sftray.recipes.trial``). The objective is ``eval/score`` (``sftray.eval.outcome``): the configured generation
-metric when the run stays within the forgetting budget, below every such run otherwise.
+(``sftray.recipes.trial``). A one-worker trial runs its training loop in the trial process instead
+(``sftray.tune.session``), without Ray Train's controller and workers. The objective is
+``eval/score`` (``sftray.eval.outcome``): the configured generation metric when the run stays within the forgetting
+budget, below every such run otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -22,11 +25,13 @@ from sftray.eval.metrics import OBJECTIVE_MODE, select_best
 from sftray.eval.outcome import OBJECTIVE, ROW_METRICS, read_outcome
 from sftray.layout import sweep_dir, sweeps_dir
 from sftray.train.run import check_validation
+from sftray.tune.session import runs_in_trial
 
 log = logging.getLogger("sftray.sweep")
 
 TRIAL_DRIVER_CPUS = 0.01
-"""The trial function only waits on its TorchTrainer; Tune refuses 0, a sliver leaves room for the workers."""
+"""A trial that launches a TorchTrainer only waits on it; Tune refuses 0, so it holds this sliver, taken out of its
+workers' share (``run_training(driver_cpus=...)``) so that the trial needs no more than its workers' CPUs."""
 TrialBody = Callable[..., None]
 """What one trial runs: ``body(config, *, base_cfg, prepared_dir, base_model)``, ``config`` the trial's sampled
 keys; it reports to Tune and leaves its outcome (``sftray.eval.outcome``) in its trial folder."""
@@ -42,6 +47,41 @@ class SweepOutcome:
     """The winning trial's row (None if every trial failed)."""
     best_reason: str = ""
     """Why that trial ranks first among the finished ones (which rule decided)."""
+
+
+def with_every_trial(cfg: Config) -> Config:
+    """``cfg`` with the keys ``sweep.every_trial`` sets: the configuration every trial of the sweep starts from. A
+    key whose value differs from the schema's default was set by the user (command line or a group file) and wins."""
+    for key, value in (cfg.sweep.every_trial or {}).items():
+        try:
+            default = _schema_default(Config, key)
+            current = _value(cfg, key)
+            if current != default and current != value:
+                log.info("sweep.every_trial.%s=%s is not applied: %s=%s is set", key, value, key, current)
+                continue
+            cfg = override(cfg, key, value)
+        except ValueError as exc:  # an unknown key or a bad value, with the valid keys listed
+            raise ValueError(f"sweep.every_trial.{key}: {exc}") from None
+    return cfg
+
+
+def _value(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part, None)
+    return cfg
+
+
+def _schema_default(cls: Any, dotted: str) -> Any:
+    """The schema's default of a dotted key (None where the path is not a chain of dataclass fields)."""
+    head, _, rest = dotted.partition(".")
+    found = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    if head not in found:
+        return None
+    f = found[head]
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if not rest:
+        return value
+    return _schema_default(type(value), rest) if dataclasses.is_dataclass(value) else None
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -80,20 +120,29 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
 
 def trial_resources(cfg: Config, *, cluster: dict[str, float]) -> tuple[dict[str, float], int]:
-    """Resources of one trial's driver and how many trials fit at once without oversubscription."""
+    """Resources of one trial's own process and how many trials fit at once without oversubscription.
+
+    A trial that trains in its own process (``runs_in_trial``) holds exactly its one worker's CPUs (and GPU); one
+    that launches a TorchTrainer holds ``TRIAL_DRIVER_CPUS``, which its workers give up (a stage chain's do not),
+    so two 1-CPU trials fit on 2 CPUs either way.
+    """
     t = cfg.train
-    per_trial = t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPUS
-    fits = math.floor(cluster.get("CPU", 0.0) / per_trial)
+    if runs_in_trial(cfg):
+        resources = {"CPU": float(t.cpus_per_worker), **({"GPU": 1.0} if t.use_gpu else {})}
+        per_trial = t.cpus_per_worker
+    else:
+        resources = {"CPU": TRIAL_DRIVER_CPUS}
+        per_trial = t.num_workers * t.cpus_per_worker + (TRIAL_DRIVER_CPUS if cfg.stages else 0.0)
+    fits = math.floor(cluster.get("CPU", 0.0) / per_trial + 1e-9)
     if t.use_gpu:
         fits = min(fits, math.floor(cluster.get("GPU", 0.0) / t.num_workers))
     if fits < 1:
         raise ValueError(
-            f"one trial needs {per_trial:g} CPUs ({t.num_workers} workers x {t.cpus_per_worker:g}"
-            f" + driver) but the cluster has {cluster.get('CPU', 0.0):g}: lower train.num_workers or "
-            "train.cpus_per_worker"
+            f"one trial needs {per_trial:g} CPUs ({t.num_workers} workers x {t.cpus_per_worker:g}) but the cluster "
+            f"has {cluster.get('CPU', 0.0):g}: lower train.num_workers or train.cpus_per_worker"
         )
     wanted = cfg.sweep.max_concurrent_trials or fits
-    return {"CPU": TRIAL_DRIVER_CPUS}, min(wanted, fits)
+    return resources, min(wanted, fits)
 
 
 def _drop_tune_resume_hint() -> None:
@@ -144,12 +193,15 @@ def run_sweep(
                 max_concurrent_trials=concurrent,
                 scheduler=_scheduler(cfg),
                 search_alg=_search_alg(cfg),
+                # Off: in a reused process a function trainable's trial ended after its last report, before its
+                # body wrote the outcome (the bench's third one-worker trial, Ray 2.60); each trial gets a new one.
+                reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name=cfg.sweep.name,
                 storage_path=storage,
                 callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=0),
+                failure_config=tune.FailureConfig(max_failures=_trial_restarts(cfg)),
             ),
         )
     grid = tuner.fit()
@@ -196,6 +248,12 @@ def table(outcome: SweepOutcome) -> str:
     else:
         lines.append("no trial finished")
     return "\n".join(lines)
+
+
+def _trial_restarts(cfg: Config) -> int:
+    """Tune's restarts of a failed trial: ``train.max_failures`` where the trial trains in its own process (Tune
+    restarts it from its last checkpoint); none where a TorchTrainer's own FailureConfig restarts the workers."""
+    return cfg.train.max_failures if runs_in_trial(cfg) else 0
 
 
 def _trial(config: dict[str, Any], *, body: TrialBody, **params: Any) -> None:

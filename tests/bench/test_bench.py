@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from sftray.bench import memory, overhead, packing, preprocess, throughput, workload
+from sftray.bench import lm_head, memory, overhead, packing, preprocess, throughput, workload
 from sftray.bench.run import PARTS, run_bench
 from sftray.bench.sizes import get_size
 
@@ -33,6 +33,7 @@ def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     assert cells == {(d, n, m) for d in ("demo", "synthetic") for n in size.packing_seq_lens for m in packing.METHODS}
     assert names["throughput"] == ["sftray packed", "sftray padded", "sftray packed, bf16 autocast", *TRL_CONFIGS]
     assert all(r["ratio_to_trl_best"] > 0 for r in results["throughput"])
+    assert names["lm_head"] == [lm_head.FULL_ROW, lm_head.TARGETS_ROW]
     assert names["preprocess"] == preprocess.row_names()
     summary = results["summary"]
     assert set(preprocess.SUMMARY_KEYS) <= set(summary) and summary["prep_summary_size"] == size.prep_conversations
@@ -77,7 +78,13 @@ def test_smoke_bench_writes_every_row(ray_local, cache_dir, tmp_path):
     for part in PARTS:
         for name in names[part]:
             assert f"| {name} |" in table, name
-    for key in (*preprocess.SUMMARY_KEYS, *throughput.SUMMARY_KEYS, *overhead.SUMMARY_KEYS, "train_ray_over_best_trl"):
+    for key in (
+        *preprocess.SUMMARY_KEYS,
+        *throughput.SUMMARY_KEYS,
+        *overhead.SUMMARY_KEYS,
+        *lm_head.SUMMARY_KEYS,
+        "train_ray_over_best_trl",
+    ):
         assert f"| {key} |" in table, key
 
 

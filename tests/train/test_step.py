@@ -157,3 +157,138 @@ def test_precision_auto_is_float32_on_cpu():
     assert use_bf16("auto", cpu) is False and use_bf16("fp32", cpu) is False and use_bf16("bf16", cpu) is True
     with pytest.raises(ValueError, match="train.precision='fp16'"):
         use_bf16("fp16", cpu)
+
+
+# --- the LM head at target positions only, on the tiny Llama (plain and LoRA) ----------------------------------------
+
+LLAMA_VOCAB = 50
+
+
+def _tiny_llama(*, lora: bool) -> torch.nn.Module:
+    """A 2-layer tiny Llama (tied head, as the builtin one), the same weights on every call; LoRA with the head
+    trained in full too, so its gradient is compared."""
+    from transformers import LlamaForCausalLM
+
+    from sftray.config import LoraConfig
+    from sftray.models.lora import apply_lora
+    from sftray.models.tiny import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        tiny_llama_config(vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+    )
+    if lora:
+        model = apply_lora(model, cfg=LoraConfig(r=4, dropout=0.0, modules_to_save=["lm_head"]), new_token_ids=[])
+        torch.manual_seed(1)
+        with torch.no_grad():  # peft starts B at zero: a nonzero B gives A a gradient to compare
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+    model.train()
+    return model
+
+
+def _llama_batch(seed: int, *, packed: bool, targets: bool = True) -> dict[str, torch.Tensor]:
+    """Two rows of 12: packed (two examples per row, position_ids restarting, no attention_mask) or padded (a
+    pad tail masked out); labels a random third of the tokens, or none at all."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, LLAMA_VOCAB, (2, 12), generator=g)
+    labels = torch.where(torch.rand(2, 12, generator=g) < 0.35, ids, IGNORE_INDEX)
+    kinds = torch.full((2, 12), KIND_SFT)
+    kinds[1, 8:] = KIND_PRETRAIN
+    batch = {"input_ids": ids, "token_kind": kinds}
+    if packed:
+        batch["position_ids"] = torch.tensor([list(range(5)) + list(range(7)), list(range(8)) + list(range(4))])
+    else:
+        batch["position_ids"] = torch.arange(12).repeat(2, 1)
+        batch["attention_mask"] = torch.ones(2, 12, dtype=torch.long)
+        batch["attention_mask"][1, 9:] = 0
+        labels[1, 9:] = IGNORE_INDEX
+    batch["labels"] = labels if targets else torch.full_like(labels, IGNORE_INDEX)
+    return batch
+
+
+def _step_deltas(model, group, *, full_head: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's sums and every trainable parameter's change: SGD at lr 1 without clipping, so the change is
+    minus the gradient."""
+    cfg = TrainConfig(parallelism="ddp", max_grad_norm=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    sums = optimizer_step(
+        model, optimizer, group, cfg=cfg, device=torch.device("cpu"), world=1, bf16=False, full_head=full_head
+    )
+    return sums, {n: p.detach() - before[n] for n, p in model.named_parameters() if n in before}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_target_head_gives_the_full_head_loss_and_gradients(lora: bool, packed: bool):
+    """Head at target positions only vs at every position: the same loss sums and gradients to float tolerance,
+    over micro-batches with targets and one without any."""
+    group = [
+        _llama_batch(1, packed=packed),
+        _llama_batch(2, packed=packed, targets=False),
+        _llama_batch(3, packed=packed),
+    ]
+    full_sums, full = _step_deltas(_tiny_llama(lora=lora), group, full_head=True)
+    sums, deltas = _step_deltas(_tiny_llama(lora=lora), group, full_head=False)
+    torch.testing.assert_close(sums, full_sums, rtol=1e-6, atol=1e-6)
+    assert full_sums[StepSum.TARGETS] > 0 and full_sums[StepSum.PRETRAIN_TARGETS] > 0
+    assert full.keys() == deltas.keys() and any("lora_A" in n for n in full) == lora
+    for name, delta in deltas.items():
+        assert full[name].abs().sum() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(delta, full[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_head_sees_only_the_target_positions(lora: bool):
+    """The training step applies the LM head to the hidden states of target positions only (none for a
+    micro-batch without targets); the full head sees every position."""
+    model = _tiny_llama(lora=lora)
+    seen: list[tuple[int, ...]] = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    group = [_llama_batch(1, packed=True), _llama_batch(2, packed=True, targets=False)]
+    _step_deltas(model, group, full_head=False)
+    assert seen == [(1, int((group[0]["labels"][:, 1:] != IGNORE_INDEX).sum()), LLAMA_VOCAB), (1, 0, LLAMA_VOCAB)]
+    seen.clear()
+    _step_deltas(model, group, full_head=True)
+    assert seen == [(2, 12, LLAMA_VOCAB)] * 2
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank in this process: enough for DDP and FSDP2 to wrap and run their hooks."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 parameters are DTensors
+
+
+@pytest.mark.parametrize(("parallelism", "lora"), [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_target_head_under_ddp_and_fsdp2(one_rank_group, parallelism: str, lora: bool):
+    """Through the DDP and FSDP2 wrappers (sftray.core.parallel.wrap), the head at targets gives the full head's
+    loss and gradients, and the head still sees only the target positions."""
+    from sftray.core.parallel import unwrap, wrap
+
+    group = [_llama_batch(1, packed=True), _llama_batch(2, packed=True, targets=False)]
+    results = []
+    for full_head in (True, False):
+        model = wrap(
+            _tiny_llama(lora=lora), parallelism=parallelism, device=torch.device("cpu"), world_size=1, bf16=False
+        )
+        seen: list[int] = []
+        unwrap(model).get_output_embeddings().register_forward_hook(
+            lambda m, a, out, seen=seen: seen.append(out.shape[-2])
+        )
+        sums, deltas = _step_deltas(model, group, full_head=full_head)
+        results.append((sums, {n: _local(d) for n, d in deltas.items()}, seen))
+    (full_sums, full, full_seen), (sums, deltas, seen) = results
+    assert full_seen == [12, 12] and seen == [int((group[0]["labels"][:, 1:] != IGNORE_INDEX).sum()), 0]
+    torch.testing.assert_close(sums, full_sums, rtol=1e-6, atol=1e-6)
+    for name, delta in deltas.items():
+        torch.testing.assert_close(delta, full[name], rtol=1e-5, atol=1e-6, msg=name)

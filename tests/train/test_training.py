@@ -32,6 +32,7 @@ from sftray.data.collate import collate_rows
 from sftray.eval.evaluate import heldout_loss
 from sftray.recipes.prep import prep
 from sftray.train.checkpoint import load_state
+from sftray.train.controller import TRAIN_SETTINGS
 from sftray.train.run import run_training
 
 main = entry_points(group="console_scripts")["sftray"].load()  # the `sftray` command, as the shell runs it
@@ -71,9 +72,35 @@ def _run(setup, name, **train):
     return run_training(run_cfg, prepared=prepared, base_model=base, name=name, storage_path=str(root / "runs"))
 
 
+CONTROLLER_ENV = "controller_env.json"
+"""Where the ``fsdp2`` run's controller writes its Train settings (below the tests' root)."""
+
+
+def _controller_recorder(path: Path):
+    """A Train callback that runs inside the controller actor and writes that process's Train settings to ``path``
+    (a class made here so that Ray pickles it by value into the controller)."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class RecordControllerEnv(ControllerCallback):
+        def after_controller_start(self, train_run_context):
+            env = {name: os.environ.get(name) for name in TRAIN_SETTINGS}
+            path.write_text(json.dumps({"pid": os.getpid(), "env": env}))
+
+    return RecordControllerEnv()
+
+
 @pytest.fixture(scope="module")
 def fsdp2(setup):
-    return _run(setup, "fsdp2", workers=2, parallelism="fsdp")
+    cfg, prepared, base, root, _ = setup
+    run_cfg = _one_step_per_epoch(cfg, prepared, workers=2, parallelism="fsdp")
+    return run_training(
+        run_cfg,
+        prepared=prepared,
+        base_model=base,
+        name="fsdp2",
+        storage_path=str(root / "runs"),
+        callbacks=[_controller_recorder(root / CONTROLLER_ENV)],
+    )
 
 
 def _epochs(outcome):
@@ -86,6 +113,24 @@ def _val_loss(model, prepared, cfg) -> float:
     collate = partial(collate_rows, pad_id=tok.pad_token_id, packed=True, pad_to=cfg.data.max_seq_len)
     batches = [collate({k: [r[k] for r in rows[i : i + 4]] for k in rows[0]}) for i in range(0, len(rows), 4)]
     return heldout_loss(model.eval(), batches, device=torch.device("cpu"))
+
+
+def test_the_controller_runs_with_sftrays_train_settings(setup, fsdp2):
+    """The poll interval and the preemption watcher are read by the controller actor: fit() hands it the driver's
+    values of Ray's propagated variables as its runtime_env, so they must be among them; metrics are read by the
+    driver. (The controller process's own environment showed them when this module ran alone but not in one
+    whole-suite run, cause not found: this checks what sftray controls, the values handed to fit().)"""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from sftray.train.controller import apply_train_settings
+
+    apply_train_settings()  # what run_training does before every TorchTrainer
+    handed = get_env_vars_to_propagate()
+    assert handed["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == TRAIN_SETTINGS["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    assert handed["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "0"
+    controller = json.loads((setup[3] / CONTROLLER_ENV).read_text())
+    assert controller["pid"] != os.getpid()
 
 
 def test_one_worker_fsdp_and_ddp_match_two_worker_fsdp(setup, fsdp2):
@@ -251,6 +296,8 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_command_that_resumes_it(setup
     argv = shlex.split(command.removeprefix("resume with:"))
     assert argv[-1] == f"train.resume_from={last}" and set(probe_args) <= set(argv)
     assert f"resume_from={last}" in next(line for line in err.splitlines() if "make train" in line)
+    # train.parallelism is left at its default, auto: the tiny model's replica fits a worker many times over.
+    assert "train.parallelism=auto: ddp (a replica with gradients and AdamW state" in err
 
     # The probes are the file's questions; exact match compares the final answers, not the worked solutions.
     questions = [json.loads(line) for line in gsm8k.read_text().splitlines()][:4]  # eval.num_probes=4

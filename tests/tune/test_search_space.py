@@ -1,4 +1,5 @@
-"""The sweep's search space from config (no Ray running): axes, sweep.points, and the errors a typo gets."""
+"""The sweep's search space and trial resources from config (no Ray running): axes, sweep.points, the errors a
+typo gets, and how many trials fit at once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from sftray.config import SWEEP_POINT, compose_config
-from sftray.tune.sweep import search_space
+from sftray.tune.session import runs_in_trial
+from sftray.tune.sweep import TRIAL_DRIVER_CPUS, search_space, trial_resources, with_every_trial
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -61,3 +63,61 @@ def test_no_lr_values_and_half_a_range_is_an_error_but_neither_keeps_train_lr():
     assert "train.lr" not in search_space(_cfg("sweep.lr.values=[]"))
     with pytest.raises(Exception, match="both low and high, or neither"):
         _cfg("sweep.lr.values=[]", "sweep.lr.low=1e-4")
+
+
+@pytest.mark.parametrize(
+    ("layout", "cluster", "resources", "at_once"),
+    [
+        # one worker: the trial process is the worker and holds exactly its CPUs, so two 1-CPU trials share 2 CPUs
+        (["train.num_workers=1", "train.cpus_per_worker=1"], {"CPU": 2}, {"CPU": 1.0}, 2),
+        (
+            ["train.num_workers=1", "train.cpus_per_worker=1", "train.use_gpu=true"],
+            {"CPU": 4, "GPU": 1},
+            {"CPU": 1.0, "GPU": 1.0},
+            1,
+        ),
+        # several workers: the trial holds a sliver its workers give up, so 2 x 1 CPU still fits 2 CPUs
+        (["train.num_workers=2", "train.cpus_per_worker=1"], {"CPU": 2}, {"CPU": TRIAL_DRIVER_CPUS}, 1),
+        (["train.num_workers=2", "train.cpus_per_worker=0.5"], {"CPU": 2}, {"CPU": TRIAL_DRIVER_CPUS}, 2),
+        (
+            ["train.num_workers=1", "train.cpus_per_worker=1", "sweep.max_concurrent_trials=1"],
+            {"CPU": 2},
+            {"CPU": 1.0},
+            1,
+        ),
+    ],
+)
+def test_trials_run_side_by_side_as_far_as_their_workers_cpus_fit(layout, cluster, resources, at_once):
+    assert trial_resources(_cfg(*layout), cluster=cluster) == (resources, at_once)
+
+
+def test_a_stage_chain_trial_keeps_its_driver_on_top_of_its_workers():
+    cfg = _cfg("train.num_workers=1", "train.cpus_per_worker=1", "stages=demo_two_stage")
+    with pytest.raises(ValueError, match=r"one trial needs 1.01 CPUs.*lower train.num_workers"):
+        trial_resources(cfg, cluster={"CPU": 1})
+
+
+def test_the_default_sweeps_trials_train_in_their_own_process_two_at_once_on_two_cpus():
+    cfg = _cfg()
+    trials = with_every_trial(cfg)
+    assert runs_in_trial(trials) and not runs_in_trial(cfg)  # sftray train keeps its own layout
+    t, base = trials.train, cfg.train
+    assert (
+        t.num_workers * t.micro_batch_size * t.grad_accum == base.num_workers * base.micro_batch_size * base.grad_accum
+    )
+    assert trial_resources(trials, cluster={"CPU": 2}) == ({"CPU": 1.0}, 2)
+    assert with_every_trial(_cfg("sweep.every_trial=null", "train.num_workers=2")).train.num_workers == 2
+
+
+def test_a_typo_in_every_trial_lists_the_valid_keys():
+    with pytest.raises(ValueError, match=r"sweep.every_trial.train.num_worker: .*valid keys"):
+        with_every_trial(_cfg("+sweep.every_trial={train.num_worker: 1}"))
+
+
+def test_a_train_key_the_user_sets_wins_over_every_trial(caplog):
+    caplog.set_level("INFO", logger="sftray.sweep")
+    """make sweep ARGS=train.num_workers=4 must not be silently replaced by the default trial layout."""
+    trials = with_every_trial(_cfg("train.num_workers=4"))
+    assert trials.train.num_workers == 4
+    assert trials.train.micro_batch_size == 8  # the layout's other keys still apply
+    assert "sweep.every_trial.train.num_workers=1 is not applied: train.num_workers=4 is set" in caplog.text

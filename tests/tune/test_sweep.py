@@ -92,6 +92,7 @@ def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server, random_base
             "train.cpus_per_worker=0.5",
             "train.micro_batch_size=8",
             "train.max_failures=0",
+            "sweep.every_trial=null",  # the trials train with the train.* keys here
             "sweep.name=tiny",
             # The LR comes from sweep.points, each with its own LoRA rank: the trials' params must be those pairs.
             "sweep.lr.values=[]",
