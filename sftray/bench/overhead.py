@@ -1,26 +1,27 @@
-"""The Ray Train path: seconds from ``sftray train`` (and a sweep trial) to the first optimizer step, and its training
-throughput next to the in-process step code on the very same rows.
+"""The Ray Train path: seconds from ``sftray train`` to the first optimizer step, and its training throughput next
+to the in-process step code and TRL's best configuration on the very same rows.
 
 Every run joins the bench's running Ray ($RAY_ADDRESS) with its data already prepared (cached): the figures are
-what a user pays per run and per trial, not a cold cluster (a cold ``ray.init`` is reported apart). The 2-worker
-run goes first and computes the base model's eval; the 1-worker run, whose start-up is ``first_step_s_warm``, reads
-it from the cache as a user's second run does (the bench fails if it did not). The worker
-loop writes wall-clock marks into each epoch checkpoint's ``train_state.pt`` (``timing``: epoch start, first
-optimizer step), so the milestones are read, not derived. Two earlier milestones come from the run's own log
-lines: Ray connected (Ray's timestamp, ms) and TorchTrainer launched (sftray's "training ... on N worker(s)" line,
-1 s resolution).
+what a user pays per run, not a cold cluster (a cold ``ray.init`` is reported apart). The first run computes the
+base model's eval; the 1-worker run, whose start-up is ``first_step_s_warm``, reads it from the cache as a user's
+second run does (the bench fails if it did not). The worker loop writes wall-clock marks into each epoch
+checkpoint's ``train_state.pt`` (``timing``: epoch start, first optimizer step), so the milestones are read, not
+derived. Two earlier milestones come from the run's own log lines: Ray connected (Ray's timestamp, ms) and
+TorchTrainer launched (sftray's "training ... on N worker(s)" line, 1 s resolution).
 
-Throughput: ``sftray train`` runs ``EPOCHS`` epochs, 1 worker x 1 CPU (DDP) and 2 workers x 1 CPU (FSDP2); its
-figure is ``train/target_tokens_per_s`` (trained tokens from an epoch's first micro-batch to its last step), median
-over the epochs after the first (the first warms thread pools and the allocator, as the in-process side's warm-up
-epoch does). The in-process reference trains the same model on the same prepared rows with the loop's own pieces
-(``grouped_micro_batches``, ``collate_rows``, ``build_optimizer``, ``optimizer_step``), with 1 thread, and with 2
-threads at the 2-worker run's global batch (grad_accum 2), without Ray. ``train_ray_over_in_process`` is the lower
-of the two ratios.
+Throughput: ``sftray train`` runs ``EPOCHS`` epochs, 1 worker x 1 CPU, 2 workers x 1 CPU with the layout
+``train.parallelism=auto`` picks (DDP for this model) and 2 FSDP2 workers x 1 CPU; its figure is
+``train/target_tokens_per_s`` (trained tokens from an epoch's first micro-batch to its last step), median over the
+epochs after the first (the first warms thread pools and the allocator). The references train the same model on
+the same prepared rows, in this process, for ``EPOCHS`` epochs with the same median:
 
-The sweep figure: a sweep of ``SWEEP_TRIALS`` one-epoch trials (one at a time on 2 CPUs); for each trial, seconds
-from the trial function's start to its first optimizer step. The first trial also pays the worker processes'
-first imports; ``sweep_trial_first_step_s`` is the slowest of the later ones.
+- the loop's own pieces (``grouped_micro_batches``, ``collate_rows``, ``build_optimizer``, ``optimizer_step``)
+  with 1 thread, and with 2 threads at the 2-worker runs' global batch (grad_accum 2), without Ray;
+  ``train_ray_over_in_process`` is the lower of the 1-worker and the default 2-worker ratios (FSDP2's apart);
+- TRL's best configuration of the throughput part (``trl_best_config``; without that part, BFD at batch 1 x
+  gradient accumulation) on the examples of those rows (each packed row split where its position ids restart),
+  1 thread, the same number of optimizer steps per epoch: ``train_ray_over_best_trl`` is the 1-worker Ray run over
+  it, both measured here on the same examples.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 
 from sftray.bench.workload import NO_MIX, SEED, demo_conversations
 from sftray.eval.metrics import BASE_EVAL_REUSED, TRAIN_TARGET_TOKENS_PER_S
-from sftray.layout import EPOCH_GLOB, runs_dir, sweeps_dir
+from sftray.layout import EPOCH_GLOB, runs_dir
 
 SECTION = "overhead"
 TRAIN_ROW = "sftray train: process start -> first optimizer step"
@@ -49,21 +50,32 @@ TRAIN_LOOP_ROW = "sftray train: process start -> training loop start (workers up
 TRAIN_WALL_ROW = "sftray train: whole process (3 epochs, evals, checkpoints, exit)"
 RAY_TPS_1 = "Ray Train path, 1 worker x 1 CPU (DDP): target tokens/s"
 IN_PROCESS_TPS_1 = "in-process step code, 1 thread, same rows: target tokens/s"
-RAY_TPS_2 = "Ray Train path, 2 workers x 1 CPU (FSDP2): target tokens/s"
+RAY_TPS_2 = "Ray Train path, 2 workers x 1 CPU (parallelism=auto: DDP): target tokens/s"
+RAY_TPS_FSDP = "Ray Train path, 2 workers x 1 CPU (FSDP2): target tokens/s"
 IN_PROCESS_TPS_2 = "in-process step code, 2 threads, same rows and global batch: target tokens/s"
-SWEEP_FIRST_ROW = "sweep: trial start -> first optimizer step, first trial"
-SWEEP_ROW = "sweep: trial start -> first optimizer step, slowest later trial"
-SWEEP_WALL_ROW = "sweep: whole run_sweep()"
+TRL_TPS_1 = "TRL's best configuration, 1 thread, the same examples: target tokens/s"
 RAY_INIT_ROW = "ray.init(): cold local Ray start"
 EPOCHS = 3
-SWEEP_TRIALS = 3
-SUMMARY_KEYS = ("first_step_s_warm", "sweep_trial_first_step_s", "train_ray_over_in_process")
-"""This part's keys of the bench's top-level summary (``train_ray_over_best_trl`` joins it with the throughput
-part's ``train_in_process_over_best_trl`` in ``sftray.bench.run``)."""
+DEFAULT_TRL = "TRL BFD, batch 1 x grad accum"
+"""TRL's configuration when the throughput part did not run (its best on this bench so far)."""
+SUMMARY_KEYS = (
+    "first_step_s_warm",
+    "train_ray_over_in_process",
+    "train_ray_fsdp_over_in_process",
+    "train_ray_over_best_trl",
+)
+"""This part's keys of the bench's top-level summary."""
 
 
 def overrides(
-    *, cache_dir: Path, out_dir: Path, chats: Path, model_dir: Path, max_seq_len: int, workers: int = 1
+    *,
+    cache_dir: Path,
+    out_dir: Path,
+    chats: Path,
+    model_dir: Path,
+    max_seq_len: int,
+    workers: int = 1,
+    parallelism: str = "auto",
 ) -> list[str]:
     """The training run every figure shares: full fine-tuning, 1 CPU per worker, minimal evals."""
     return [
@@ -78,7 +90,7 @@ def overrides(
         "train=full",
         f"train.num_workers={workers}",
         "train.cpus_per_worker=1",
-        f"train.parallelism={'ddp' if workers == 1 else 'fsdp'}",
+        f"train.parallelism={parallelism}",
         f"train.epochs={EPOCHS}",
         "train.schedule=constant",
         "train.warmup_ratio=0",
@@ -97,22 +109,21 @@ def measure_overhead(
     model_dir: Path,
     conversations: int,
     max_seq_len: int,
-    sweep: bool,
     ray_init_seconds: float | None,
+    trl_config: str | None = None,
 ) -> tuple[list[dict], dict[str, float]]:
-    """Rows and this part's summary figures; Ray must be initialised (the runs join it)."""
+    """Rows and this part's summary figures; Ray must be initialised (the runs join it). ``trl_config``: TRL's
+    best configuration of the throughput part (None: ``DEFAULT_TRL``)."""
     from sftray.config import compose_config
     from sftray.recipes.prep import prep
 
     work_dir = Path(work_dir)
-    # Earlier bench runs' checkpoints go: every run read below must be this one's.
-    for previous in (runs_dir(work_dir / "out"), sweeps_dir(work_dir / "out")):
-        shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(runs_dir(work_dir / "out"), ignore_errors=True)  # every run read below must be this one's
     work_dir.mkdir(parents=True, exist_ok=True)
     chats = work_dir / "chats.jsonl"
     chats.write_text("".join(json.dumps(c) + "\n" for c in demo_conversations(n=conversations)))
 
-    def args(workers: int) -> list[str]:
+    def args(workers: int, parallelism: str = "auto") -> list[str]:
         return overrides(
             cache_dir=cache_dir,
             out_dir=work_dir / "out",
@@ -120,6 +131,7 @@ def measure_overhead(
             model_dir=model_dir,
             max_seq_len=max_seq_len,
             workers=workers,
+            parallelism=parallelism,
         )
 
     cfg = compose_config(args(1), base=work_dir)
@@ -132,42 +144,48 @@ def measure_overhead(
         )
     ]
 
-    # The 2-worker run goes first: it computes the base model's eval, which every later run with the same base, data
-    # and eval config reads from the cache (its key does not depend on the worker count), so the 1-worker run's
-    # start-up is a user's second run: Ray up, data prepared, base eval cached.
+    # The first run computes the base model's eval, which every later run with the same base, data and eval config
+    # reads from the cache (its key does not depend on the worker count or layout), so the 1-worker run's start-up
+    # is a user's second run: Ray up, data prepared, base eval cached.
+    fsdp = _sftray_train(args(2, "fsdp"), work_dir=work_dir, label="2x1-fsdp")
     two = _sftray_train(args(2), work_dir=work_dir, label="2x1")
     one = _sftray_train(args(1), work_dir=work_dir, label="1x1")
     if not one["base_reused"]:
         raise RuntimeError("the 1-worker run computed the base model's eval: its start-up would not be a warm one")
     local_one = _in_process(prepared, cfg=cfg, model_dir=model_dir, threads=1, grad_accum=1)
     local_two = _in_process(prepared, cfg=cfg, model_dir=model_dir, threads=2, grad_accum=2)
+    trl_name = trl_config or DEFAULT_TRL
+    trl_one = _trl(
+        prepared,
+        model_dir=model_dir,
+        name=trl_name,
+        steps=one["steps_per_epoch"],
+        max_seq_len=max_seq_len,
+        work_dir=work_dir,
+    )
     rows += [
         _row(TRAIN_CONNECTED_ROW, _since(one["marks"].get("connected"), one["started"]), note="Ray's log line (ms)"),
         _row(TRAIN_LAUNCH_ROW, _since(one["marks"].get("launch"), one["started"]), note="sftray's log line (+-1 s)"),
         _row(TRAIN_LOOP_ROW, one["loop_start"] - one["started"]),
         _row(TRAIN_ROW, one["first_step"] - one["started"]),
         _row(TRAIN_WALL_ROW, one["ended"] - one["started"]),
-        _tps(RAY_TPS_1, one["tps"], note=f"median of epochs 2-{EPOCHS}"),
-        _tps(IN_PROCESS_TPS_1, local_one, note=f"median of epochs 2-{EPOCHS}"),
-        _tps(RAY_TPS_2, two["tps"], note=f"median of epochs 2-{EPOCHS}"),
-        _tps(IN_PROCESS_TPS_2, local_two, note=f"median of epochs 2-{EPOCHS}"),
     ]
+    median_note = f"median of epochs 2-{EPOCHS}"
+    rows += [
+        _tps(RAY_TPS_1, one["tps"], note=median_note),
+        _tps(IN_PROCESS_TPS_1, local_one, note=median_note),
+        _tps(TRL_TPS_1, trl_one, note=f"{trl_name}, {median_note}"),
+        _tps(RAY_TPS_2, two["tps"], note=median_note),
+        _tps(RAY_TPS_FSDP, fsdp["tps"], note=median_note),
+        _tps(IN_PROCESS_TPS_2, local_two, note=median_note),
+    ]
+    m = statistics.median
     summary = {
         "first_step_s_warm": one["first_step"] - one["started"],
-        "train_ray_over_in_process": min(
-            statistics.median(one["tps"]) / statistics.median(local_one),
-            statistics.median(two["tps"]) / statistics.median(local_two),
-        ),
+        "train_ray_over_in_process": min(m(one["tps"]) / m(local_one), m(two["tps"]) / m(local_two)),
+        "train_ray_fsdp_over_in_process": m(fsdp["tps"]) / m(local_two),
+        "train_ray_over_best_trl": m(one["tps"]) / m(trl_one),
     }
-    if sweep:
-        trials, wall = _sweep(args(1), prepared=prepared, model_dir=model_dir, work_dir=work_dir)
-        later = trials[1:]
-        rows += [
-            _row(SWEEP_FIRST_ROW, trials[0], note="includes the worker processes' first imports"),
-            _row(SWEEP_ROW, max(later), note=f"{len(later)} later trials: " + ", ".join(f"{t:.1f}" for t in later)),
-            _row(SWEEP_WALL_ROW, wall, note=f"{SWEEP_TRIALS} one-epoch trials, one at a time"),
-        ]
-        summary["sweep_trial_first_step_s"] = max(later)
     return rows, summary
 
 
@@ -194,35 +212,12 @@ def _sftray_train(args: list[str], *, work_dir: Path, label: str) -> dict[str, A
         "marks": _log_marks(log.read_text(), started=started),
         "base_reused": any(m.get(BASE_EVAL_REUSED) for m in epochs[1]["history"] if m.get("epoch") == 0),
         "loop_start": epochs[1]["timing"]["epoch_started_at"],
+        "steps_per_epoch": int(epochs[1]["step"]),
         "first_step": epochs[1]["timing"]["first_step_at"],
         "tps": [
             _epoch_metrics(state, epoch)[TRAIN_TARGET_TOKENS_PER_S] for epoch, state in epochs.items() if epoch > 1
         ],
     }
-
-
-def _sweep(args: list[str], *, prepared: Any, model_dir: Path, work_dir: Path) -> tuple[list[float], float]:
-    """Seconds from each trial's start to its first optimizer step (in start order), and the sweep's wall time."""
-    from sftray.config import compose_config
-    from sftray.eval.outcome import read_outcome
-    from sftray.recipes.trial import run_trial
-    from sftray.tune.sweep import run_sweep
-
-    lrs = ", ".join(f"{1e-4 * (i + 1):g}" for i in range(SWEEP_TRIALS))
-    cfg = compose_config(
-        [*args, "train.epochs=1", "sweep.name=bench", f"sweep.lr.values=[{lrs}]", "sweep.epochs=[1]"], base=work_dir
-    )
-    started = time.time()
-    outcome = run_sweep(cfg, trial=run_trial, prepared=prepared, base_model=str(model_dir))
-    wall = time.time() - started
-    trials = []
-    for trial in outcome.trials:
-        record = read_outcome(trial["path"]) if trial.get("path") else None
-        if record is None:
-            raise RuntimeError(f"a bench sweep trial did not finish: {trial}")
-        first = _epoch_states(sorted(Path(record["run_path"]).glob(EPOCH_GLOB)))[1]["timing"]["first_step_at"]
-        trials.append((record["started_at"], first - record["started_at"]))
-    return [seconds for _, seconds in sorted(trials)], wall
 
 
 def _epoch_states(checkpoints: list[Path]) -> dict[int, dict[str, Any]]:
@@ -284,6 +279,41 @@ def _in_process(prepared: Any, *, cfg: Any, model_dir: Path, threads: int, grad_
         torch.set_num_threads(saved_threads)
 
 
+def _trl(prepared: Any, *, model_dir: Path, name: str, steps: int, max_seq_len: int, work_dir: Path) -> list[float]:
+    """Target tokens/s of epochs 2..EPOCHS of TRL configuration ``name`` on the examples of the prepared training
+    rows (split at each row's ``seq_lens``), ``steps`` optimizer steps per epoch, 1 thread, in this process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from sftray.bench.throughput import trl_epoch_rates
+
+    table = pa.concat_tables([pq.read_table(f) for f in sorted(prepared.train_dir.glob("*.parquet"))])
+    examples = []
+    for row in table.select(["input_ids", "labels", "seq_lens"]).to_pylist():
+        start = 0
+        for n in row["seq_lens"]:
+            examples.append(
+                {"input_ids": row["input_ids"][start : start + n], "labels": row["labels"][start : start + n]}
+            )
+            start += n
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rates = trl_epoch_rates(
+            examples,
+            name=name,
+            model_dir=model_dir,
+            steps=steps,
+            max_seq_len=max_seq_len,
+            epochs=EPOCHS,
+            out_dir=work_dir / "trl",
+        )
+    finally:
+        torch.set_num_threads(saved_threads)
+    return rates[1:]
+
+
 _RAY_CONNECTED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\s+INFO worker\.py:\d+ -- Connected to Ray")
 _SFTRAY_LAUNCH = re.compile(r"^(\d\d:\d\d:\d\d) INFO sftray\.train: training .* on \d+ worker")
 
@@ -303,14 +333,6 @@ def _log_marks(text: str, *, started: float) -> dict[str, float]:
 
 def _since(mark: float | None, started: float) -> float | None:
     return None if mark is None else mark - started
-
-
-def layout_rows(threads: int) -> tuple[str, str]:
-    """(Ray Train path row, in-process row) of the layout with ``threads`` CPUs: 1 worker x 1 CPU vs 1 thread, or
-    2 FSDP workers x 1 CPU vs 2 threads."""
-    if threads not in (1, 2):
-        raise ValueError(f"the Ray Train path is measured at 1 and 2 CPUs, not {threads}")
-    return (RAY_TPS_1, IN_PROCESS_TPS_1) if threads == 1 else (RAY_TPS_2, IN_PROCESS_TPS_2)
 
 
 def _row(name: str, seconds: float | None, *, note: str = "") -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("packing", "throughput", "lm_head", "preprocess", "overhead", "memory")
+SECTIONS = ("packing", "throughput", "lm_head", "preprocess", "overhead", "sweep", "memory")
 
 
 def write(results: dict[str, Any], *, out_dir: Path) -> tuple[Path, Path]:
@@ -28,12 +28,21 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta['versions']['transformers']}, TRL {meta['versions']['trl']}, Ray {meta['versions']['ray']}.",
         "",
     ]
+    loaded = meta.get("loaded")
+    if loaded:
+        peaks = ", ".join(f"{p} {meta['parts'][p]['load_average_max']:.1f}" for p in loaded)
+        lines += [
+            f"**Loaded run**: the 1-minute load average exceeded the {meta['machine']['cpus']} CPUs during "
+            f"{', '.join(loaded)} (peaks: {peaks}); read their timings as upper bounds.",
+            "",
+        ]
     tables = {
         "packing": _packing,
         "throughput": _throughput,
         "lm_head": _lm_head,
         "preprocess": _preprocess,
         "overhead": _overhead,
+        "sweep": _overhead,
         "memory": _memory,
     }
     if results.get("summary"):
@@ -134,15 +143,18 @@ def _summary(summary: dict[str, float]) -> list[str]:
 
 
 def _overhead(rows: list[dict], meta: dict) -> list[str]:
-    out = ["**Ray overhead** (measured once)", "", "| figure | value |", "| --- | ---: |"]
+    title = "**Default sweep**" if rows and rows[0]["section"] == "sweep" else "**Ray overhead**"
+    out = [f"{title} (measured once)", "", "| figure | value | note |", "| --- | ---: | --- |"]
     for r in rows:
         if r["value"] is None:
-            value = f"n/a ({r['note']})" if r.get("note") else "n/a"
+            value = "n/a"
         elif r["unit"] == "s":
             value = f"{r['value']:.1f} s"
+        elif r["unit"] == "share":
+            value = f"{r['value']:.1%}"
         else:
             value = f"{r['value']:,.0f} {r['unit']}"
-        out.append(f"| {r['name']} | {value} |")
+        out.append(f"| {r['name']} | {value} | {r.get('note', '')} |")
     return out
 
 

@@ -19,8 +19,8 @@ from sftray.bench import report
 from sftray.bench.sizes import BenchSize
 
 PARTS = report.SECTIONS
-"""Measured parts, in run order: packing, throughput, lm_head, preprocess, overhead, memory."""
-RAY_PARTS = ("preprocess", "overhead")
+"""Measured parts, in run order: packing, throughput, lm_head, preprocess, overhead, sweep, memory."""
+RAY_PARTS = ("preprocess", "overhead", "sweep")
 """Parts that need Ray initialised (the others run in this process or in plain subprocesses)."""
 
 
@@ -77,7 +77,7 @@ def run_bench(
         }
     }
     for part in [p for p in PARTS if p in parts]:
-        load_before, started = os.getloadavg()[0], time.perf_counter()
+        load, started = _LoadWatch(), time.perf_counter()
         match part:
             case "packing":
                 from sftray.bench.packing import measure_packing
@@ -133,9 +133,15 @@ def run_bench(
                     conversations=size.ray_train_conversations,
                     max_seq_len=size.train_seq_len,
                     model_dir=model_dir,
-                    sweep=size.sweep,
                     ray_init_seconds=ray_init_seconds,
+                    trl_config=results.get("summary", {}).get("trl_best_config"),
                 )
+                results.setdefault("summary", {}).update(summary)
+            case "sweep":
+                from sftray.bench.sweep import measure_sweep
+
+                extra = tuple(o.replace("{bench_model}", str(model_dir)) for o in size.sweep_overrides)
+                rows, summary = measure_sweep(cache_dir=cache_dir, work_dir=work / part, extra=extra)
                 results.setdefault("summary", {}).update(summary)
             case "memory":
                 from sftray.bench.memory import measure_memory
@@ -150,29 +156,41 @@ def run_bench(
                     threads=threads,
                 )
         results[part] = rows
-        results["meta"]["parts"][part] = {
-            "seconds": time.perf_counter() - started,
-            "load_average_before": load_before,  # 1-minute load: other work on the machine skews timings
-            "load_average_after": os.getloadavg()[0],
-        }
-        _joint_summary(results, threads=threads)
+        results["meta"]["parts"][part] = {"seconds": time.perf_counter() - started, **load.stop()}
+        results["meta"]["loaded"] = sorted(p for p, m in results["meta"]["parts"].items() if m["loaded"])
         report.write(results, out_dir=out_dir)  # after every part: a long run leaves what it measured so far
     return results
 
 
-def _joint_summary(results: dict[str, Any], *, threads: int) -> None:
-    """``train_ray_over_best_trl``: the Ray Train path over TRL's best, chained through the in-process step code
-    (Ray vs in-process on the same prepared rows, in-process vs TRL on the same examples), once both parts ran. The
-    Ray layout is the one with the throughput part's CPU count (1 worker x 1 CPU against 1 thread; 2 FSDP workers
-    against 2 threads), so both links of the chain compare the same compute."""
-    summary = results.get("summary", {})
-    rows = {r["name"]: r["value"] for r in results.get("overhead", [])}
-    if "train_in_process_over_best_trl" not in summary or not rows:
-        return
-    from sftray.bench.overhead import layout_rows
+class _LoadWatch:
+    """The 1-minute load average while a part runs, sampled every ``EVERY_S`` seconds by a thread: a part during
+    which it exceeded the CPU count is marked as loaded (other work competed with its timings)."""
 
-    ray_row, local_row = layout_rows(threads)
-    summary["train_ray_over_best_trl"] = rows[ray_row] / rows[local_row] * summary["train_in_process_over_best_trl"]
+    EVERY_S = 5.0
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="bench-load", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.EVERY_S):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+        cpus = _machine()["cpus"]
+        return {
+            "load_average_before": self.samples[0],
+            "load_average_after": self.samples[-1],
+            "load_average_max": max(self.samples),
+            "loaded": max(self.samples) > cpus,
+        }
 
 
 def _quiet() -> None:

@@ -57,8 +57,9 @@ class BenchSize:
     ray_train_conversations: int
     """Demo conversations of the Ray Train path runs (``sftray.bench.overhead``): enough steps per epoch that
     the epoch's throughput is not its first step's."""
-    sweep: bool
-    """Also time a sweep's trials from start to first step (Tune and Train start-up per trial)."""
+    sweep_overrides: tuple[str, ...] = ()
+    """Overrides of the default sweep the ``sweep`` part times (none: ``make sweep`` as it is); ``{bench_model}``
+    stands for the folder of the bench's random model."""
 
 
 _SMOKE_MODEL = ModelSize(
@@ -86,7 +87,6 @@ _SMALL = BenchSize(
     memory_steps=3,
     prep_conversations=20000,  # the summary's prep figures at 20k (prep_summary_size); full: 100k
     ray_train_conversations=600,
-    sweep=True,
 )
 
 SIZES: dict[str, BenchSize] = {
@@ -104,6 +104,17 @@ SIZES: dict[str, BenchSize] = {
         memory_steps=2,
         prep_conversations=400,
         ray_train_conversations=100,
+        # Three one-epoch trials (two at once, then one in a reused process) of the bench's random model on 200
+        # demo conversations; {bench_model} is the bench model's folder.
+        sweep_overrides=(
+            "model.name_or_path={bench_model}",
+            "data.sources=[{path:'builtin:demo',max_rows:200}]",
+            "mix=none",
+            "sweep.lr.values=[1e-3,2e-3,5e-3]",
+            "sweep.epochs=[1]",
+            "eval.num_probes=2",
+            "eval.max_new_tokens=4",
+        ),
     ),
     "small": _SMALL,
     # Closer to real fine-tuning shapes; tens of minutes on 2 cores.

@@ -58,6 +58,8 @@ SFTRAY_PACKED = "sftray packed"
 SFTRAY_PADDED = "sftray padded"
 SFTRAY_BF16 = "sftray packed, bf16 autocast"
 SFTRAY_CONFIGS = (SFTRAY_PACKED, SFTRAY_PADDED, SFTRAY_BF16)
+TRL_BF16 = "TRL BFD, batch 1 x grad accum, bf16"
+TRL_BF16_PACKING = "TRL packing (BFD), bf16"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class TrlSetup:
     group_by_length: bool = False
     one_row_micro_batches: bool = False
     """Micro-batches of one row, accumulated to sftray packed's rows per step."""
+    bf16: bool = False
+    """bf16 autocast (TRL's default), compared with sftray's bf16 row, not a float32 candidate."""
 
 
 TRL_SETUPS = {
@@ -77,12 +81,16 @@ TRL_SETUPS = {
     "TRL padding_free": TrlSetup(padding_free=True),
     "TRL padded + group_by_length": TrlSetup(group_by_length=True),
     "TRL BFD, batch 1 x grad accum": TrlSetup(packing=True, one_row_micro_batches=True),
+    TRL_BF16: TrlSetup(packing=True, one_row_micro_batches=True, bf16=True),
+    TRL_BF16_PACKING: TrlSetup(packing=True, bf16=True),
 }
-TRL_CONFIGS = tuple(TRL_SETUPS)
-"""The candidates of ``trl_best``."""
-CONFIGS = SFTRAY_CONFIGS + TRL_CONFIGS
+TRL_CONFIGS = tuple(name for name, setup in TRL_SETUPS.items() if not setup.bf16)
+"""The candidates of ``trl_best`` (float32, like sftray's default)."""
+TRL_BF16_CONFIGS = tuple(name for name, setup in TRL_SETUPS.items() if setup.bf16)
+"""TRL in bf16 autocast, the comparison for sftray's bf16 row."""
+CONFIGS = SFTRAY_CONFIGS + tuple(TRL_SETUPS)
 """Configuration names, in table order."""
-SUMMARY_KEYS = ("train_in_process_over_best_trl", "trl_best_config")
+SUMMARY_KEYS = ("train_in_process_over_best_trl", "trl_best_config", "train_bf16_over_best_trl_bf16")
 """This part's keys of the bench's top-level summary."""
 
 
@@ -142,10 +150,15 @@ def measure_throughput(
 
 
 def summarize(medians: dict[str, float]) -> dict[str, Any]:
-    """``SUMMARY_KEYS`` from median target tokens/s per configuration: the best TRL configuration (only TRL
-    configurations are candidates) and sftray packed's figure over it."""
+    """``SUMMARY_KEYS`` from median target tokens/s per configuration: the best float32 TRL configuration and
+    sftray packed's figure over it, and sftray's bf16 row over the better of TRL's bf16 ones."""
     best = max(TRL_CONFIGS, key=lambda name: medians[name])
-    return {"train_in_process_over_best_trl": medians[SFTRAY_PACKED] / medians[best], "trl_best_config": best}
+    best_bf16 = max(TRL_BF16_CONFIGS, key=lambda name: medians[name])
+    return {
+        "train_in_process_over_best_trl": medians[SFTRAY_PACKED] / medians[best],
+        "trl_best_config": best,
+        "train_bf16_over_best_trl_bf16": medians[SFTRAY_BF16] / medians[best_bf16],
+    }
 
 
 def choose_examples(examples: Sequence[dict], *, max_seq_len: int, rows_per_step: int, steps: int) -> list[dict]:
@@ -295,8 +308,10 @@ def trl_layout(name: str, examples: Sequence[dict], *, steps: int, max_seq_len: 
     return _per_step(rows, steps), 1
 
 
-def trl_args(name: str, *, batch: int, grad_accum: int, steps: int, max_seq_len: int, out_dir: Path) -> Any:
-    """The ``SFTConfig`` of TRL configuration ``name``."""
+def trl_args(
+    name: str, *, batch: int, grad_accum: int, steps: int, max_seq_len: int, out_dir: Path, epochs: int | None = None
+) -> Any:
+    """The ``SFTConfig`` of TRL configuration ``name``: ``steps`` optimizer steps, or ``epochs`` whole epochs."""
     from trl import SFTConfig
 
     setup = TRL_SETUPS[name]
@@ -304,14 +319,15 @@ def trl_args(name: str, *, batch: int, grad_accum: int, steps: int, max_seq_len:
         output_dir=str(out_dir / "trl"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=grad_accum,
-        max_steps=steps,
+        max_steps=steps if epochs is None else -1,
+        num_train_epochs=epochs or 1,
         learning_rate=LR,
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=MAX_GRAD_NORM,
         optim="adamw_torch",  # sftray's optimizer; TRL's own default on torch >= 2.8 is the fused AdamW kernel
-        bf16=False,  # float32 like sftray on CPU (SFTConfig defaults to bf16)
+        bf16=setup.bf16,  # float32 like sftray's default (SFTConfig defaults to bf16); bf16 rows autocast both
         gradient_checkpointing=False,  # sftray's default (SFTConfig defaults to True)
         use_cpu=True,
         packing=setup.packing,
@@ -350,28 +366,44 @@ class _CountingCollator:
         return batch
 
 
-def _trl_epoch(
-    examples: Sequence[dict], *, name: str, model_dir: Path, tokenizer: Any, steps: int, max_seq_len: int, out_dir: Path
-) -> dict[str, Any]:
+def _trl_trainer(
+    examples: Sequence[dict],
+    *,
+    name: str,
+    model_dir: Path,
+    tokenizer: Any,
+    steps: int,
+    max_seq_len: int,
+    out_dir: Path,
+    epochs: int | None = None,
+) -> tuple[Any, _CountingCollator, dict[str, Any], int]:
+    """TRL configuration ``name``'s trainer on ``examples``, with its counting collator, its clock (``start``:
+    training began, ``epochs``: [start, end] of each epoch's first batch to last optimizer step, ``steps``) and its
+    micro-batches per step."""
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTTrainer
 
     batch, grad_accum = trl_layout(name, examples, steps=steps, max_seq_len=max_seq_len)
-    args = trl_args(name, batch=batch, grad_accum=grad_accum, steps=steps, max_seq_len=max_seq_len, out_dir=out_dir)
+    args = trl_args(
+        name, batch=batch, grad_accum=grad_accum, steps=steps, max_seq_len=max_seq_len, out_dir=out_dir, epochs=epochs
+    )
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
-    times: dict[str, float] = {}
+    clock: dict[str, Any] = {"epochs": []}
 
     class _Clock(TrainerCallback):
-        """Wall time from the start of training to the end of the latest optimizer step."""
+        """Wall time from the start of training (and of each epoch) to the end of the latest optimizer step."""
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            times["start"] = time.perf_counter()
+            clock["start"] = time.perf_counter()
+
+        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            clock["epochs"].append([time.perf_counter(), None])
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            times["end"] = time.perf_counter()
-            times["steps"] = state.global_step
+            clock["end"] = clock["epochs"][-1][1] = time.perf_counter()
+            clock["steps"] = state.global_step
 
     trainer = SFTTrainer(
         model=model,
@@ -382,17 +414,56 @@ def _trl_epoch(
     )
     counter = _CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
+    return trainer, counter, clock, batch * grad_accum
+
+
+def _trl_epoch(
+    examples: Sequence[dict], *, name: str, model_dir: Path, tokenizer: Any, steps: int, max_seq_len: int, out_dir: Path
+) -> dict[str, Any]:
+    trainer, counter, clock, per_step = _trl_trainer(
+        examples,
+        name=name,
+        model_dir=model_dir,
+        tokenizer=tokenizer,
+        steps=steps,
+        max_seq_len=max_seq_len,
+        out_dir=out_dir,
+    )
     trainer.train()
-    batches = counter.batches[: steps * grad_accum]  # the dataloader may build one batch ahead
+    micro = per_step // trainer.args.per_device_train_batch_size
+    batches = counter.batches[: steps * micro]  # the dataloader may build one batch ahead
     return {
-        "seconds": times["end"] - times["start"],
-        "steps": int(times["steps"]),
-        "rows_per_step": batch * grad_accum,
-        "rows_per_micro_batch": batch,
+        "seconds": clock["end"] - clock["start"],
+        "steps": int(clock["steps"]),
+        "rows_per_step": per_step,
+        "rows_per_micro_batch": trainer.args.per_device_train_batch_size,
         "target_tokens": sum(b["target_tokens"] for b in batches),
         "tokens": sum(b["tokens"] for b in batches),
         "slots": sum(b["slots"] for b in batches),
     }
+
+
+def trl_epoch_rates(
+    examples: Sequence[dict], *, name: str, model_dir: Path, steps: int, max_seq_len: int, epochs: int, out_dir: Path
+) -> list[float]:
+    """Target tokens per second of each of ``epochs`` epochs of TRL configuration ``name`` on ``examples`` at
+    ``steps`` optimizer steps per epoch (the targets: labels != -100 after each example's first token)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    trainer, _, clock, _ = _trl_trainer(
+        examples,
+        name=name,
+        model_dir=model_dir,
+        tokenizer=tokenizer,
+        steps=steps,
+        max_seq_len=max_seq_len,
+        out_dir=out_dir,
+        epochs=epochs,
+    )
+    trainer.train()
+    targets = sum(sum(1 for label in ex["labels"][1:] if label != IGNORE_INDEX) for ex in examples)
+    return [targets / (end - start) for start, end in clock["epochs"]]
 
 
 def _figure(values: list[float], unit: str) -> dict[str, Any]:

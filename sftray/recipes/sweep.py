@@ -14,15 +14,16 @@ from sftray.tracking import mlflow_logger, trial_callbacks
 from sftray.tune.sweep import SweepOutcome, run_sweep, search_space, table, with_every_trial
 
 
-def sweep(cfg: Config) -> SweepOutcome:
+def sweep(cfg: Config, *, callbacks: list | None = None) -> SweepOutcome:
     """Runs (or, with ``sweep.resume``, continues) the sweep. The MLflow parent run is closed when every trial
-    has ended; an interrupted sweep leaves it open for the resume to finish."""
+    has ended; an interrupted sweep leaves it open for the resume to finish. ``callbacks``: more Tune callbacks
+    (the bench's timing)."""
     cfg = with_every_trial(cfg)  # what the trials train with: tracking, resources and trials all see it
     prepared = prep(cfg)
     base = resolve_base_model_path(cfg.model, cache_dir=Path(cfg.paths.cache_dir))
     folder = sweep_dir(cfg.paths.output_dir, cfg.sweep.name)
     parent = mlflow_logger.start_parent(cfg, space=search_space(cfg), data_report=prepared.report, sweep_dir=folder)
-    callbacks = trial_callbacks(cfg, parent_id=parent, data_report=prepared.report)
+    callbacks = [*trial_callbacks(cfg, parent_id=parent, data_report=prepared.report), *(callbacks or [])]
     outcome = run_sweep(cfg, trial=run_trial, prepared=prepared, base_model=base, callbacks=callbacks)
     if not unfinished(outcome):
         mlflow_logger.finish_parent(cfg, parent_id=parent, best=outcome.best, table_text=table(outcome))

@@ -11,7 +11,7 @@ from sftray.config import Config, override
 from sftray.data.fingerprint import CONFIG_INPUTS
 from sftray.data.prepared import REPORT_FILE, load_prepared
 from sftray.eval.outcome import write_outcome
-from sftray.layout import trial_runs_dir
+from sftray.layout import sweep_dir, trial_runs_dir
 from sftray.recipes.prep import prep
 from sftray.recipes.stages import run_stages
 from sftray.train.run import run_training
@@ -33,7 +33,7 @@ def run_trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, ba
     overrides = base_cfg.sweep.trial_overrides(config)
     for key, value in overrides.items():
         cfg = override(cfg, key, value)
-    trial_id, trial_dir = current_trial()
+    trial_id, trial_dir = current_trial(sweep_dir(base_cfg.paths.output_dir, base_cfg.sweep.name))
     name = f"{base_cfg.sweep.name}-{trial_id}"
     runs = trial_runs_dir(cfg.paths.output_dir, cfg.sweep.name)
     if cfg.stages:  # each stage prepares (or finds) its own data

@@ -32,10 +32,12 @@ from sftray.eval import base_eval
 from sftray.eval.evaluate import Evaluator, eval_share
 from sftray.eval.metrics import (
     BASE_EVAL_REUSED,
+    EVAL_SECONDS,
     PRETRAIN_LOSS,
     TRAIN_INPUT_WAIT,
     TRAIN_LOSS,
     TRAIN_LOSS_POINTS,
+    TRAIN_SECONDS,
     TRAIN_TARGET_TOKENS_PER_S,
     TRAIN_TOKENS_PER_S,
     with_forgetting,
@@ -261,14 +263,17 @@ def _resumed(w: _Worker, state: dict[str, Any]) -> _Progress:
 def _started(w: _Worker) -> _Progress:
     """A fresh run: the base model's eval (epoch 0), reported like every later eval."""
     job = w.job
+    started = time.perf_counter()
     base_metrics, base_table, reused = _base_eval(w.evaluator, job.eval.base_eval_path, rank=w.rank)
+    seconds = time.perf_counter() - started
     reference = job.reference_pretrain_loss  # a later stage: forgetting relative to the original base
     base = {
         "pretrain_loss": base_metrics[PRETRAIN_LOSS] if reference is None else reference,
         "metrics": base_metrics,
     }
     progress = _Progress(next_epoch=1, step=0, base=base, history=[], restarts=0, probes_base=base_table)
-    row = {"epoch": 0, "step": 0, BASE_EVAL_REUSED: float(reused), **_with_forgetting(base_metrics, base, job.cfg)}
+    row = {"epoch": 0, "step": 0, BASE_EVAL_REUSED: float(reused), EVAL_SECONDS: seconds}
+    row.update(_with_forgetting(base_metrics, base, job.cfg))
     progress.history.append(_report(w, row))
     return progress
 
@@ -277,7 +282,9 @@ def _run_epoch(w: _Worker, progress: _Progress, *, epoch: int, train_rows: Any) 
     """One epoch on every rank: train on this rank's share, sum over the ranks, evaluate, checkpoint and report."""
     tally, seconds, timing = _train_epoch(w, progress, epoch=epoch, train_rows=train_rows)
     sums, points, tokens = tally.all_reduce(w.device)
+    eval_started = time.perf_counter()
     eval_metrics, table = w.evaluator.run()
+    eval_seconds = time.perf_counter() - eval_started
     target_tokens = float(sums[StepSum.TARGETS])
     metrics = {
         "epoch": epoch,
@@ -295,6 +302,8 @@ def _run_epoch(w: _Worker, progress: _Progress, *, epoch: int, train_rows: Any) 
         "train/target_tokens": int(sums[StepSum.TARGETS]),
         TRAIN_TOKENS_PER_S: tokens / max(seconds, 1e-9),
         TRAIN_TARGET_TOKENS_PER_S: target_tokens / max(seconds, 1e-9),
+        TRAIN_SECONDS: seconds,
+        EVAL_SECONDS: eval_seconds,
         TRAIN_INPUT_WAIT: tally.wait,
         "train/lr": w.scheduler.get_last_lr()[0],
         "train/restarts": progress.restarts,

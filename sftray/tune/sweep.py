@@ -193,9 +193,8 @@ def run_sweep(
                 max_concurrent_trials=concurrent,
                 scheduler=_scheduler(cfg),
                 search_alg=_search_alg(cfg),
-                # Off: in a reused process a function trainable's trial ended after its last report, before its
-                # body wrote the outcome (the bench's third one-worker trial, Ray 2.60); each trial gets a new one.
-                reuse_actors=False,
+                # A later trial runs in a finished trial's process, its imports paid (sftray.tune.session).
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=cfg.sweep.name,
@@ -267,6 +266,7 @@ def _trial_row(result: Any, cfg: Config) -> dict[str, Any]:
     trial_id = (result.metrics or {}).get("trial_id") or trial_dir.name
     overrides = cfg.sweep.trial_overrides(dict(result.config or {}))
     row: dict[str, Any] = {"trial_id": trial_id, "overrides": overrides, "path": str(trial_dir)}
+    row["pid"] = (result.metrics or {}).get("pid")  # the trial's process: reused ones run several trials
     outcome = read_outcome(trial_dir)
     if result.error is not None or outcome is None:
         row.update(status="failed" if result.error is not None else "stopped", error=str(result.error or "")[:300])

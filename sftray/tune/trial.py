@@ -10,12 +10,17 @@ from typing import Any
 from sftray.tune.reports import ReportsToQueue
 
 
-def current_trial() -> tuple[str, Path]:
-    """This Tune trial's id and its trial folder (where the trial leaves its outcome)."""
+def current_trial(sweep_folder: Path) -> tuple[str, Path]:
+    """This Tune trial's id and its trial folder (where the trial leaves its outcome) in ``sweep_folder``.
+
+    The folder is the sweep's own plus the trial folder's name: in a process Tune reuses for a later trial
+    (``reuse_actors``), Ray 2.60's ``get_trial_dir()`` names that trial's working directory under the Ray session
+    folder instead (the first trial of a process gets its storage folder), and an outcome written there was lost.
+    """
     import ray.tune
 
     ctx = ray.tune.get_context()
-    return ctx.get_trial_id(), Path(ctx.get_trial_dir())
+    return ctx.get_trial_id(), Path(sweep_folder) / Path(ctx.get_trial_dir()).name
 
 
 def reporting_to_tune(run: Callable[[list], Any]) -> Any:
