@@ -3,6 +3,8 @@ leaves in its trial folder for the sweep's table and tracking (``sftray.eval.out
 
 from __future__ import annotations
 
+import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,28 @@ from sftray.tune.trial import current_trial, reporting_to_tune
 
 def trial_prepares_own_data(overrides: dict[str, Any]) -> bool:
     """Whether a trial's overrides change its prepared data, so it prepares (or finds cached) its own."""
-    return any(key.split(".", 1)[0] in CONFIG_INPUTS for key in overrides)
+    return any(_data_key(key) for key in overrides)
+
+
+def data_variants(cfg: Config) -> list[dict[str, Any]]:
+    """The distinct data-changing overrides the sweep's trials can have (every combination of ``sweep.params`` and
+    ``sweep.points``, grid or not: their values are lists either way), without the base data's (no overrides).
+    ``sftray.recipes.sweep`` prepares each before the trials start: a trial that prepared its own while trials held
+    every CPU would wait for one forever."""
+    s = cfg.sweep
+    axes = [[{key: value} for value in values] for key, values in s.params.items()]
+    if s.points:
+        axes.append([dict(point) for point in s.points])
+    variants: dict[str, dict[str, Any]] = {}
+    for combination in itertools.product(*axes):
+        merged = {k: v for part in combination for k, v in part.items() if _data_key(k)}
+        if merged:
+            variants.setdefault(json.dumps(merged, sort_keys=True, default=str), merged)
+    return list(variants.values())
+
+
+def _data_key(key: str) -> bool:
+    return key.split(".", 1)[0] in CONFIG_INPUTS
 
 
 def run_trial(config: dict[str, Any], *, base_cfg: Config, prepared_dir: str, base_model: str) -> None:

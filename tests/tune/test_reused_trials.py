@@ -1,7 +1,11 @@
 """The default trial layout on a 2-CPU Ray: one-worker trials in their own processes, two at once, and a third that
-Tune runs in a process an earlier trial used (``reuse_actors``). Every trial leaves its own outcome in its own
-trial folder: in a reused process, Ray's ``get_trial_dir()`` names the trial's working directory under the Ray
-session folder instead, where the outcome was lost (the sweep then called the trial stopped)."""
+Tune runs in a process an earlier trial used (``reuse_actors``).
+
+- Every trial leaves its own outcome in its own trial folder: in a reused process, Ray's ``get_trial_dir()`` names
+  the trial's working directory under the Ray session folder instead, where the outcome was lost (the sweep then
+  called the trial stopped).
+- A swept data key gives each trial its own prepared data, made before the trials start: made inside two trials
+  that held both CPUs, its Ray Data tasks waited for a CPU forever (the sweep hung)."""
 
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ from sftray.recipes.sweep import sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-LRS = (1e-3, 2e-3, 3e-3)
+SEQ_LENS = (64, 96, 128)
 
 
-def test_a_trial_in_a_reused_process_leaves_its_outcome_in_its_own_folder(
+@pytest.mark.timeout(300)  # the hang this guards against would otherwise block the suite
+def test_trials_with_their_own_data_run_side_by_side_and_in_reused_processes(
     ray_local, cache_dir, tmp_path, random_base, write_sums
 ):
     data = write_sums(tmp_path / "chats.jsonl", range(24))
@@ -36,8 +41,9 @@ def test_a_trial_in_a_reused_process_leaves_its_outcome_in_its_own_folder(
             "eval.num_probes=2",
             "eval.max_new_tokens=2",
             "sweep.name=reused",
-            f"sweep.lr.values=[{','.join(map(str, LRS))}]",
+            "sweep.lr.values=[1e-3]",
             "sweep.epochs=[1]",
+            f"+sweep.params={{data.max_seq_len: [{','.join(map(str, SEQ_LENS))}]}}",
         ],
         conf=ROOT / "conf",
         base=tmp_path,
@@ -45,11 +51,13 @@ def test_a_trial_in_a_reused_process_leaves_its_outcome_in_its_own_folder(
     assert ray_local.cluster_resources()["CPU"] == 2  # two 1-CPU trials at once: the third waits for a process
     outcome = sweep(cfg)
     assert [r["status"] for r in outcome.trials] == ["finished"] * 3, outcome.trials
-    seen = {}
+    seen, reports = {}, set()
     for row in outcome.trials:
         record = read_outcome(row["path"])
         assert record is not None and Path(record["run_path"]).name.endswith(row["trial_id"]), row
-        seen[record["overrides"]["train.lr"]] = row["trial_id"]
-    assert sorted(seen) == list(LRS)  # each trial's own outcome, none overwritten by another's
+        seen[record["overrides"]["data.max_seq_len"]] = row["trial_id"]
+        reports.add(record["data_report"])
+    assert sorted(seen) == list(SEQ_LENS)  # each trial's own outcome, none overwritten by another's
+    assert len(reports) == len(SEQ_LENS)  # each trained on its own prepared data
     pids = {row["trial_id"]: row["pid"] for row in outcome.trials}
     assert len(set(pids.values())) < len(pids), pids  # a process ran two trials: the case under test happened
