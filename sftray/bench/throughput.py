@@ -1,8 +1,9 @@
 """Training throughput: sftray's step path versus TRL's ``SFTTrainer`` on the same model, data, threads and steps.
 
-Eight configurations train the same random tiny Llama (full fine-tuning, CPU) on the same examples for the same
+Ten configurations train the same random tiny Llama (full fine-tuning, CPU) on the same examples for the same
 number of optimizer steps, with the same optimizer (``torch.optim.AdamW``, no weight decay), constant learning
-rate, gradient clipping at 1.0 and no gradient checkpointing. Weights and optimizer state are float32 everywhere:
+rate, gradient clipping at 1.0 and no gradient checkpointing. Weights and optimizer state are float32 everywhere
+(the bf16 rows autocast the forward):
 
 - sftray packed / padded: sftray's own per-step code, in this process: micro-batches exactly as
   ``sftray.train.loop`` builds them (length-grouped, padded to the longest row), the optimizer of
@@ -21,6 +22,8 @@ rate, gradient clipping at 1.0 and no gradient checkpointing. Weights and optimi
   ``LengthGroupedSampler``). It sorts megabatches of min(50, batches per epoch // 4) optimizer batches by length,
   so on this bench's epoch of only ``steps`` batches (3 to 12) it groups 1 to 3 batches at a time: little or no
   less padding than the default here, unlike on an epoch of hundreds of steps;
+- TRL in bf16 (BFD at batch 1 x grad accum, and BFD packing): ``SFTConfig(bf16=True)``, TRL's own default,
+  compared with sftray's bf16 row and never a float32 candidate;
 - TRL BFD, batch 1 x grad accum: TRL's BFD rows one per micro-batch (so they stay apart instead of being flattened
   into one padding-free row), ``gradient_accumulation_steps`` = sftray packed's rows per step. TRL's and sftray's
   BFD may pack an epoch into different row counts, so ``choose_examples`` also keeps only epochs whose TRL row count
