@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sftray.config import EvalConfig
+from sftray.eval.intervals import wilson
 from sftray.eval.metrics import FORGETTING, FORMAT_COMPLIANCE
 from sftray.models.pretrain import ensure_tiny_model
 from sftray.train.checkpoint import load_state
@@ -48,3 +49,7 @@ def test_default_demo_run_learns_the_format_and_reports_forgetting(ray_local, ca
     within = [m for m in history if m[FORGETTING] <= budget]
     pick = max(within, key=lambda m: m[FORMAT_COMPLIANCE]) if within else min(history, key=lambda m: m[FORGETTING])
     assert tuned == pytest.approx(pick[FORMAT_COMPLIANCE], abs=1e-9), (history, tuned)
+    # Every epoch's compliance comes with the Wilson 95% interval of its 64 probes.
+    compliant = sum(r["compliant"] for r in tuned_table)
+    lo, hi = pick[f"{FORMAT_COMPLIANCE}_lo"], pick[f"{FORMAT_COMPLIANCE}_hi"]
+    assert (lo, hi) == pytest.approx(wilson(compliant, 64)) and lo <= tuned <= hi and hi - lo > 0.05

@@ -21,7 +21,17 @@ import torch.distributed as dist
 from sftray.core.forward import forward_logits, to_device
 from sftray.core.loss import count_targets, token_losses
 from sftray.core.parallel import unwrap
-from sftray.eval.metrics import ENDED, EXACT_MATCH, FORMAT_COMPLIANCE, PRETRAIN_LOSS, VAL_LOSS, stage_metric
+from sftray.eval.intervals import wilson
+from sftray.eval.metrics import (
+    ENDED,
+    EXACT_MATCH,
+    FORMAT_COMPLIANCE,
+    PRETRAIN_LOSS,
+    VAL_LOSS,
+    lower_bound,
+    stage_metric,
+    upper_bound,
+)
 from sftray.eval.probes import judge
 
 
@@ -197,8 +207,13 @@ def _probe_metrics(table: list[dict]) -> dict[str, float]:
     # Exact match counts the probes with an answer to compare: a reference, and its final answer when
     # eval.answer_pattern extracts one (a reference it cannot find an answer in is not a miss of the model).
     with_ref = [r for r in table if r["reference"] is not None and r.get("reference_answer", "") is not None]
-    return {
-        FORMAT_COMPLIANCE: sum(r["compliant"] for r in table) / n,
+    compliant, matched = sum(r["compliant"] for r in table), sum(r["exact_match"] for r in with_ref)
+    metrics = {
+        FORMAT_COMPLIANCE: compliant / n,
         ENDED: sum(r["ended"] for r in table) / n,
-        EXACT_MATCH: sum(r["exact_match"] for r in with_ref) / max(len(with_ref), 1),
+        EXACT_MATCH: matched / max(len(with_ref), 1),
     }
+    # Each rate's 95% interval over its probes (sftray.eval.intervals): <metric>_lo / <metric>_hi.
+    for metric, (k, count) in ((FORMAT_COMPLIANCE, (compliant, len(table))), (EXACT_MATCH, (matched, len(with_ref)))):
+        metrics[lower_bound(metric)], metrics[upper_bound(metric)] = wilson(k, count)
+    return metrics

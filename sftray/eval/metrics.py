@@ -37,6 +37,16 @@ BASE_EVAL_REUSED = "eval/base_reused"
 """1 in a run's epoch-0 row when the base model's eval came from the cache (``sftray.eval.base_eval``), else 0."""
 
 
+def lower_bound(metric: str) -> str:
+    """The name of ``metric``'s 95% interval's lower end: ``eval/format_compliance`` -> ``..._lo``."""
+    return f"{metric}_lo"
+
+
+def upper_bound(metric: str) -> str:
+    """The name of ``metric``'s 95% interval's upper end (``..._hi``)."""
+    return f"{metric}_hi"
+
+
 def stage_metric(stage: str, metric: str) -> str:
     """An eval metric on an earlier stage's probes in a multi-stage run: ``eval/format_compliance`` of stage
     ``chat`` -> ``eval/chat/format_compliance``."""
