@@ -257,7 +257,7 @@ def _sweep(cfg: Config, *, overrides: list[str]) -> int:
     except (KeyboardInterrupt, SystemExit):
         print(_sweep_resume_hint(cfg, overrides, unfinished=None), file=sys.stderr)
         return 130
-    print(table(outcome))
+    print(table(outcome, cfg))
     if stopped := unfinished(outcome):  # Tune ends the loop on Ctrl-C and returns the trials as they were
         print(_sweep_resume_hint(cfg, overrides, unfinished=len(stopped)), file=sys.stderr)
         return 130

@@ -285,6 +285,8 @@ def test_invalid_values(tmp_path: Path, override: str, message: str) -> None:
 
 OUT_OF_RANGE = [
     ("seed=-1", "seed=-1 must be >= 0"),
+    ("train.seed=-1", "train.seed=-1 must be >= 0"),
+    ("sweep.seeds=[0,-2]", "sweep.seeds[1]=-2 must be >= 0"),
     ("data.val_fraction=-0.1", "data.val_fraction=-0.1 must be in [0, 1)"),
     ("data.max_seq_len=7", "data.max_seq_len=7 must be >= 8"),
     ("data.pack_group_size=0", "data.pack_group_size=0 must be >= 1"),

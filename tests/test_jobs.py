@@ -245,6 +245,7 @@ def test_submitted_sweep_succeeds_on_a_local_cluster_and_lands_in_mlflow(
             "train.micro_batch_size=8",
             "sweep.name=jobs-tiny",
             "sweep.lr.values=[1e-3,3e-3]",
+            "sweep.seeds=[0]",
             "sweep.epochs=[1]",
         ],
         env=env,

@@ -112,6 +112,7 @@ SIZES: dict[str, BenchSize] = {
             "mix=none",
             "sweep.lr.values=[1e-3,2e-3,5e-3]",
             "sweep.epochs=[1]",
+            "sweep.seeds=[0]",
             "eval.num_probes=2",
             "eval.max_new_tokens=4",
         ),

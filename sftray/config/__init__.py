@@ -12,7 +12,7 @@ from sftray.config.data import DEDUP, PROBE_FIELDS, DataConfig, MixConfig, Prune
 from sftray.config.errors import ConfigError
 from sftray.config.keys import override
 from sftray.config.root import Config, PathsConfig, StageConfig, schema_keys, stage_config
-from sftray.config.sweep import SWEEP_POINT, LrSpace, SweepConfig
+from sftray.config.sweep import SEED_KEY, SWEEP_POINT, LrSpace, SweepConfig
 from sftray.config.tracking import LOSS_POINTS_PER_EPOCH, TrackingConfig, WandbConfig
 from sftray.config.training import SPECIAL_TOKEN_NAMES, EvalConfig, LoraConfig, ModelConfig, TrainConfig
 
@@ -21,6 +21,7 @@ __all__ = [
     "LOSS_POINTS_PER_EPOCH",
     "PROBE_FIELDS",
     "SPECIAL_TOKEN_NAMES",
+    "SEED_KEY",
     "SWEEP_POINT",
     "Config",
     "ConfigError",

@@ -46,6 +46,9 @@ class SweepConfig:
     (``train.num_workers=4``) wins over them (``sweep.every_trial=null``: the trials train as ``sftray train`` does). The default is a trial layout for a small
     host: one worker, so the trial trains in its own (reused) process without Ray Train; one CPU, so 2 CPUs hold two
     trials at once; 8-row micro-batches, the same optimizer step as train's default 2 workers x 4 rows."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Replicates: every configuration trains once per seed (train.seed), on the same data, probes and held-out
+    windows; the sweep compares configurations over their seeds. [0]: one run per configuration."""
     num_samples: int = 1
     """Repeats of the grid (with a range or random search: draws per grid point)."""
     max_concurrent_trials: int | None = None
@@ -72,6 +75,10 @@ class SweepConfig:
         for i, point in enumerate(self.points):
             if not point:
                 raise ValueError(f"sweep.points[{i}] sets no key")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"sweep.seeds must list distinct seeds, at least one; got {self.seeds}")
+        for i, seed in enumerate(self.seeds):
+            in_range(f"sweep.seeds[{i}]", seed, ge=0)
         in_range("sweep.num_samples", self.num_samples, ge=1)
         in_range("sweep.max_concurrent_trials", self.max_concurrent_trials, ge=1)
 
@@ -83,5 +90,7 @@ class SweepConfig:
         return flat
 
 
+SEED_KEY = "train.seed"
+"""The config key a trial's replicate seed (one of ``sweep.seeds``) sets; configurations are every other swept key."""
 SWEEP_POINT = "sweep.point"
 """The Tune config key of a trial's ``sweep.points`` index (not a config key: ``trial_overrides`` expands it)."""

@@ -118,12 +118,21 @@ class TrainConfig:
     """Adapter settings (method=lora)."""
     fail_at_step: int | None = None
     """Fault injection for testing recovery: the last worker exits at this step, first attempt only."""
+    seed: int | None = None
+    """Seed of the training randomness: LoRA's initial adapters, each epoch's row order, dropout and NEFTune noise
+    (None: the root seed). The data (split, packing, held-out windows, probes) follows the root seed only, so runs
+    that differ here are replicates on the same data (sweep.seeds)."""
+
+    def training_seed(self, root: int) -> int:
+        """The seed training draws from: ``seed``, else the config's root seed ``root``."""
+        return root if self.seed is None else self.seed
 
     def __post_init__(self) -> None:
         one_of("train.method", self.method, ("full", "lora"))
         one_of("train.parallelism", self.parallelism, ("auto", "ddp", "fsdp"))
         one_of("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        in_range("train.seed", self.seed, ge=0)
         for name in ("num_workers", "epochs", "micro_batch_size", "grad_accum", "log_every_steps", "fail_at_step"):
             in_range(f"train.{name}", getattr(self, name), ge=1)
         for name in ("weight_decay", "max_grad_norm", "neftune_alpha", "eval_every_steps"):

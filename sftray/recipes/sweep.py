@@ -33,7 +33,14 @@ def sweep(cfg: Config, *, callbacks: list | None = None) -> SweepOutcome:
     callbacks = [*trial_callbacks(cfg, parent_id=parent, data_report=prepared.report), *(callbacks or [])]
     outcome = run_sweep(cfg, trial=run_trial, prepared=prepared, base_model=base, callbacks=callbacks)
     if not unfinished(outcome):
-        mlflow_logger.finish_parent(cfg, parent_id=parent, best=outcome.best, table_text=table(outcome))
+        mlflow_logger.finish_parent(
+            cfg,
+            parent_id=parent,
+            best=outcome.best,
+            table_text=table(outcome, cfg),
+            verdict=outcome.verdict,
+            configurations=[{k: c[k] for k in ("overrides", "summary")} for c in outcome.configurations],
+        )
     return outcome
 
 

@@ -191,12 +191,30 @@ WORSE_THAN_BASE = "selection/worse_than_base"
 eval.select_metric (``sftray.eval.metrics.select_best``), else "false"."""
 
 
-def finish_parent(cfg: Config, *, parent_id: str, best: dict[str, Any] | None, table_text: str) -> None:
-    """Ends the parent run with the trial table and the best trial (a ``SweepOutcome.trials`` row, or None)."""
+def finish_parent(
+    cfg: Config,
+    *,
+    parent_id: str,
+    best: dict[str, Any] | None,
+    table_text: str,
+    verdict: Any = None,
+    configurations: list[dict[str, Any]] | None = None,
+) -> None:
+    """Ends the parent run with the trial table, the best trial (a ``SweepOutcome.trials`` row, or None), the
+    configurations over their seeds and the verdict (``sftray.eval.verdict.Verdict``: tag ``verdict`` clear or
+    within_noise, metrics ``verdict/difference``, ``verdict/difference_lo``, ``verdict/difference_hi``)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
     client.log_text(parent_id, table_text, "trials.txt")
+    if configurations:
+        client.log_text(parent_id, json.dumps(configurations, indent=1, default=str), "configurations.json")
+    if verdict is not None:
+        client.set_tag(parent_id, "verdict", verdict.word)
+        client.set_tag(parent_id, "verdict_line", verdict.line()[:5000])
+        for name, value in (("", verdict.difference), ("_lo", verdict.lo), ("_hi", verdict.hi)):
+            if not math.isnan(value):
+                client.log_metric(parent_id, f"verdict/difference{name}", float(value))
     if best:
         client.set_tag(parent_id, "best_trial", best["trial_id"])
         client.set_tag(parent_id, "best_checkpoint", best["checkpoint"] or "")

@@ -65,6 +65,16 @@ def save(
         )
 
 
+PROBES_TABLE = "probes"
+"""The name of the epoch's probe table among ``save``'s tables (``probes.json``; ``probes_base`` the base's)."""
+
+
+def read_table(checkpoint_dir: str | Path, name: str = PROBES_TABLE) -> list[dict] | None:
+    """A table ``save`` wrote into a checkpoint folder (default: its epoch's probe table), None if it has none."""
+    path = Path(checkpoint_dir) / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def export_merged(*, base_path: str, adapter_dir: Path, out_dir: Path, tokenizer: Any) -> None:
     """Base model + adapter -> one plain transformers model (no peft needed to load it)."""
     from peft import PeftModel

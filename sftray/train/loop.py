@@ -318,12 +318,13 @@ def _train_epoch(
 ) -> tuple[_EpochTally, float, dict[str, float]]:
     """This rank's optimizer steps of one epoch: (its tally, seconds from the first micro-batch, wall-clock marks)."""
     job, cfg, t = w.job, w.job.cfg, w.job.cfg.train
-    torch.manual_seed(cfg.seed * 1000 + epoch * 10 + w.rank)  # dropout/NEFTune noise: same on resume
+    seed = t.training_seed(cfg.seed)
+    torch.manual_seed(seed * 1000 + epoch * 10 + w.rank)  # dropout/NEFTune noise: same on resume
     tally = _EpochTally.zeros(w.device)
     timing = {"epoch_started_at": time.time()}  # wall clock on this rank: the bench's start-up figures read it
     epoch_started = time.perf_counter()
     batches = micro_batches(
-        train_rows, rank=w.rank, world=w.world, size=t.micro_batch_size, collate=w.collate, seed=cfg.seed + epoch
+        train_rows, rank=w.rank, world=w.world, size=t.micro_batch_size, collate=w.collate, seed=seed + epoch
     )
     remaining = job.micro_batches_per_epoch
     loss_every = cfg.tracking.loss_every_steps(job.steps_per_epoch)
@@ -391,7 +392,7 @@ def _checkpoint(
             tokenizer=w.tokenizer,
             state=state,
             rank=w.rank,
-            tables={"probes_base": progress.probes_base, "probes": table},
+            tables={"probes_base": progress.probes_base, ckpt_mod.PROBES_TABLE: table},
             merged_from=w.job.base_model if t.method == "lora" and t.export_merged else None,
         )
         _report(w, metrics, checkpoint_dir=Path(tmp), name=epoch_dir_name(epoch))
@@ -443,7 +444,7 @@ def _build_model(job: WorkerJob, *, tokenizer: Any, checkpoint_dir: Path | None)
     """Base model (or a checkpoint's weights), LoRA applied; identical on every rank (seeded)."""
 
     cfg = job.cfg
-    torch.manual_seed(cfg.seed)  # LoRA's random A matrices must start equal on every rank
+    torch.manual_seed(cfg.train.training_seed(cfg.seed))  # LoRA's random A matrices: equal on every rank
     if cfg.train.method == "full":
         path = str(checkpoint_dir / "model") if checkpoint_dir else job.base_model
         model, _ = load_model(path, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code)

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftray.config import SWEEP_POINT, Config, override
+from sftray.config import SEED_KEY, SWEEP_POINT, Config, override
 from sftray.data.prepared import Prepared
-from sftray.eval.metrics import OBJECTIVE_MODE, select_best
+from sftray.eval.metrics import OBJECTIVE_MODE
 from sftray.eval.outcome import OBJECTIVE, ROW_METRICS, read_outcome
+from sftray.eval.verdict import Verdict
 from sftray.layout import sweep_dir, sweeps_dir
 from sftray.train.run import check_validation
+from sftray.tune.configurations import best_trial, rank_configurations
+from sftray.tune.configurations import table as configurations_table
 from sftray.tune.session import runs_in_trial
 
 log = logging.getLogger("sftray.sweep")
@@ -46,7 +49,13 @@ class SweepOutcome:
     best: dict[str, Any] | None
     """The winning trial's row (None if every trial failed)."""
     best_reason: str = ""
-    """Why that trial ranks first among the finished ones (which rule decided)."""
+    """Why its configuration ranks first (which rule decided, on the means over seeds)."""
+    configurations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Finished configurations, best first (``sftray.tune.configurations``)."""
+    verdict: Verdict | None = None
+    """The best configuration against the runner-up; None with fewer than two configurations."""
+    verdict_note: str = ""
+    """Why there is no verdict."""
 
 
 def with_every_trial(cfg: Config) -> Config:
@@ -116,6 +125,17 @@ def search_space(cfg: Config) -> dict[str, Any]:
             override(cfg, key, value)  # an unknown key or a bad value raises here
     if s.points:
         space[SWEEP_POINT] = choice(range(len(s.points)))
+    if SEED_KEY in space or any(SEED_KEY in point for point in s.points):
+        raise ValueError(f"{SEED_KEY} is swept by sweep.seeds, not by sweep.params or sweep.points")
+    if len(s.seeds) == 1:
+        space[SEED_KEY] = s.seeds[0]  # a constant: still every trial's param
+    elif grid:
+        space[SEED_KEY] = tune.grid_search(list(s.seeds))  # each configuration once per seed
+    else:
+        raise ValueError(
+            f"sweep.seeds={s.seeds} needs sweep.search=grid: Optuna draws configurations, not replicates of them "
+            "(sweep.seeds=[0] runs each draw once)"
+        )
     return space
 
 
@@ -205,18 +225,21 @@ def run_sweep(
         )
     grid = tuner.fit()
     rows = [_trial_row(r, cfg) for r in grid]
-    done = [r for r in rows if r["status"] == "finished" and r.get("score") is not None]
-    if not done:
-        return SweepOutcome(path=str(path), trials=rows, best=None)
-    e = cfg.eval
-    # Trials are ranked by their selected epochs with the rule that selected those epochs.
-    choice = select_best(
-        [r["outcome"]["best_metrics"] for r in done], metric=e.select_metric, forgetting_budget=e.forgetting_budget
+    configs, reason, verdict, note = rank_configurations(rows, cfg)
+    if not configs:
+        return SweepOutcome(path=str(path), trials=rows, best=None, verdict_note=note)
+    return SweepOutcome(
+        path=str(path),
+        trials=rows,
+        best=best_trial(configs[0], cfg),
+        best_reason=reason,
+        configurations=configs,
+        verdict=verdict,
+        verdict_note=note,
     )
-    return SweepOutcome(path=str(path), trials=rows, best=done[choice.index], best_reason=choice.reason)
 
 
-def table(outcome: SweepOutcome) -> str:
+def table(outcome: SweepOutcome, cfg: Config) -> str:
     """The trial table people read at the end of a sweep: LR, epochs, any other swept key, then the metrics."""
     extra = sorted({k for r in outcome.trials for k in r["overrides"]} - {"train.lr", "train.epochs"})
     widths = {
@@ -236,11 +259,14 @@ def table(outcome: SweepOutcome) -> str:
             f"{_f(r.get('format_compliance'), '.0%'):>8}{_f(r.get('exact_match'), '.0%'):>8}"
             f"{_f(r.get('forgetting'), '+.1%'):>8}  {r['status']}{mark}"
         )
+    if outcome.configurations:
+        lines.append(configurations_table(outcome.configurations, cfg))
     if outcome.best:
         b = outcome.best
         lines += [
+            outcome.verdict.line() if outcome.verdict else f"verdict: {outcome.verdict_note}",
             f"best trial: {b['trial_id']} ({', '.join(f'{k}={v}' for k, v in b['overrides'].items())})",
-            f"  ranked first: {outcome.best_reason}",
+            f"  its configuration ranked first: {outcome.best_reason}",
             f"  checkpoint: {b['checkpoint']}",
             f"  why this epoch: {b['reason']}",
         ]

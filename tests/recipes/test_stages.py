@@ -229,6 +229,7 @@ def test_a_stage_key_is_swept_and_each_trial_logs_a_child_run_per_stage(setup):
             f"paths.output_dir={out}",
             "sweep.name=staged",
             "sweep.lr.values=[]",
+            "sweep.seeds=[0]",
             "sweep.epochs=[]",
             "+sweep.params.stages.1.train.lr=[1e-3,1e-2]",
         ],

@@ -56,15 +56,23 @@ def test_parent_params_show_the_search_space_of_swept_keys(tmp_path: Path) -> No
     assert params["train.lr"] == "grid_search([0.001, 0.005])"  # not the base train.lr no trial used
     assert params["train.epochs"] == "grid_search([1, 2])"
     assert params["train.lora.r"] == "grid_search([8, 16])"
+    assert params["train.seed"] == "grid_search([0, 1])"  # the replicates: the default two seeds
     assert params["train.method"] == "lora" and params["eval.forgetting_budget"] == "0.05"  # the rest as configured
     space = json.loads(Path(client.download_artifacts(parent, "search_space.json", str(tmp_path))).read_text())
-    assert space == {k: params[k] for k in ("train.lr", "train.epochs", "train.lora.r")}
+    assert space == {k: params[k] for k in ("train.lr", "train.epochs", "train.lora.r", "train.seed")}
 
 
 def test_parent_params_show_sampled_search_spaces(tmp_path: Path) -> None:
     client, parent, _ = _parent(
         tmp_path,
-        ["sweep.search=optuna", "sweep.lr.values=[]", "sweep.lr.low=1e-5", "sweep.lr.high=1e-3", "sweep.epochs=[1,2]"],
+        [
+            "sweep.search=optuna",
+            "sweep.seeds=[0]",
+            "sweep.lr.values=[]",
+            "sweep.lr.low=1e-5",
+            "sweep.lr.high=1e-3",
+            "sweep.epochs=[1,2]",
+        ],
     )
     params = client.get_run(parent).data.params
     assert params["train.lr"] == "loguniform(1e-05, 0.001)"

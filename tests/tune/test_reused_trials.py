@@ -42,6 +42,7 @@ def test_trials_with_their_own_data_run_side_by_side_and_in_reused_processes(
             "eval.max_new_tokens=2",
             "sweep.name=reused",
             "sweep.lr.values=[1e-3]",
+            "sweep.seeds=[0]",
             "sweep.epochs=[1]",
             f"+sweep.params={{data.max_seq_len: [{','.join(map(str, SEQ_LENS))}]}}",
         ],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sftray.config import SWEEP_POINT, compose_config
+from sftray.config import SEED_KEY, SWEEP_POINT, compose_config
 from sftray.tune.session import runs_in_trial
 from sftray.tune.sweep import TRIAL_DRIVER_CPUS, search_space, trial_resources, with_every_trial
 
@@ -25,7 +25,7 @@ def _grid(domain) -> list:
 def test_the_forgetting_sweep_is_method_by_mix_ratio_with_each_method_at_its_own_lr():
     cfg = _cfg("sweep=forgetting")
     space = search_space(cfg)
-    assert set(space) == {"mix.ratio", "train.epochs", SWEEP_POINT}  # no LR axis: each point sets its LR
+    assert set(space) == {"mix.ratio", "train.epochs", SWEEP_POINT, SEED_KEY}  # no LR axis: each point sets its LR
     assert _grid(space["mix.ratio"]) == [0.0, 0.05, 0.2]
     points = [cfg.sweep.trial_overrides({SWEEP_POINT: i}) for i in _grid(space[SWEEP_POINT])]
     assert [p["train.method"] for p in points] == ["lora", "full"]
@@ -121,3 +121,24 @@ def test_a_train_key_the_user_sets_wins_over_every_trial(caplog):
     assert trials.train.num_workers == 4
     assert trials.train.micro_batch_size == 8  # the layout's other keys still apply
     assert "sweep.every_trial.train.num_workers=1 is not applied: train.num_workers=4 is set" in caplog.text
+
+
+def test_seeds_are_a_grid_axis_of_replicates_and_one_seed_is_a_constant():
+    assert _grid(search_space(_cfg())[SEED_KEY]) == [0, 1]  # the default sweep: two replicates per configuration
+    assert search_space(_cfg("sweep.seeds=[3]"))[SEED_KEY] == 3
+    cfg = _cfg("sweep.seeds=[0,1,2]")
+    assert cfg.sweep.trial_overrides({"train.lr": 1e-3, SEED_KEY: 2}) == {"train.lr": 1e-3, SEED_KEY: 2}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sweep.seeds=[1,1]"], "sweep.seeds must list distinct seeds"),
+        (["sweep.seeds=[]"], "sweep.seeds must list distinct seeds"),
+        (["'+sweep.params={train.seed: [0, 1]}'"], "train.seed is swept by sweep.seeds"),
+        (["sweep.search=optuna"], "needs sweep.search=grid"),
+    ],
+)
+def test_bad_seeds_fail_with_what_to_do(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        search_space(_cfg(*[o.strip("'") for o in overrides]))

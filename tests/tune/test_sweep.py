@@ -96,6 +96,7 @@ def sweep_cfg(ray_local, cache_dir, tmp_path_factory, mlflow_server, random_base
             "sweep.name=tiny",
             # The LR comes from sweep.points, each with its own LoRA rank: the trials' params must be those pairs.
             "sweep.lr.values=[]",
+            "sweep.seeds=[0]",
             f"sweep.points=[{{train.lr: 1e-3, train.lora.r: {RANK_AT[1e-3]}}}, {{train.lr: 3e-3, train.lora.r: {RANK_AT[3e-3]}}}]",
             "sweep.epochs=[1]",
             # one grid point makes its trial's worker exit at step 1: that trial must fail alone
@@ -154,11 +155,11 @@ def test_a_crashing_trial_fails_alone(swept):
     assert all(r["overrides"]["train.lora.r"] == RANK_AT[r["overrides"]["train.lr"]] for r in outcome.trials)
 
 
-def test_the_best_trial_is_a_finished_one_and_the_table_says_why(swept):
+def test_the_best_trial_is_a_finished_one_and_the_table_says_why(sweep_cfg, swept):
     outcome, _, _ = swept
     assert outcome.best is not None and outcome.best["status"] == "finished"
     assert Path(outcome.best["checkpoint"], "model").is_dir()
-    text = table(outcome)
+    text = table(outcome, sweep_cfg)
     assert f"best trial: {outcome.best['trial_id']}" in text and "why this epoch: highest" in text
     assert "ranked first: " in text and "within the forgetting budget" in outcome.best_reason
     assert text.splitlines()[0].split()[:5] == ["trial", "lr", "epochs", "fail_at_step", "r"]  # every swept key

@@ -49,6 +49,7 @@ def test_ctrl_c_on_a_sweep_prints_the_resume_command_that_continues_it(
         "train.max_failures=1",
         "sweep.name=stopped",
         "sweep.lr.values=[1e-3]",
+        "sweep.seeds=[0]",
         "sweep.epochs=[12]",
     ]
     runs = tmp_path / "out" / "sweeps" / "runs" / "stopped"
