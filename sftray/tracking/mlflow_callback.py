@@ -13,8 +13,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from sftray.config import Config, override
+from sftray.config import SEED_KEY, Config, override
 from sftray.eval.outcome import OUTCOME_FILE, read_outcome
+from sftray.eval.verdict import configuration_key
 from sftray.tracking.mlflow_logger import log_params, tracking_uri, trial_params
 from sftray.tracking.runs import log_selected, report_metrics
 from sftray.tracking.stage_runs import stage_run
@@ -47,6 +48,11 @@ class MlflowTrialLogger(Callback):
                 "mlflow.parentRunId": self.parent_id,
                 "trial_id": trial.trial_id,
                 "sftray.role": "trial",
+                # the replicate seed and the configuration it replicates (every swept key but the seed)
+                "seed": str((trial.config or {}).get(SEED_KEY, "")),
+                "configuration": configuration_key(
+                    self.cfg.sweep.trial_overrides(dict(trial.config or {})), seed_key=SEED_KEY
+                )[:5000],
             },
         )
         self.runs[trial.trial_id] = run.info.run_id

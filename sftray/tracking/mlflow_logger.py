@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from sftray.config import SWEEP_POINT, Config
-from sftray.eval.metrics import EXACT_MATCH, FORGETTING, FORMAT_COMPLIANCE, PRETRAIN_LOSS, SCORE, VAL_LOSS
+from sftray.eval.metrics import (
+    EXACT_MATCH,
+    FORGETTING,
+    FORMAT_COMPLIANCE,
+    PRETRAIN_LOSS,
+    PROBE_METRICS,
+    SCORE,
+    VAL_LOSS,
+    lower_bound,
+    upper_bound,
+)
 from sftray.eval.outcome import OBJECTIVE, ROW_METRICS
 from sftray.layout import mlflow_db
 
@@ -179,6 +189,7 @@ BEST_NAMES = {
     SCORE: "best/score",
     FORMAT_COMPLIANCE: "best/format_compliance",
     EXACT_MATCH: "best/exact_match",
+    **{bound(m): bound(f"best/{m.rsplit('/', 1)[-1]}") for m in PROBE_METRICS for bound in (lower_bound, upper_bound)},
     FORGETTING: "best/forgetting",
     PRETRAIN_LOSS: "best/pretrain_loss",
     VAL_LOSS: "best/val_loss",

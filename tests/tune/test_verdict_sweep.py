@@ -52,6 +52,8 @@ def test_a_sweep_over_seeds_prints_and_logs_its_verdict(ray_local, cache_dir, tm
         [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
     assert sorted(c.data.params["train.seed"] for c in children) == ["0", "0", "0", "1", "1", "1"]
+    assert sorted(c.data.tags["seed"] for c in children) == ["0", "0", "0", "1", "1", "1"]
+    assert len({c.data.tags["configuration"] for c in children}) == 3  # the seed is not part of it
 
     # Replicates of one configuration: the same prepared data, probes and base eval; different training.
     states = {}
