@@ -90,7 +90,9 @@ class MlflowTrialLogger(Callback):
         if run_id is None:
             return
         client = self._client()
-        trial_dir = getattr(trial, "local_path", None)
+        # The trial folder in the sweep's storage, where the trial body writes its outcome (sftray.tune.trial):
+        # Tune's local_path is a staging folder under the Ray session that it syncs to storage later.
+        trial_dir = getattr(trial, "path", None)
         outcome = read_outcome(trial_dir) if trial_dir else None
         if outcome is not None:
             client.log_text(run_id, json.dumps(dataclasses.asdict(self.cfg), indent=1, default=str), "config.json")

@@ -13,9 +13,9 @@ from sftray.tune.reports import ReportsToQueue
 def current_trial(sweep_folder: Path) -> tuple[str, Path]:
     """This Tune trial's id and its trial folder (where the trial leaves its outcome) in ``sweep_folder``.
 
-    The folder is the sweep's own plus the trial folder's name: in a process Tune reuses for a later trial
-    (``reuse_actors``), Ray 2.60's ``get_trial_dir()`` names that trial's working directory under the Ray session
-    folder instead (the first trial of a process gets its storage folder), and an outcome written there was lost.
+    The folder is the sweep's own plus the trial folder's name. Ray 2.60's ``get_trial_dir()`` names a staging
+    folder under the Ray session that Tune syncs to the sweep's folder later, and in a process Tune reuses for a
+    later trial (``reuse_actors``) another one whose files never reached it: the outcome was lost there.
     """
     import ray.tune
 
