@@ -1,5 +1,5 @@
 """``sftray sweep`` over seeds ends with a verdict: two configurations a hair apart (the default LoRA LR and one
-1e-6 relative above it) over 2 seeds are within noise; a configuration that cannot learn in the budget (lr 1e-7)
+1% above it) over 2 seeds are within noise; a configuration that cannot learn in the budget (lr 1e-7)
 is clearly behind. The seeds are replicates: the same data, probes and held-out windows, different training."""
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ def test_a_sweep_over_seeds_prints_and_logs_its_verdict(ray_local, cache_dir, tm
     args = [
         f"paths.cache_dir={cache_dir}",
         "sweep.name=verdict",
-        "sweep.lr.values=[1e-7,5e-3,5.000005e-3]",
+        "sweep.lr.values=[1e-7,5e-3,5.05e-3]",
         "sweep.epochs=[2]",
         "sweep.seeds=[0,1]",
-        "data.sources=[{path:'builtin:demo',max_rows:400}]",
         "eval.num_probes=32",
     ]
     assert main(["sweep", *args]) == 0
@@ -47,7 +46,7 @@ def test_a_sweep_over_seeds_prints_and_logs_its_verdict(ray_local, cache_dir, tm
     assert parent.data.tags["verdict"] == "within_noise"
     m = parent.data.metrics
     assert m["verdict/difference_lo"] <= m["verdict/difference"] <= m["verdict/difference_hi"]
-    assert m["verdict/difference_lo"] < 0 < m["verdict/difference_hi"]
+    assert m["verdict/difference_lo"] <= 0 <= m["verdict/difference_hi"]
     children = client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
