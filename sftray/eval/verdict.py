@@ -62,6 +62,8 @@ def summarize(runs: Sequence[dict[str, Any]], *, metrics: Sequence[str]) -> dict
     out: dict[str, Any] = {"seeds": sorted(r["seed"] for r in runs), "metrics": {}, "pooled": {}}
     for metric in metrics:
         mean, lo, hi = mean_interval([r["metrics"].get(metric, math.nan) for r in runs])
+        if metric in PROBE_FIELDS and not math.isnan(lo):  # a rate's interval stays within [0, 1]
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
         out["metrics"][metric] = {"mean": mean, "lo": lo, "hi": hi}
     for metric in PROBE_FIELDS:
         outcomes = [o for r in runs if r.get("probes") for o in probe_outcomes(r["probes"], metric)]
