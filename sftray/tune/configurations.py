@@ -59,10 +59,17 @@ def rank_configurations(
         return configs, reason, None, "one configuration: nothing to compare"
     best = configs[0]
     for other in configs[1:]:  # every configuration against the best: the runner-up's is the verdict
-        other["vs_best"] = compare(
-            best["runs"], other["runs"], metric=e.select_metric, labels=labels(best["overrides"], other["overrides"])
-        )
-    return configs, reason, configs[1]["vs_best"], ""
+        try:
+            other["vs_best"] = compare(
+                best["runs"],
+                other["runs"],
+                metric=e.select_metric,
+                labels=labels(best["overrides"], other["overrides"]),
+            )
+        except ValueError as exc:  # e.g. their finished trials share no seed: no pairs, no verdict, the table stays
+            other["vs_best"], other["no_comparison"] = None, str(exc)
+    verdict = configs[1]["vs_best"]
+    return configs, reason, verdict, "" if verdict else f"no verdict: {configs[1]['no_comparison']}"
 
 
 def best_trial(config: dict[str, Any], cfg: Config) -> dict[str, Any]:
