@@ -61,8 +61,8 @@ def _write_sweep(root: Path) -> tuple[str, str]:
     parent = start_parent(cfg, space=search_space(cfg), data_report=report, sweep_dir=root / "out" / "sweeps")
     logger = MlflowTrialLogger(cfg, parent_id=parent, tags=base_tags(cfg, data_report=report))
     for trial_id, (lr, epochs, best) in sorted(TRIALS.items()):  # Tune starts them in id order
-        trial = SimpleNamespace(
-            trial_id=trial_id, config={"train.lr": lr, "train.epochs": epochs}, local_path=str(root / trial_id)
+        trial = SimpleNamespace(  # Tune's Trial: its folder in the sweep's storage is ``path``
+            trial_id=trial_id, config={"train.lr": lr, "train.epochs": epochs}, path=str(root / trial_id)
         )
         logger.on_trial_start(0, [], trial)
         for epoch in range(epochs + (best is not None)):

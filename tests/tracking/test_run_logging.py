@@ -30,7 +30,7 @@ def test_loss_points_default_to_a_handful_per_epoch(tmp_path: Path) -> None:
 def _trial(tmp_path: Path, cfg, trial_id: str = "t_00000") -> tuple[MlflowTrialLogger, SimpleNamespace]:
     parent = start_parent(cfg, space=search_space(cfg), data_report={}, sweep_dir=tmp_path / "sweep")
     logger = MlflowTrialLogger(cfg, parent_id=parent, tags=base_tags(cfg, data_report={}))
-    trial = SimpleNamespace(trial_id=trial_id, config={}, local_path=str(tmp_path / trial_id))
+    trial = SimpleNamespace(trial_id=trial_id, config={}, path=str(tmp_path / trial_id))
     logger.on_trial_start(0, [], trial)
     return logger, trial
 
