@@ -112,8 +112,10 @@ class Verdict:
 
     def line(self) -> str:
         figure = self.figure()
+        # The best ranks first by the selection rule, which puts the forgetting budget first: it can trail.
+        verb = "beats" if self.difference >= 0 else "trails"
         return (
-            f"verdict: {self.best} beats {self.runner_up} on {self.metric} by {figure} "
+            f"verdict: {self.best} {verb} {self.runner_up} on {self.metric} by {figure} "
             f"({self.word.replace('_', ' ')}), 95% interval over {self.count} {self.units}"
         )
 

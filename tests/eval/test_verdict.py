@@ -63,6 +63,9 @@ def test_a_loss_is_compared_over_seeds_in_its_direction():
     assert verdict.difference == pytest.approx(0.51) and verdict.clear and verdict.units == "seeds"
     one_seed = compare(better[:1], worse[:1], metric=VAL_LOSS, labels=("a", "b"))
     assert math.isnan(one_seed.lo) and not one_seed.clear  # one seed: no interval, so no clear verdict
+    # The rule ranks within the forgetting budget first: a best that is worse on the metric says so.
+    trailing = compare(worse, better, metric=VAL_LOSS, labels=("b", "a"))
+    assert trailing.difference < 0 and trailing.line().startswith("verdict: b trails a on val/loss by -0.51")
     with pytest.raises(ValueError, match="share no seed"):
         compare(better[:1], worse[1:], metric=VAL_LOSS, labels=("a", "b"))
 

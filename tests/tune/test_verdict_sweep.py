@@ -31,6 +31,7 @@ def test_a_sweep_over_seeds_prints_and_logs_its_verdict(ray_local, cache_dir, tm
         "sweep.epochs=[2]",
         "sweep.seeds=[0,1]",
         "eval.num_probes=32",
+        "eval.forgetting_budget=1.0",  # ranked on compliance alone: the trained configurations may forget > 5%
     ]
     assert main(["sweep", *args]) == 0
     out = capsys.readouterr().out
